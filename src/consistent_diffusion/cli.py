@@ -1,0 +1,55 @@
+"""Command-line entry point: thin, parse -> config dataclass -> library call -> files.
+
+Each subcommand lives in ``consistent_diffusion.commands.<name>`` and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from consistent_diffusion import __version__
+from consistent_diffusion.errors import ConsistentDiffusionError
+
+# Order here is the order in `--help`.
+COMMAND_MODULES = [
+    "generate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="consistent-diffusion",
+        description=(
+            "Make consistent image series with diffusion models (style, object, concept, shape), "
+            "measure their consistency and choose methods from measured evidence. "
+            "Everything runs offline on the embedded default model unless --model says otherwise."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"consistent_diffusion.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConsistentDiffusionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

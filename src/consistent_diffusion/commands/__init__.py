@@ -1,0 +1,1 @@
+"""CLI subcommands. Each module exposes ``register(subparsers)``; ``cli.COMMAND_MODULES`` lists them."""

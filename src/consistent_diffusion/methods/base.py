@@ -1,0 +1,114 @@
+"""The uniform method interface.
+
+A method changes *how* one batch of a series is generated. It never reads metrics. Methods
+stack: ``series.generate_series`` enters every method's ``applied`` context in order, then
+calls ``ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts,
+generator=ctx.generators, **ctx.call_kwargs)`` once, and returns the images after the first
+``ctx.num_internal`` entries.
+
+What a method may do inside ``applied`` (and must undo on exit, even on error):
+- swap ``ctx.pipe`` for a sibling pipeline built with ``from_pipe`` (img2img, ControlNet),
+- add or change ``ctx.call_kwargs`` (``image``, ``strength``, ``latents``, ``callback_on_step_end``,
+  ``cross_attention_kwargs`` ...),
+- install attention processors on ``ctx.pipe.unet`` (restoring the previous ones on exit),
+- prepend internal batch entries (e.g. a StyleAligned reference) to ``prompts``/``generators``
+  and raise ``num_internal`` accordingly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from consistent_diffusion.errors import ConfigError
+
+
+@dataclass
+class GenerationContext:
+    """One batch about to be generated.
+
+    pipe: a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, or the embedded model).
+    prompts / negative_prompts: one entry per batch element.
+    generators: one CPU ``torch.Generator`` per batch element (seeded from the image's seed).
+    call_kwargs: the remaining pipeline call arguments (steps, guidance, height, width, ...).
+    num_internal: leading batch entries that belong to a method and are not returned.
+    """
+
+    pipe: Any
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    generators: list[torch.Generator]
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_internal: int = 0
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement ``applied``; their options are a
+    frozen dataclass validated in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+
+    @contextlib.contextmanager
+    def applied(self, ctx: GenerationContext) -> Iterator[GenerationContext]:
+        """Modify ``ctx`` for one generation call; restore everything on exit."""
+        yield ctx
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable description for manifests (name + options)."""
+        from dataclasses import asdict, is_dataclass
+
+        options = asdict(self) if is_dataclass(self) else {}
+        return {"name": self.name, "options": _jsonable(options)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: ``@register("img2img")`` makes the method reachable by name."""
+
+    def decorator(cls: type) -> type:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_methods() -> list[str]:
+    """Names of the registered methods."""
+    _import_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Build a registered method from its options."""
+    _import_builtin_methods()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name](**options)
+
+
+# Modules that register built-in methods; each method issue appends its module here.
+BUILTIN_METHOD_MODULES: list[str] = []
+
+
+def _import_builtin_methods() -> None:
+    import importlib
+
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,265 @@
+"""A series is prompts x seeds: the unit every method, metric and benchmark consumes.
+
+Image (prompt p, seed s) gets its own CPU ``torch.Generator`` seeded with s, so it is the same
+whether generated alone or inside a larger batch (up to float tolerance of batched kernels).
+Output folder (written atomically):
+
+    p00_s0000.png ...      one PNG per image, ``p{prompt index}_s{seed}``
+    contact_sheet.png      rows = prompts, columns = seeds
+    manifest.json          config, methods, seeds, model identity, library versions, time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.images import contact_sheet, save_png_atomic
+from consistent_diffusion.methods.base import GenerationContext, Method, get_method
+from consistent_diffusion.models import SCHEDULERS, model_identity, set_scheduler
+from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+
+MANIFEST_FORMAT = "consistent-diffusion/series/v1"
+MAX_SEED = 2**63 - 1
+DIFFUSERS_SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """What to generate. Validated on creation; every field is recorded in the manifest."""
+
+    prompts: tuple[str, ...]  # one row of the series per prompt
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # one column per seed; each image's own generator
+    negative_prompt: str = ""  # shared by every image ("" = none)
+    steps: int = 30  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance; <= 1 disables it
+    height: int | None = None  # pixels; None = the model's native size
+    width: int | None = None
+    scheduler: str | None = None  # None keeps the model's scheduler; else a name in models.SCHEDULERS
+    batch_size: int = 8  # images per pipeline call (does not change the images)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.prompts:
+            raise ConfigError("prompts is empty; give at least one prompt (--prompt TEXT)")
+        for prompt in self.prompts:
+            if not isinstance(prompt, str):
+                raise ConfigError(f"prompt {prompt!r} is not text")
+        if not self.seeds:
+            raise ConfigError("seeds is empty; give at least one seed (--seeds 0 1 2)")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise ConfigError(f"seed {seed!r} is not an integer in [0, 2**63-1]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds {list(self.seeds)} repeat a value; each seed names one image column")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or not 0 <= self.guidance_scale <= 100:
+            raise ConfigError(f"guidance_scale must be a number in [0, 100], got {self.guidance_scale!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 8):
+                raise ConfigError(f"{name} must be an integer >= 8 (pixels) or unset, got {value!r}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    @property
+    def items(self) -> list[tuple[int, str, int]]:
+        """(prompt index, prompt, seed) in output order: prompt-major."""
+        return [(index, prompt, seed) for index, prompt in enumerate(self.prompts) for seed in self.seeds]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["prompts"], data["seeds"] = list(self.prompts), list(self.seeds)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeriesConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown series config keys {sorted(unknown)}; accepted: {sorted(known)}")
+        return cls(**data)
+
+
+def image_filename(prompt_index: int, seed: int) -> str:
+    """Predictable file name of image (prompt index, seed)."""
+    return f"p{prompt_index:02d}_s{seed:04d}.png"
+
+
+@dataclass
+class SeriesResult:
+    """Images in ``config.items`` order, with their manifest (and folder, if written)."""
+
+    config: SeriesConfig
+    images: list[Image.Image]
+    manifest: dict[str, Any]
+    out_dir: Path | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def native_size(pipe: Any) -> int:
+    """The pipeline's default image side in pixels (UNet sample size x VAE factor)."""
+    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def resolve_size(pipe: Any, config: SeriesConfig) -> tuple[int, int]:
+    """(height, width) for this pipeline, checked against the VAE factor diffusers needs."""
+    default = native_size(pipe)
+    height, width = config.height or default, config.width or default
+    multiple = max(DIFFUSERS_SIZE_MULTIPLE, int(getattr(pipe, "vae_scale_factor", 8)))
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ConfigError(
+                f"{name} {value} is not divisible by {multiple} (this model's VAE factor / diffusers' minimum); "
+                f"try {max(multiple, value // multiple * multiple)} or {value // multiple * multiple + multiple}"
+            )
+    return height, width
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def generate_batch(
+    pipe: Any,
+    config: SeriesConfig,
+    items: Sequence[tuple[int, str, int]],
+    methods: Sequence[Method] = (),
+) -> list[Image.Image]:
+    """Generate one batch of (prompt index, prompt, seed) items with the methods stacked in order."""
+    height, width = resolve_size(pipe, config)
+    ctx = GenerationContext(
+        pipe=pipe,
+        prompts=[prompt for _, prompt, _ in items],
+        negative_prompts=[config.negative_prompt] * len(items) if config.negative_prompt else None,
+        generators=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in items],
+        call_kwargs={
+            "num_inference_steps": config.steps,
+            "guidance_scale": config.guidance_scale,
+            "height": height,
+            "width": width,
+        },
+    )
+    with contextlib.ExitStack() as stack:
+        for method in methods:
+            ctx = stack.enter_context(method.applied(ctx))
+        output = ctx.pipe(
+            prompt=ctx.prompts,
+            negative_prompt=ctx.negative_prompts,
+            generator=ctx.generators,
+            output_type="pil",
+            **ctx.call_kwargs,
+        )
+    return list(output.images[ctx.num_internal :])
+
+
+def build_manifest(
+    pipe: Any, config: SeriesConfig, methods: Sequence[Method], device: str, dtype: str
+) -> dict[str, Any]:
+    """Everything needed to re-create the series (see ``load_series_request``)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": utc_now(),
+        "config": config.to_dict(),
+        "methods": [method.describe() for method in methods],
+        "model": model_identity(pipe).to_dict(),
+        "runtime": {"device": device, "dtype": dtype, "scheduler_class": type(pipe.scheduler).__name__},
+        "versions": library_versions(),
+        "images": [
+            {"file": image_filename(index, seed), "prompt_index": index, "prompt": prompt, "seed": seed}
+            for index, prompt, seed in config.items
+        ],
+    }
+
+
+def generate_series(
+    pipe: Any,
+    config: SeriesConfig,
+    methods: Sequence[Method] = (),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SeriesResult:
+    """Generate ``config.prompts`` x ``config.seeds`` with ``methods`` stacked; write ``out_dir`` if given.
+
+    The folder appears only when complete (written to a temporary sibling, then renamed).
+    """
+    if config.scheduler is not None:
+        set_scheduler(pipe, config.scheduler)
+    resolve_size(pipe, config)  # fail before any work
+    items = config.items
+    images: list[Image.Image] = []
+    with tqdm(total=len(items), desc="generating", unit="img", disable=not progress) as bar:
+        for batch in _batches(items, config.batch_size):
+            images.extend(generate_batch(pipe, config, batch, methods))
+            bar.update(len(batch))
+    device = str(getattr(pipe, "device", "cpu"))
+    dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")
+    manifest = build_manifest(pipe, config, methods, device, dtype)
+    result = SeriesResult(config=config, images=images, manifest=manifest)
+    if out_dir is not None:
+        result.out_dir = write_series(result, out_dir, overwrite=overwrite)
+    return result
+
+
+def write_series(result: SeriesResult, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write PNGs, contact sheet and manifest atomically; returns the final folder."""
+    config = result.config
+    with atomic_output_dir(out_dir, overwrite=overwrite) as temp:
+        for (index, _, seed), image in zip(config.items, result.images, strict=True):
+            save_png_atomic(image, temp / image_filename(index, seed))
+        labels = [f"s{seed}" for _, _, seed in config.items]
+        sheet = contact_sheet(result.images, columns=len(config.seeds), labels=labels)
+        save_png_atomic(sheet, temp / "contact_sheet.png")
+        write_json_atomic(result.manifest, temp / "manifest.json")
+    return Path(out_dir)
+
+
+@dataclass
+class SeriesRequest:
+    """A series to (re-)generate: model spec, config, methods, runtime."""
+
+    model: str
+    config: SeriesConfig
+    methods: list[Method]
+    dtype: str = "float32"
+    model_config: str | None = None  # single-file checkpoints: the architecture config folder
+
+
+def load_series_request(manifest_path: str | os.PathLike) -> SeriesRequest:
+    """Read a manifest written by ``write_series`` back into a request that re-creates it."""
+    path = Path(manifest_path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"manifest not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"manifest {path} is not valid JSON: {error}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path} is not a series manifest (format {manifest.get('format')!r}, expected {MANIFEST_FORMAT})")
+    model = manifest["model"]
+    methods = [get_method(m["name"], **m.get("options", {})) for m in manifest.get("methods", [])]
+    return SeriesRequest(
+        model=model["spec"] if model["kind"] != "folder" else model["path"],
+        config=SeriesConfig.from_dict(manifest["config"]),
+        methods=methods,
+        dtype=manifest.get("runtime", {}).get("dtype") or "float32",
+        model_config=model.get("extra", {}).get("config"),
+    )
