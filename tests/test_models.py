@@ -81,3 +81,27 @@ def test_model_index_unreadable(tmp_path):
     with pytest.raises(ModelNotFoundError, match="unreadable"):
         load_pipeline(str(tmp_path))
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_single_file_checkpoint_loads_offline_with_config_folder(tmp_path, kind):
+    from consistent_diffusion.export import save_single_file
+    from consistent_diffusion.testing import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(tmp_path / "folder", kind=kind)
+    original = load_pipeline(str(folder))
+    checkpoint = save_single_file(original, tmp_path / "model.safetensors")
+    pipe = load_pipeline(str(checkpoint), config=str(folder))
+    assert type(pipe) is type(original)
+    assert model_identity(pipe).kind == "single_file"
+    for name, tensor in original.unet.state_dict().items():
+        assert torch.equal(pipe.unet.state_dict()[name], tensor), name
+
+
+def test_single_file_without_config_offline_says_how_to_fix(tmp_path, tiny_sd, monkeypatch):
+    from consistent_diffusion.export import save_single_file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    checkpoint = save_single_file(tiny_sd, tmp_path / "model.safetensors")
+    with pytest.raises(ModelNotFoundError, match="--config DIR"):
+        load_pipeline(str(checkpoint))

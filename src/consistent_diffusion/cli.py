@@ -16,6 +16,7 @@ from consistent_diffusion.errors import ConsistentDiffusionError
 # Order here is the order in `--help`.
 COMMAND_MODULES = [
     "generate",
+    "export",
 ]
 
 

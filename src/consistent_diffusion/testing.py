@@ -26,6 +26,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TINY_TOKENIZER_MAX_LENGTH = 16
+# The two SDXL text encoders must differ in width: diffusers' single-file loader tells them apart by it.
+SDXL_TEXT_ENCODER_2_WIDTH = 48
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -144,8 +146,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=6 * 8 + SDXL_TEXT_ENCODER_2_WIDTH,
+        cross_attention_dim=32 + SDXL_TEXT_ENCODER_2_WIDTH,
         norm_num_groups=4,
     )
     vae = _tiny_vae()
@@ -153,7 +155,9 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         unet=unet,
         vae=vae,
         text_encoder=CLIPTextModel(_tiny_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_text_config(hidden_size=SDXL_TEXT_ENCODER_2_WIDTH, projection_dim=SDXL_TEXT_ENCODER_2_WIDTH)
+        ),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
         scheduler=_tiny_scheduler(),
