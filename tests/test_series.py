@@ -118,3 +118,16 @@ def test_existing_output_is_kept_unless_overwrite(tiny_sd, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     generate_series(tiny_sd, config, out_dir=out, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_manifest_from_changed_weights_warns(tiny_sd_folder, tmp_path):
+    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.series import fingerprint_mismatch
+    from consistent_diffusion.testing import save_tiny_pipeline
+
+    pipe = load_pipeline(str(tiny_sd_folder))
+    generate_series(pipe, SeriesConfig(prompts=("a",), seeds=(0,), steps=2), out_dir=tmp_path / "s", progress=False)
+    request = load_series_request(tmp_path / "s")
+    assert fingerprint_mismatch(request, pipe) is None
+    other = load_pipeline(str(save_tiny_pipeline(tmp_path / "other", seed=3)))
+    assert "changed since the manifest" in fingerprint_mismatch(request, other)

@@ -239,6 +239,16 @@ class SeriesRequest:
     methods: list[Method]
     dtype: str = "float32"
     model_config: str | None = None  # single-file checkpoints: the architecture config folder
+    fingerprint: str | None = None  # the weights' fingerprint when the series was made
+
+
+def fingerprint_mismatch(request: SeriesRequest, pipe: Any) -> str | None:
+    """A warning if ``pipe``'s weights differ from those the manifest recorded, else None."""
+    current = model_identity(pipe).fingerprint
+    if request.fingerprint and current and current != request.fingerprint:
+        return (f"warning: the weights of {request.model} changed since the manifest was written "
+                f"({request.fingerprint[:12]} -> {current[:12]}); images will differ")
+    return None
 
 
 def load_series_request(manifest_path: str | os.PathLike) -> SeriesRequest:
@@ -262,4 +272,5 @@ def load_series_request(manifest_path: str | os.PathLike) -> SeriesRequest:
         methods=methods,
         dtype=manifest.get("runtime", {}).get("dtype") or "float32",
         model_config=model.get("extra", {}).get("config"),
+        fingerprint=model.get("fingerprint"),
     )

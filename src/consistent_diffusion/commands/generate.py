@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
 from consistent_diffusion.models import EMBEDDED, SCHEDULERS
-from consistent_diffusion.series import SeriesConfig, generate_series, load_series_request
+from consistent_diffusion.series import (
+    SeriesConfig,
+    fingerprint_mismatch,
+    generate_series,
+    load_series_request,
+)
 
 EMBEDDED_GUIDANCE = 4.0  # the embedded model is trained with 10% caption dropout; 4 suits it best
 DEFAULT_GUIDANCE = 7.5
@@ -63,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         request = load_series_request(args.from_manifest)
         args.config = request.model_config or args.config
         pipe = load_model_from_args(args, spec=request.model, dtype=request.dtype)
+        warning = fingerprint_mismatch(request, pipe)
+        if warning:
+            print(warning, file=sys.stderr)
         config, methods = request.config, request.methods
     else:
         guidance = args.guidance
