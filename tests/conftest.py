@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tiny models run fastest on one thread (thread start-up dominates their kernels); it also keeps
+# the suite quick on 2-core machines where a background job shares the CPU.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

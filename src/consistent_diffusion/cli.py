@@ -16,7 +16,16 @@ from consistent_diffusion.errors import ConsistentDiffusionError
 # Order here is the order in `--help`.
 COMMAND_MODULES = [
     "generate",
+    "invert",
+    "edit",
+    "data",
+    "train",
+    "control",
     "export",
+    "bench",
+    "advise",
+    "metrics",
+    "score",
 ]
 
 
@@ -36,7 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (prompt truncation notes, type warnings) hides our own messages."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -52,7 +52,6 @@ Quirks found (diffusers 0.42, transformers 5.x):
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 
 from consistent_diffusion.errors import ConsistentDiffusionError
+from consistent_diffusion.outputs import atomic_path
 
 __all__ = ["UnsupportedExportError", "pipeline_to_ldm_state_dict", "save_single_file"]
 
@@ -463,15 +463,6 @@ def save_single_file(
 
     header = {"format": "pt", "exported_by": "consistent-diffusion"}
     header.update(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=header)
-        with open(temp_name, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temp:
+        save_file(tensors, str(temp), metadata=header)
     return path

@@ -8,7 +8,6 @@ resize + centre-crop to a size. ``save_png_atomic`` never leaves a half-written 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -94,19 +93,11 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG to a temp file in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format="PNG")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    from consistent_diffusion.outputs import atomic_path
+
+    with atomic_path(path) as temp:
+        image.save(temp, format="PNG")
+    return Path(path)
 
 
 def contact_sheet(images: list[Image.Image], columns: int, labels: list[str] | None = None) -> Image.Image:

@@ -50,22 +50,49 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write JSON to a temp file in the same folder, fsync, then rename."""
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: what a plainly created file would get (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds the file is fsynced, given
+    normal permissions and renamed onto ``path``. On error the temporary file is removed and
+    ``path`` is untouched, so a crash or a full disk never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        yield temp
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temp, _default_file_mode())
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise ConsistentDiffusionError(f"disk full while writing {path}; the previous file (if any) is intact") from error
         raise
-    return path
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write JSON atomically (see ``atomic_path``)."""
+    return write_text_atomic(json.dumps(data, indent=2) + "\n", path)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 text atomically (see ``atomic_path``)."""
+    with atomic_path(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def library_versions() -> dict[str, str]:

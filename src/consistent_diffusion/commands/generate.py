@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
-from consistent_diffusion.models import EMBEDDED, SCHEDULERS
+from consistent_diffusion.models import SCHEDULERS
 from consistent_diffusion.series import (
     SeriesConfig,
     fingerprint_mismatch,
@@ -15,8 +15,7 @@ from consistent_diffusion.series import (
     load_series_request,
 )
 
-EMBEDDED_GUIDANCE = 4.0  # the embedded model is trained with 10% caption dropout; 4 suits it best
-DEFAULT_GUIDANCE = 7.5
+DEFAULT_GUIDANCE = 7.5  # also the embedded model's best setting (guidance sweep in its model card)
 
 EXAMPLES = """examples:
   consistent-diffusion generate --prompt "grinning face, twitter style" --seeds 0 1 2 3 --out runs/faces
@@ -47,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], metavar="N", help="seeds (default: 0 1 2 3)")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help=f"classifier-free guidance (default: {EMBEDDED_GUIDANCE} on the embedded model, {DEFAULT_GUIDANCE} otherwise)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE})")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler")
@@ -74,15 +73,12 @@ def run(args: argparse.Namespace) -> int:
             print(warning, file=sys.stderr)
         config, methods = request.config, request.methods
     else:
-        guidance = args.guidance
-        if guidance is None:
-            guidance = EMBEDDED_GUIDANCE if args.model == EMBEDDED else DEFAULT_GUIDANCE
         config = SeriesConfig(
             prompts=tuple(args.prompt),
             seeds=tuple(args.seeds),
             negative_prompt=args.negative_prompt,
             steps=args.steps,
-            guidance_scale=guidance,
+            guidance_scale=args.guidance,
             height=args.height,
             width=args.width,
             scheduler=args.scheduler,

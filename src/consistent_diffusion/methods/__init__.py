@@ -1,5 +1,11 @@
 """Generation methods: one small module each, one uniform interface (see ``methods.base``)."""
 
-from consistent_diffusion.methods.base import GenerationContext, Method, available_methods, get_method, register
+from consistent_diffusion.methods.base import (
+    GenerationContext,
+    Method,
+    available_methods,
+    get_method,
+    register,
+)
 
 __all__ = ["GenerationContext", "Method", "available_methods", "get_method", "register"]

@@ -104,7 +104,13 @@ def get_method(name: str, **options: Any) -> Method:
 
 
 # Modules that register built-in methods; each method issue appends its module here.
-BUILTIN_METHOD_MODULES: list[str] = []
+BUILTIN_METHOD_MODULES: list[str] = [
+    "consistent_diffusion.methods.img2img",
+    "consistent_diffusion.methods.inversion",
+    "consistent_diffusion.methods.style_aligned",
+    "consistent_diffusion.methods.lora",
+    "consistent_diffusion.methods.controlnet",
+]
 
 
 def _import_builtin_methods() -> None:

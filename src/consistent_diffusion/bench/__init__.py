@@ -1,0 +1,1 @@
+"""The consistency benchmark: declarative suites -> cells (task x method) -> scored series -> report."""

@@ -1,0 +1,134 @@
+"""Human-readable report of a bench run: ``report.md`` and ``report.html`` beside ``report.json``.
+
+The main table is method x consistency kind. Each cell shows the kind's consistency score, text
+alignment, diversity and cost. A metric whose validation on real data missed its bar (or never
+ran) is flagged with a dagger wherever it is shown. The "claims" section checks the field's
+qualitative claims against the numbers (``claims.py``).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+from consistent_diffusion.bench.claims import evaluate_claims
+from consistent_diffusion.bench.plots import scatter_svg
+
+UNVALIDATED = "†"
+
+
+def _metric_cell(score: dict[str, Any] | None, needs_validation: bool = True) -> str:
+    """``0.812`` or ``0.812†`` when the metric failed validation (or, if it needs one, never had it)."""
+    if not score or score.get("aggregate") is None:
+        return "–"
+    validated = score.get("validated")
+    flag = UNVALIDATED if validated is False or (validated is None and needs_validation) else ""
+    return f"{score['aggregate']:.3f}{flag}"
+
+
+def main_table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per cell: task, kind, method, consistency, text, diversity, s/img, params."""
+    rows = []
+    for record in report["cells"]:
+        scores = record["scores"]
+        rows.append({
+            "cell": record["cell"],
+            "task": record["task"],
+            "kind": record["kind"],
+            "method": record["method"],
+            "consistency": _metric_cell(scores.get(record["kind"])),
+            "text": _metric_cell(scores.get("text")),
+            "diversity": _metric_cell(scores.get("diversity"), needs_validation=False),  # a guard, not a claim
+            "seconds_per_image": f"{record['cost']['seconds_per_image']:.2f}",
+            "trainable_parameters": f"{record['cost']['trainable_parameters']:,}",
+        })
+    return rows
+
+
+COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consistency", "consistency"),
+           ("text", "text alignment"), ("diversity", "diversity"), ("seconds_per_image", "s / image"),
+           ("trainable_parameters", "trainable params")]
+
+
+def render_markdown(report: dict[str, Any], claims: list[dict[str, Any]]) -> str:
+    lines = [f"# Consistency benchmark: suite `{report['suite']['name']}`", ""]
+    model = report.get("model") or {}
+    lines += [f"Model: `{model.get('spec', '?')}` ({model.get('pipeline_class', '?')}); "
+              f"{report['suite']['steps']} steps, guidance {report['suite']['guidance']}.", ""]
+    if not report["complete"]:
+        lines += [f"**Incomplete**: missing cells {', '.join(report['missing_cells'])}.", ""]
+    lines += ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+              "|" + "---|" * len(COLUMNS)]
+    for row in main_table_rows(report):
+        lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
+    lines += ["", f"{UNVALIDATED} metric not validated on real data (missed its bar or never validated): "
+              "read with care.", "", "## Claims", "",
+              "| claim | verdict | evidence |", "|---|---|---|"]
+    for claim in claims:
+        lines.append(f"| {claim['claim']} | **{claim['verdict']}** | {claim['evidence']} |")
+    lines += ["", "## Images", ""]
+    for record in report["cells"]:
+        lines += [f"### {record['cell']}", "", f"![{record['cell']}](cells/{record['cell']}/series/contact_sheet.png)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(report: dict[str, Any], claims: list[dict[str, Any]], plots: list[str]) -> str:
+    esc = html.escape
+    head = ("<!doctype html><html><head><meta charset='utf-8'><title>consistent-diffusion bench</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f4f4f4}"
+            ".cell{display:inline-block;margin:8px;vertical-align:top}.cell img{image-rendering:pixelated;"
+            "width:320px}.held{color:#080}.not-held{color:#b00}.nm{color:#777}</style></head><body>")
+    parts = [head, f"<h1>Consistency benchmark: suite <code>{esc(report['suite']['name'])}</code></h1>"]
+    model = report.get("model") or {}
+    parts.append(f"<p>Model <code>{esc(str(model.get('spec', '?')))}</code> ({esc(str(model.get('pipeline_class', '?')))}), "
+                 f"{report['suite']['steps']} steps, guidance {report['suite']['guidance']}.</p>")
+    if not report["complete"]:
+        parts.append(f"<p><b>Incomplete</b>: missing {esc(', '.join(report['missing_cells']))}</p>")
+    parts.append("<table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in COLUMNS) + "</tr>")
+    for row in main_table_rows(report):
+        parts.append("<tr>" + "".join(f"<td>{esc(str(row[k]))}</td>" for k, _ in COLUMNS) + "</tr>")
+    parts.append(f"</table><p>{UNVALIDATED} metric not validated on real data: read with care.</p>")
+    parts.append("<h2>Claims</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>")
+    for claim in claims:
+        css = {"held": "held", "not held": "not-held"}.get(claim["verdict"], "nm")
+        parts.append(f"<tr><td>{esc(claim['claim'])}</td><td class='{css}'><b>{esc(claim['verdict'])}</b></td>"
+                     f"<td>{esc(claim['evidence'])}</td></tr>")
+    parts.append("</table><h2>Trade-offs</h2>")
+    parts.extend(plots)
+    parts.append("<h2>Images</h2>")
+    for record in report["cells"]:
+        src = f"cells/{record['cell']}/series/contact_sheet.png"
+        parts.append(f"<div class='cell'><b>{esc(record['cell'])}</b><br><img src='{esc(src)}' alt='{esc(record['cell'])}'></div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def trade_off_plots(report: dict[str, Any]) -> list[str]:
+    """Consistency vs diversity and vs text alignment, one point per cell (SVG)."""
+    plots = []
+    for other, label in (("diversity", "diversity"), ("text", "text alignment")):
+        points = []
+        for record in report["cells"]:
+            scores = record["scores"]
+            x = (scores.get(other) or {}).get("aggregate")
+            y = (scores.get(record["kind"]) or {}).get("aggregate")
+            if x is not None and y is not None:
+                points.append((float(x), float(y), record["method"], record["kind"]))
+        if points:
+            plots.append(scatter_svg(points, x_label=label, y_label="consistency (own kind)",
+                                     title=f"consistency vs {label}"))
+    return plots
+
+
+def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write report.md and report.html (atomically) next to report.json; returns their paths."""
+    from consistent_diffusion.outputs import write_text_atomic
+
+    out_dir = Path(out_dir)
+    claims = evaluate_claims(report)
+    md = write_text_atomic(render_markdown(report, claims), out_dir / "report.md")
+    page = write_text_atomic(render_html(report, claims, trade_off_plots(report)), out_dir / "report.html")
+    return md, page

@@ -1,0 +1,177 @@
+"""Run a suite's cells, resumably, sharded across processes; merge them into ``report.json``.
+
+Output folder::
+
+    cells/<task>__<method>/series/...   the cell's series (PNGs, contact sheet, manifest)
+    cells/<task>__<method>/cell.json    scores + cost; written last, inside an atomic folder
+    report.json                         every cell, the method x kind table, validation status
+
+A cell's folder appears only when complete, so a killed run resumes by skipping finished
+cells. Sharding: process i of n runs cells[i::n] (cells sorted by id); the main process merges
+once every process is done, so a sharded run's report equals a single-process one (timings
+aside). Under ``accelerate launch`` / ``torchrun`` the process index and count come from
+``accelerate.PartialState``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from consistent_diffusion.bench.suite import Cell, Suite
+from consistent_diffusion.methods.base import get_method
+from consistent_diffusion.models import model_identity
+from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+from consistent_diffusion.series import SeriesConfig, generate_series
+
+REPORT_FORMAT = "consistent-diffusion/bench-report/v1"
+Scorer = Callable[[Cell, list, list[str]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which slice of the cells this process runs."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard index {self.index} out of range for {self.count} processes")
+
+    def select(self, cells: list[Cell]) -> list[Cell]:
+        return cells[self.index :: self.count]
+
+
+def cell_dir(out_dir: Path, cell: Cell) -> Path:
+    return out_dir / "cells" / cell.id
+
+
+def is_done(out_dir: Path, cell: Cell) -> bool:
+    return (cell_dir(out_dir, cell) / "cell.json").is_file()
+
+
+def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> float:
+    """PSNR (dB) of ``reference`` after the pipeline's VAE encode+decode: the ceiling any
+    latent-space method (e.g. an exact inversion) can reach in pixel space."""
+    from consistent_diffusion.images import load_image, pil_to_tensor
+    from consistent_diffusion.methods.inversion import decode_latents, encode_image
+    from consistent_diffusion.metrics.pixel import psnr
+
+    decoded = decode_latents(pipe, encode_image(pipe, reference, size))[0]
+    original = pil_to_tensor(load_image(reference, size))
+    return round(float(psnr(pil_to_tensor(decoded), original)[0]), 3)
+
+
+def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8) -> dict[str, Any]:
+    """Generate, score and write one cell atomically; returns its record."""
+    reference = cell.task.references[0] if cell.task.references else None
+    methods = [get_method(name, **options) for name, options in cell.method.resolved(reference)]
+    config = SeriesConfig(
+        prompts=cell.task.prompts,
+        seeds=cell.task.seeds,
+        steps=suite.steps,
+        guidance_scale=suite.guidance,
+        batch_size=batch_size,
+    )
+    with atomic_output_dir(cell_dir(out_dir, cell), overwrite=True) as temp:
+        start = time.perf_counter()
+        result = generate_series(pipe, config, methods, out_dir=temp / "series", progress=False)
+        seconds = time.perf_counter() - start
+        record = {
+            "cell": cell.id,
+            "task": cell.task.name,
+            "kind": cell.task.kind,
+            "method": cell.method.name,
+            "stack": [dict(use) for use in cell.method.uses],  # unresolved: "{reference}", no local paths
+            "num_images": len(result.images),
+            "scores": scorer(cell, result.images, list(cell.task.references)),
+            "reference_vae_psnr": vae_roundtrip_psnr(pipe, reference, result.images[0].size) if reference else None,
+            "cost": {
+                "seconds": round(seconds, 3),
+                "seconds_per_image": round(seconds / max(1, len(result.images)), 4),
+                "trainable_parameters": sum(getattr(m, "trainable_parameters", 0) for m in methods),
+            },
+        }
+        write_json_atomic(record, temp / "cell.json")
+    return record
+
+
+def run_bench(
+    suite: Suite,
+    out_dir: str | Path,
+    load_pipe: Callable[[], Any],
+    scorer: Scorer,
+    shard: Shard = Shard(),
+    batch_size: int = 8,
+    progress: bool = True,
+    after_cell: Callable[[Cell], None] | None = None,
+) -> list[str]:
+    """Run this process's unfinished cells; returns the ids it ran. ``load_pipe`` is called
+    once, only if there is work."""
+    out_dir = Path(out_dir)
+    todo = [cell for cell in shard.select(suite.cells) if not is_done(out_dir, cell)]
+    ran: list[str] = []
+    if not todo:
+        return ran
+    pipe = load_pipe()
+    write_json_atomic({"model": model_identity(pipe).to_dict()}, out_dir / f"model.{shard.index}.json")
+    with tqdm(todo, desc=f"bench {suite.name}", unit="cell", disable=not progress) as bar:
+        for cell in bar:
+            bar.set_postfix_str(cell.id)
+            run_cell(pipe, suite, cell, out_dir, scorer, batch_size=batch_size)
+            ran.append(cell.id)
+            if after_cell is not None:
+                after_cell(cell)
+    return ran
+
+
+def merge_report(suite: Suite, out_dir: str | Path) -> dict[str, Any]:
+    """Collect every finished cell into ``report.json`` (complete only if no cell is missing)."""
+    out_dir = Path(out_dir)
+    records, missing = [], []
+    for cell in suite.cells:
+        path = cell_dir(out_dir, cell) / "cell.json"
+        if path.is_file():
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        else:
+            missing.append(cell.id)
+    models = sorted(out_dir.glob("model.*.json"))
+    model = json.loads(models[0].read_text(encoding="utf-8"))["model"] if models else None
+    report = {
+        "format": REPORT_FORMAT,
+        "suite": {"name": suite.name, "source": suite.source, "steps": suite.steps, "guidance": suite.guidance,
+                  "tasks": [{"name": t.name, "kind": t.kind, "prompts": list(t.prompts), "seeds": list(t.seeds),
+                             "methods": list(t.methods), "description": t.description} for t in suite.tasks]},
+        "model": model,
+        "complete": not missing,
+        "missing_cells": missing,
+        "cells": records,
+        "table": summary_table(records),
+        "created": utc_now(),
+        "versions": library_versions(),
+    }
+    write_json_atomic(report, out_dir / "report.json")
+    return report
+
+
+def summary_table(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """method -> kind -> mean of each aggregate score over that kind's tasks (+ cost)."""
+    table: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for record in records:
+        row = table.setdefault(record["method"], {}).setdefault(record["kind"], {})
+        for metric, value in record["scores"].items():
+            aggregate = value.get("aggregate") if isinstance(value, dict) else value
+            if isinstance(aggregate, (int, float)):
+                row.setdefault(metric, []).append(float(aggregate))
+        row.setdefault("seconds_per_image", []).append(record["cost"]["seconds_per_image"])
+    return {
+        method: {kind: {metric: round(sum(v) / len(v), 4) for metric, v in metrics.items()} for kind, metrics in kinds.items()}
+        for method, kinds in sorted(table.items())
+    }

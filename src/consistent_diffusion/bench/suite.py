@@ -1,0 +1,187 @@
+"""Declarative benchmark suites (TOML).
+
+A suite lists *tasks* (a kind of consistency, prompts, seeds, optional reference images) and
+*methods* (named stacks of registered methods with options). Every (task, method) pair a task
+asks for is one *cell*. Strings ``"{reference}"`` in method options are replaced by the task's
+first reference image (an absolute path), so one method definition serves every task.
+
+Example::
+
+    name = "quick"
+    steps = 20
+    guidance = 4.0
+
+    [methods.plain]
+    uses = []
+
+    [methods.img2img]
+    uses = [{ method = "img2img", image = "{reference}", strength = 0.6 }]
+
+    [[tasks]]
+    name = "style-twitter"
+    kind = "style"
+    prompts = ["cat face, twitter style", "rocket, twitter style"]
+    seeds = [0, 1]
+    references = ["assets/grinning_face_twitter.png"]
+    methods = ["plain", "img2img"]
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from consistent_diffusion.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KINDS = ("style", "object", "shape", "concept")
+BUILTIN_SUITES_DIR = Path(__file__).parent / "suites"
+REFERENCE_PLACEHOLDER = "{reference}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named stack of registered methods; ``uses`` is a list of {"method": name, **options}."""
+
+    name: str
+    uses: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for use in self.uses:
+            if not isinstance(use, dict) or "method" not in use:
+                raise ConfigError(f"method {self.name!r}: each entry of uses needs a 'method' key, got {use!r}")
+
+    def resolved(self, reference: str | None) -> list[tuple[str, dict[str, Any]]]:
+        """(method name, options) pairs with ``{reference}`` replaced by ``reference``."""
+        stack = []
+        for use in self.uses:
+            options = {k: v for k, v in use.items() if k != "method"}
+            for key, value in options.items():
+                if value == REFERENCE_PLACEHOLDER:
+                    if reference is None:
+                        raise ConfigError(f"method {self.name!r} needs a reference image but the task has none")
+                    options[key] = reference
+            stack.append((use["method"], options))
+        return stack
+
+
+@dataclass(frozen=True)
+class Task:
+    """One consistency task: what to generate and which methods to compare on it."""
+
+    name: str
+    kind: str  # style | object | shape | concept
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    methods: tuple[str, ...]
+    references: tuple[str, ...] = ()  # absolute paths after loading
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if not self.prompts or not self.seeds or not self.methods:
+            raise ConfigError(f"task {self.name!r} needs prompts, seeds and methods")
+        if "__" in self.name or "/" in self.name:
+            raise ConfigError(f"task name {self.name!r} may not contain '__' or '/'")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of benchmark work: a task generated with one method stack."""
+
+    task: Task
+    method: MethodSpec
+
+    @property
+    def id(self) -> str:
+        return f"{self.task.name}__{self.method.name}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    tasks: tuple[Task, ...]
+    methods: dict[str, MethodSpec]
+    steps: int = 20
+    guidance: float = 4.0
+    source: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"suite {self.name!r} repeats a task name: {names}")
+        for task in self.tasks:
+            missing = [m for m in task.methods if m not in self.methods]
+            if missing:
+                raise ConfigError(f"task {task.name!r} uses undefined methods {missing}; defined: {sorted(self.methods)}")
+
+    @property
+    def cells(self) -> list[Cell]:
+        """Every (task, method) pair, in a stable order (sorted by cell id)."""
+        cells = [Cell(task, self.methods[name]) for task in self.tasks for name in task.methods]
+        return sorted(cells, key=lambda cell: cell.id)
+
+
+def available_suites() -> list[str]:
+    return sorted(path.stem for path in BUILTIN_SUITES_DIR.glob("*.toml"))
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """A built-in suite by name (``quick``, ``full``) or a TOML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = BUILTIN_SUITES_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(f"unknown suite {name_or_path!r}; built-in: {', '.join(available_suites())}, or a .toml path")
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"suite {path} is not valid TOML: {error}") from None
+    return suite_from_dict(data, base=path.parent, source=str(path))
+
+
+def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite:
+    methods = {
+        name: MethodSpec(name=name, uses=tuple(spec.get("uses", ())))
+        for name, spec in data.get("methods", {}).items()
+    }
+    tasks = tuple(
+        Task(
+            name=task["name"],
+            kind=task["kind"],
+            prompts=tuple(task["prompts"]),
+            seeds=tuple(task["seeds"]),
+            methods=tuple(task["methods"]),
+            references=tuple(str(_resolve(base, ref)) for ref in task.get("references", ())),
+            description=task.get("description", ""),
+        )
+        for task in data.get("tasks", ())
+    )
+    known = {"name", "steps", "guidance", "methods", "tasks"}
+    return Suite(
+        name=data.get("name", Path(source).stem or "suite"),
+        tasks=tasks,
+        methods=methods,
+        steps=int(data.get("steps", 20)),
+        guidance=float(data.get("guidance", 4.0)),
+        source=source,
+        options={k: v for k, v in data.items() if k not in known},
+    )
+
+
+def _resolve(base: Path, reference: str) -> Path:
+    path = Path(reference)
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ConfigError(f"reference image not found: {path}")
+    return path.resolve()

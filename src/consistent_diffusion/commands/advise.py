@@ -1,0 +1,42 @@
+"""`consistent-diffusion advise`: choose a method from measured evidence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REFERENCE_REPORT = Path(__file__).resolve().parent.parent / "assets" / "bench" / "report.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "advise",
+        help="rank methods for a consistency need from a measured bench report",
+        description="Rank the benchmarked methods and combinations for what you need to keep "
+        "consistent, explaining each with its measured numbers. Uses --report DIR (a bench output) "
+        "or the reference report shipped with the package.",
+        epilog="example:\n  consistent-diffusion advise --need style,object --have reference-images --no-training",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--need", required=True, help="comma list of: style, object, shape, concept")
+    parser.add_argument("--have", default="reference-images", choices=["reference-images", "text-only"],
+                        help="what you can give the method (default: reference-images)")
+    parser.add_argument("--no-training", action="store_true", help="exclude methods that train weights")
+    parser.add_argument("--report", metavar="DIR", help="a bench output folder (default: the shipped reference report)")
+    parser.add_argument("--top", type=int, default=5, help="how many to show (default: 5)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from consistent_diffusion.bench.advisor import advise, format_advice, parse_needs
+    from consistent_diffusion.errors import ConfigError
+
+    path = Path(args.report) / "report.json" if args.report else REFERENCE_REPORT
+    if not path.is_file():
+        raise ConfigError(f"no bench report at {path}; run `consistent-diffusion bench --out DIR` and pass --report DIR")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    needs = parse_needs(args.need)
+    print(f"from {path}:")
+    print(format_advice(advise(report, needs, have=args.have, allow_training=not args.no_training, top=args.top), needs))
+    return 0

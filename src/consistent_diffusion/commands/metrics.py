@@ -1,0 +1,111 @@
+"""`consistent-diffusion metrics ...`: list extractors, validate metrics on held-out real emoji,
+train the small metric heads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("metrics", help="consistency metrics: validate on real data, train heads, list")
+    actions = parser.add_subparsers(dest="metrics_action", metavar="ACTION")
+
+    listing = actions.add_parser("list", help="feature extractors and the validation status of each metric")
+    listing.set_defaults(func=run_list)
+
+    validate = actions.add_parser(
+        "validate",
+        help="AUC of every metric and extractor on held-out real emoji, against the bars",
+        description="Builds same/different sets from the val + holdout identities of an emoji dataset and "
+        "writes validation.json and validation.md (the table in docs/metrics.md) to --out.",
+    )
+    validate.add_argument("--data", type=Path, default=None,
+                          help="emoji dataset folder (consistent-diffusion data emoji --out DIR); default: "
+                               "build one under --out/.. from the npm packages")
+    validate.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    validate.add_argument("--sets", type=int, default=500, help="positive and negative style sets (default 500)")
+    validate.add_argument("--seed", type=int, default=0)
+    validate.add_argument("--device", default="cpu")
+    validate.add_argument("--no-concept", action="store_true", help="skip the (unbarred) concept protocol")
+    validate.add_argument("--overwrite", action="store_true")
+    validate.set_defaults(func=run_validate)
+
+    train = actions.add_parser(
+        "train-heads",
+        help="train the emoji-style and emoji-text heads on the train split of an emoji dataset",
+    )
+    train.add_argument("--data", type=Path, required=True, help="emoji dataset folder")
+    train.add_argument("--out", type=Path, required=True, help="heads file to write (.safetensors, + .json)")
+    train.add_argument("--cache", type=Path, default=None, help="folder to cache frozen features in")
+    train.add_argument("--image-size", type=int, default=None,
+                       help="EfficientNet-Lite0 input side for the frozen features (default: the shipped heads')")
+    train.add_argument("--style-steps", type=int, default=1500)
+    train.add_argument("--text-steps", type=int, default=1000)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=run_train_heads)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from consistent_diffusion.metrics.consistency import _validation_table
+    from consistent_diffusion.metrics.features import describe_features
+
+    print("feature extractors:")
+    for name, description in describe_features().items():
+        print(f"  {name:26s} {description}")
+    table = _validation_table()
+    print("\nvalidated metric/extractor pairs (held-out real emoji):")
+    if not table:
+        print("  none shipped (run: consistent-diffusion metrics validate)")
+    for (metric, extractor), row in sorted(table.items()):
+        status = "validated" if row["passed"] else "validated: false"
+        bar = f" (bar {row['bar']:.2f})" if row.get("bar") is not None else ""
+        print(f"  {metric:8s} {extractor:26s} AUC {row['auc']:.3f}{bar}  {status}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from consistent_diffusion.metrics.validation import (
+        ValidationConfig,
+        markdown_table,
+        validate_metrics,
+        write_validation,
+    )
+
+    data = args.data
+    if data is None:
+        from consistent_diffusion.data.emoji import EmojiDatasetConfig, build_emoji_dataset
+
+        data = args.out.parent / f"{args.out.name}-emoji-data"
+        if not (data / "labels.json").is_file():
+            print(f"building the emoji dataset in {data}")
+            build_emoji_dataset(EmojiDatasetConfig(out=data))
+    config = ValidationConfig(data=data, sets=args.sets, seed=args.seed, device=args.device,
+                              concept=not args.no_concept)
+    report = validate_metrics(config)
+    out = write_validation(report, args.out, overwrite=args.overwrite)
+    print(markdown_table(report))
+    failed = [f"{r['metric']}/{r['extractor']}" for r in report["results"] if r["passed"] is False]
+    print(f"wrote {out / 'validation.json'}; below their bar (validated: false): {', '.join(failed) or 'none'}")
+    return 0
+
+
+def run_train_heads(args: argparse.Namespace) -> int:
+    from consistent_diffusion.metrics.heads import (
+        HEAD_IMAGE_SIZE,
+        HeadTrainingConfig,
+        dataset_head_inputs,
+        save_heads,
+        train_heads,
+    )
+
+    size = args.image_size or HEAD_IMAGE_SIZE
+    inputs, records = dataset_head_inputs(args.data, args.cache, image_size=size)
+    config = HeadTrainingConfig(style_steps=args.style_steps, text_steps=args.text_steps, seed=args.seed)
+    tensors, meta = train_heads(inputs, records, config, image_size=size)
+    out = save_heads(tensors, meta, args.out)
+    print(json.dumps(meta["training"], indent=None))
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0

@@ -1,0 +1,88 @@
+"""`consistent-diffusion train base | probes` (the embedded model and its probes) and the fine-tuning commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train models (the embedded base model)")
+    kinds = parser.add_subparsers(dest="train_kind", metavar="WHAT")
+    base = kinds.add_parser(
+        "base",
+        help="the embedded base model: VAE, cached latents/text states, UNet (resumable)",
+        description=(
+            "Train the embedded default model on an emoji dataset (consistent-diffusion data emoji). "
+            "Each stage stops at its step or time budget, checkpoints every few minutes and on Ctrl-C/SIGTERM, "
+            "and continues with --resume. The result is a diffusers folder OUT/pipeline (vae, unet, scheduler); "
+            "--export DIR copies it (fp16) where load_pipeline('embedded') finds it."
+        ),
+    )
+    base.add_argument("--data", required=True, type=Path, help="emoji dataset folder")
+    base.add_argument("--out", required=True, type=Path, help="run folder (state/, cache/, log.jsonl, pipeline/)")
+    base.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default="cpu",
+                      help="cpu: about 2 h on 2 cores; gpu: larger, for a GPU; tiny: seconds (tests)")
+    base.add_argument("--stage", choices=("vae", "unet", "decoder", "all"), default="all",
+                      help="vae, unet (builds the caches first), decoder (fine-tune on cached latents) or all")
+    base.add_argument("--resume", action="store_true", help="continue the run in --out")
+    base.add_argument("--device", default=None, help="torch device (preset default: cpu, or cuda for gpu)")
+    base.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    base.add_argument("--vae-minutes", type=float, default=None, help="VAE wall-time budget")
+    base.add_argument("--vae-steps", type=int, default=None, help="VAE step budget")
+    base.add_argument("--decoder-minutes", type=float, default=None,
+                      help="decoder-only fine-tune budget (runs last, or alone with --stage decoder)")
+    base.add_argument("--unet-minutes", type=float, default=None, help="UNet wall-time budget")
+    base.add_argument("--unet-steps", type=int, default=None, help="UNet step budget")
+    base.add_argument("--unet-channels", type=_channels, default=None, help="UNet block widths, e.g. 64,128,128")
+    base.add_argument("--export", type=Path, default=None,
+                      help="after training, copy the pipeline (fp16 safetensors) into this folder")
+    base.set_defaults(func=run_base)
+    probes = kinds.add_parser(
+        "probes",
+        help="the style and content probes (small CNNs on real emoji) used to measure generated images",
+    )
+    probes.add_argument("--data", required=True, type=Path, help="emoji dataset folder")
+    probes.add_argument("--out", type=Path, default=None, help="folder for the probes (default: the package's)")
+    probes.add_argument("--which", choices=("style", "content", "both"), default="both")
+    probes.add_argument("--epochs", type=int, default=None, help="epochs (default: style 30, content 20)")
+    probes.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    probes.set_defaults(func=run_probes)
+    try:
+        from consistent_diffusion.commands.train_finetune import register_train_subcommands
+    except ImportError:  # pragma: no cover - fine-tuning commands not installed
+        return
+    register_train_subcommands(kinds)
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def run_base(args: argparse.Namespace) -> int:
+    from consistent_diffusion.training.base import export_embedded, preset, train_base
+
+    config = preset(
+        args.preset, args.data, args.out, stage=args.stage, resume=args.resume, device=args.device,
+        threads=args.threads, vae_minutes=args.vae_minutes, vae_decoder_minutes=args.decoder_minutes, vae_steps=args.vae_steps,
+        unet_minutes=args.unet_minutes, unet_steps=args.unet_steps, unet_channels=args.unet_channels,
+    )
+    pipeline = train_base(config)
+    print(f"trained: {pipeline} (loss log: {config.out / 'log.jsonl'})")
+    if args.export is not None and (config.out / "pipeline" / "unet").is_dir():
+        print(f"exported: {export_embedded(pipeline, args.export)}")
+    return 0
+
+
+def run_probes(args: argparse.Namespace) -> int:
+    from consistent_diffusion.probes import PROBES_DIR, ProbeTrainConfig, save_probe, train_probe
+
+    names = ("style", "content") if args.which == "both" else (args.which,)
+    defaults = {"style": {"epochs": 30, "blur": 0.25}, "content": {"epochs": 20, "blur": 0.5}}  # as shipped
+    for name in names:
+        config = ProbeTrainConfig(name, **{**defaults[name], **({"epochs": args.epochs} if args.epochs else {})})
+        model, meta = train_probe(config, args.data, threads=args.threads)
+        path = save_probe(model, meta, args.out or PROBES_DIR)
+        print(f"{name} probe: held-out {meta['val']} -> {path}")
+    return 0

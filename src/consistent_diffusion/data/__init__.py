@@ -1,0 +1,1 @@
+"""Datasets the product builds for itself (the embedded model's emoji data)."""

@@ -1,0 +1,132 @@
+"""Command-line options for the training-free methods, shared by `generate` (and any command
+that makes a series): ``add_method_arguments(parser)`` then ``methods_from_args(args)``.
+
+Methods are stacked in a fixed, valid order: img2img or ddpm_edit (they set the starting
+point), then StyleAligned (it prepends its reference to whatever the others prepared), then
+LoRA adapters and ControlNets (`methods/finetune_options.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.methods.base import Method
+from consistent_diffusion.methods.finetune_options import add_finetune_arguments, finetune_methods_from_args
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_training_free_arguments(parser)
+    add_finetune_arguments(parser)
+
+
+def _add_training_free_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the img2img, ddpm_edit and StyleAligned options to ``parser``."""
+    group = parser.add_argument_group("img2img / SDEdit")
+    group.add_argument("--init-image", metavar="IMG", help="start every image from this image (img2img / SDEdit)")
+    group.add_argument("--strength", type=float, default=0.6,
+                       help="img2img: how far from --init-image to move, in (0, 1] (default: 0.6)")
+
+    group = parser.add_argument_group("edit-friendly DDPM inversion")
+    group.add_argument("--edit-inversion", metavar="DIR",
+                       help="edit an inversion folder (from `consistent-diffusion invert`) with each --prompt; "
+                       "steps and size become the inversion's, --guidance is the target cfg")
+    group.add_argument("--edit-skip", type=int, default=0, metavar="N",
+                       help="with --edit-inversion: leading steps to skip (more keeps more structure; default: 0)")
+
+    group = parser.add_argument_group("StyleAligned (shared attention)")
+    group.add_argument("--style-aligned", action="store_true",
+                       help="share the style of a reference across the series (Hertz et al. 2023)")
+    ref = group.add_mutually_exclusive_group()
+    ref.add_argument("--style-reference-prompt", metavar="TEXT",
+                     help="generate the reference from this prompt (not saved); default: the first image")
+    ref.add_argument("--style-reference-image", metavar="IMG",
+                     help="a real reference image, brought in by edit-friendly DDPM inversion")
+    ref.add_argument("--style-reference-inversion", metavar="DIR",
+                     help="a real reference already inverted with `consistent-diffusion invert`")
+    group.add_argument("--style-reference-seed", type=int, default=None, metavar="N",
+                       help="seed of the generated reference / of the reference image's inversion (default: first seed)")
+    group.add_argument("--style-reference-image-prompt", default="", metavar="TEXT",
+                       help="a description of --style-reference-image, used to invert it")
+    group.add_argument("--style-share-group-norm", action=argparse.BooleanOptionalAction, default=True,
+                       help="pool GroupNorm statistics with the reference (default: on)")
+    group.add_argument("--style-share-attention", action=argparse.BooleanOptionalAction, default=True,
+                       help="attend to the reference's keys/values (default: on)")
+    group.add_argument("--style-adain-queries", action=argparse.BooleanOptionalAction, default=True,
+                       help="AdaIN queries to the reference (default: on)")
+    group.add_argument("--style-adain-keys", action=argparse.BooleanOptionalAction, default=True,
+                       help="AdaIN keys to the reference (default: on)")
+    group.add_argument("--style-adain-values", action=argparse.BooleanOptionalAction, default=False,
+                       help="AdaIN values to the reference (default: off)")
+    group.add_argument("--style-score-scale", type=float, default=1.0, metavar="S",
+                       help="scale of the reference keys (> 0; < 1 weakens the shared style; default: 1)")
+    group.add_argument("--style-score-shift", type=float, default=0.0, metavar="S",
+                       help="added to the logits of reference tokens (default: 0)")
+    group.add_argument("--style-only-self-level", type=float, default=0.0, metavar="F",
+                       help="fraction of self-attention layers left unshared, in [0, 1] (default: 0)")
+    group.add_argument("--style-full-share", action="store_true",
+                       help="every image attends to every image (quadratic in the batch)")
+
+
+_STYLE_ONLY = (
+    "style_reference_prompt",
+    "style_reference_image",
+    "style_reference_inversion",
+    "style_reference_seed",
+)
+
+
+def methods_from_args(args: argparse.Namespace) -> list[Method]:
+    """The methods the parsed options ask for, in stacking order. Raises ConfigError on conflicts."""
+    from consistent_diffusion.methods.img2img import Img2Img
+    from consistent_diffusion.methods.inversion import DdpmEdit
+    from consistent_diffusion.methods.style_aligned import StyleAligned
+
+    methods: list[Method] = []
+    init_image = getattr(args, "init_image", None)
+    edit_inversion = getattr(args, "edit_inversion", None)
+    if init_image and edit_inversion:
+        raise ConfigError("--init-image and --edit-inversion both set the starting point; choose one")
+    if init_image:
+        methods.append(Img2Img(image=init_image, strength=args.strength))
+    if edit_inversion:
+        methods.append(DdpmEdit(inversion=edit_inversion, skip=args.edit_skip))
+    if getattr(args, "style_aligned", False):
+        methods.append(StyleAligned(**_style_options(args)))
+    else:
+        given = [f"--{name.replace('_', '-')}" for name in _STYLE_ONLY if getattr(args, name, None) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --style-aligned")
+    methods += finetune_methods_from_args(args)  # LoRA adapters and ControlNets stack last
+    return methods
+
+
+def _style_options(args: argparse.Namespace) -> dict[str, Any]:
+    seeds = list(getattr(args, "seeds", None) or [0])
+    prompts = list(getattr(args, "prompt", None) or [])
+    seed = args.style_reference_seed if args.style_reference_seed is not None else seeds[0]
+    options: dict[str, Any] = {
+        "share_group_norm": args.style_share_group_norm,
+        "share_attention": args.style_share_attention,
+        "adain_queries": args.style_adain_queries,
+        "adain_keys": args.style_adain_keys,
+        "adain_values": args.style_adain_values,
+        "shared_score_scale": args.style_score_scale,
+        "shared_score_shift": args.style_score_shift,
+        "only_self_level": args.style_only_self_level,
+        "full_attention_share": args.style_full_share,
+        "reference_seed": seed,
+    }
+    if args.style_reference_image:
+        options["reference_image"] = args.style_reference_image
+        options["reference_image_prompt"] = args.style_reference_image_prompt
+    elif args.style_reference_inversion:
+        options["reference_inversion"] = args.style_reference_inversion
+    elif args.style_reference_prompt is not None:
+        options["reference_prompt"] = args.style_reference_prompt
+    elif prompts and len(prompts) * len(seeds) > int(getattr(args, "batch_size", None) or 1):
+        # The series spans several pipeline calls: regenerate the first image as an internal
+        # reference in every call so that all calls share one reference.
+        options["reference_prompt"] = prompts[0]
+    return options

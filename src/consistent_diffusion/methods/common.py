@@ -1,0 +1,58 @@
+"""Small helpers shared by the method modules: context restore, scheduler swap, sizes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from consistent_diffusion.methods.base import GenerationContext
+
+
+@contextlib.contextmanager
+def restoring(ctx: GenerationContext) -> Iterator[GenerationContext]:
+    """Snapshot every field of ``ctx`` a method may change; restore them on exit, even on error.
+
+    ``num_internal`` is the exception: it describes the output of the call just made, and
+    ``series.generate_batch`` reads it after the methods' contexts have closed.
+    """
+    pipe, prompts, generators = ctx.pipe, list(ctx.prompts), list(ctx.generators)
+    negative = None if ctx.negative_prompts is None else list(ctx.negative_prompts)
+    call_kwargs = dict(ctx.call_kwargs)
+    try:
+        yield ctx
+    finally:
+        ctx.pipe, ctx.prompts, ctx.negative_prompts = pipe, prompts, negative
+        ctx.generators = generators
+        ctx.call_kwargs.clear()
+        ctx.call_kwargs.update(call_kwargs)
+
+
+@contextlib.contextmanager
+def swapped_scheduler(pipe: Any, scheduler: Any) -> Iterator[Any]:
+    """Use ``scheduler`` on ``pipe`` inside the block; the previous one is restored, even on error."""
+    previous = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = previous
+
+
+def default_size(pipe: Any) -> tuple[int, int]:
+    """The pipeline's native (width, height) in pixels."""
+    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return size, size
+
+
+def generation_size(ctx: GenerationContext) -> tuple[int, int]:
+    """(width, height) the call will generate at: ``call_kwargs`` or the pipeline default."""
+    default_w, default_h = default_size(ctx.pipe)
+    width = ctx.call_kwargs.get("width") or default_w
+    height = ctx.call_kwargs.get("height") or default_h
+    return int(width), int(height)
+
+
+def batch_size(ctx: GenerationContext) -> int:
+    """Images the call generates (prompts x ``num_images_per_prompt``), internal ones included."""
+    return len(ctx.prompts) * int(ctx.call_kwargs.get("num_images_per_prompt") or 1)

@@ -1,0 +1,1 @@
+"""Training recipes: the embedded base model (``base``), and fine-tuning methods."""

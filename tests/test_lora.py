@@ -1,0 +1,182 @@
+"""LoRA DreamBooth and the lora method on tiny pipelines: learning, stock loading, interop, stacking."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from _finetune_data import instance_folder, one_thread
+from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.methods.base import GenerationContext, get_method
+from consistent_diffusion.methods.lora import LoRA
+from consistent_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from consistent_diffusion.training.loop import run_training, step_generator
+from consistent_diffusion.training.lora import (
+    LoraDreamBoothConfig,
+    LoraDreamBoothTask,
+    export_kohya,
+    train_lora,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+_ = one_thread
+PROMPT = "a photo of sks emoji"
+
+
+def config(tmp_path, **overrides) -> LoraDreamBoothConfig:
+    options = dict(out=tmp_path / "run", instance_dir=instance_folder(tmp_path), instance_prompt=PROMPT, steps=4,
+                   checkpoint_every=4, learning_rate=1e-2, rank=4, alpha=8, progress=False)
+    options.update(overrides)
+    return LoraDreamBoothConfig(**options)
+
+
+def generate(pipe, seed: int = 0) -> np.ndarray:
+    return pipe(prompt=[PROMPT], generator=[torch.Generator().manual_seed(seed)], num_inference_steps=2,
+                output_type="np").images
+
+
+def ctx_for(pipe) -> GenerationContext:
+    return GenerationContext(pipe=pipe, prompts=[PROMPT], negative_prompts=None, generators=[])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoRA trained for 4 steps on the tiny SD pipeline: (pipe with adapter, result, its output)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp_path = tmp_path_factory.mktemp("lora")
+    pipe = tiny_sd_pipeline()
+    result = train_lora(config(tmp_path), pipe)
+    yield pipe, result, generate(pipe)
+    torch.set_num_threads(previous)
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="rank"):
+        config(tmp_path, rank=0)
+    with pytest.raises(ConfigError, match="text encoder"):
+        config(tmp_path, train_text_encoder=True)
+    with pytest.raises(ConfigError, match="target_modules"):
+        config(tmp_path, target_modules=())
+
+
+def test_unknown_target_module_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="to_nowhere"):
+        LoraDreamBoothTask(tiny_sd_pipeline(), config(tmp_path, target_modules=("to_q", "to_nowhere")))
+
+
+def test_few_steps_train_only_the_adapter_and_lower_loss(tmp_path):
+    pipe = tiny_sd_pipeline()
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = config(tmp_path)
+    task = LoraDreamBoothTask(pipe, cfg)
+    trainable = sum(p.numel() for p in task.trainable_parameters())
+    assert 0 < trainable < 0.2 * sum(v.numel() for v in base.values())
+    with torch.no_grad():
+        before = float(task.loss(0, step_generator(7, 0), torch.device("cpu"))[0])
+    run_training(task, cfg, "lora")
+    with torch.no_grad():
+        after = float(task.loss(0, step_generator(7, 0), torch.device("cpu"))[0])
+    assert after < before
+    state = pipe.unet.state_dict()
+    lora_keys = [k for k in state if "lora_B" in k]
+    assert lora_keys and all(state[k].abs().max() > 0 for k in lora_keys), "B starts at zero and must move"
+    for key, value in base.items():  # base weights (renamed to base_layer by PEFT) are untouched
+        renamed = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state.get(key, state.get(renamed)), value), key
+
+
+def test_stock_load_lora_weights_reproduces_our_output(trained):
+    _, result, ours = trained
+    assert (result.result / "pytorch_lora_weights.safetensors").is_file()
+    stock = tiny_sd_pipeline()
+    plain = generate(stock)
+    stock.load_lora_weights(str(result.result))
+    assert np.abs(ours - plain).max() > 1e-3, "the adapter changes the output"
+    np.testing.assert_allclose(generate(stock), ours, atol=1e-5)
+
+
+def test_lora_method_applies_and_unloads(trained):
+    _, result, ours = trained
+    pipe = tiny_sd_pipeline()
+    plain = generate(pipe)
+    method = get_method("lora", weights=str(result.result))
+    with method.applied(ctx_for(pipe)):
+        np.testing.assert_allclose(generate(pipe), ours, atol=1e-5)
+    np.testing.assert_array_equal(generate(pipe), plain)
+    with LoRA(weights=(str(result.result),), scales=(0.0,)).applied(ctx_for(pipe)):
+        np.testing.assert_allclose(generate(pipe), plain, atol=1e-6)
+    assert method.describe()["options"]["weights"] == [str(result.result)]
+
+
+def test_kohya_format_and_several_loras_with_weights(trained, tmp_path):
+    _, result, ours = trained
+    kohya = export_kohya(result.result, tmp_path / "sks_kohya.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(kohya), framework="pt") as handle:
+        keys = list(handle.keys())
+        alpha = handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert all(k.startswith("lora_unet_") for k in keys) and float(alpha) == 8.0
+    pipe = tiny_sd_pipeline()
+    with LoRA(weights=str(kohya)).applied(ctx_for(pipe)):
+        np.testing.assert_allclose(generate(pipe), ours, atol=1e-5)
+    with LoRA(weights=(str(result.result), str(kohya)), scales=(0.5, 0.5)).applied(ctx_for(pipe)):
+        np.testing.assert_allclose(generate(pipe), ours, atol=1e-4)
+
+
+def test_bad_lora_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        LoRA(weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ConfigError, match="one scale per LoRA"):
+        LoRA(weights=(str(tmp_path), str(tmp_path)), scales=(1.0,))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("consistent_diffusion.methods.style_aligned") is None,
+                    reason="StyleAligned not present")
+def test_lora_keeps_style_aligned_processors(trained):
+    from consistent_diffusion.methods.style_aligned import SharedAttentionProcessor, StyleAligned
+
+    _, result, _ = trained
+    pipe = tiny_sd_pipeline()
+    original = dict(pipe.unet.attn_processors)
+    ctx = GenerationContext(pipe=pipe, prompts=[PROMPT, PROMPT], negative_prompts=None,
+                            generators=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+                            call_kwargs={"num_inference_steps": 2})
+    with StyleAligned().applied(ctx) as c:
+        shared = dict(pipe.unet.attn_processors)
+        assert any(isinstance(p, SharedAttentionProcessor) for p in shared.values())
+        with LoRA(weights=str(result.result)).applied(c):
+            assert all(pipe.unet.attn_processors[k] is v for k, v in shared.items())
+            c.pipe(prompt=c.prompts, generator=c.generators, output_type="np", **c.call_kwargs)
+        assert all(pipe.unet.attn_processors[k] is v for k, v in shared.items())
+    assert all(pipe.unet.attn_processors[k] is v for k, v in original.items())
+
+
+def test_sdxl_lora_trains_and_loads_with_stock_diffusers(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    result = train_lora(config(tmp_path, steps=2, checkpoint_every=2), pipe)
+    ours = generate(pipe)
+    stock = tiny_sdxl_pipeline()
+    stock.load_lora_weights(str(result.result))
+    np.testing.assert_allclose(generate(stock), ours, atol=1e-5)
+
+
+def test_cli_lora_with_kohya_export(tiny_sd_folder, tmp_path):
+    from consistent_diffusion.commands.train_finetune import register_train_subcommands
+
+    parser = argparse.ArgumentParser()
+    register_train_subcommands(parser.add_subparsers())
+    args = parser.parse_args([
+        "lora", "--model", str(tiny_sd_folder), "--instance-dir", str(instance_folder(tmp_path)),
+        "--instance-prompt", PROMPT, "--out", str(tmp_path / "cli"), "--steps", "2", "--rank", "2",
+        "--target-modules", "to_q,to_v", "--export-kohya", str(tmp_path / "k.safetensors"), "--no-progress",
+        "--validation-steps", "2", "--threads", "1",
+    ])
+    assert args.func(args) == 0
+    assert (tmp_path / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "k.safetensors").is_file()

@@ -1,0 +1,277 @@
+"""StyleAligned: the attention math against naive oracles, reversible installation, the reference."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.methods import GenerationContext
+from consistent_diffusion.methods.style_aligned import (
+    SharedAttentionProcessor,
+    StyleAligned,
+    _switch_vector,
+    adain,
+    calc_mean_std,
+    shared_attention,
+    shared_group_norm,
+)
+
+
+def _generate(pipe, methods, prompts, seeds, output_type="np", **kwargs):
+    call = {"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32, **kwargs}
+    ctx = GenerationContext(pipe, list(prompts), None, [torch.Generator().manual_seed(s) for s in seeds], call)
+    with contextlib.ExitStack() as stack:
+        for method in methods:
+            stack.enter_context(method.applied(ctx))
+        out = ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts, generator=ctx.generators,
+                       output_type=output_type, **ctx.call_kwargs)
+    return out.images, ctx.num_internal
+
+
+def test_adain_gives_the_reference_statistics():
+    torch.manual_seed(0)
+    feat = torch.randn(2, 3, 50, 8) * 3 + 1
+    ref = torch.randn(2, 1, 50, 8) * 0.5 - 2
+    out = adain(feat, ref)
+    mean, std = calc_mean_std(out)
+    ref_mean, ref_std = calc_mean_std(ref)
+    assert torch.allclose(mean, ref_mean.expand_as(mean), atol=1e-5)
+    assert torch.allclose(std, ref_std.expand_as(std), atol=1e-4)
+    assert not torch.allclose(calc_mean_std(feat)[1], ref_std.expand_as(std), atol=1e-1)
+
+
+def _heads(x, heads=2):
+    """(tokens, heads * dim) -> (heads, tokens, dim)"""
+    return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
+
+
+def _naive_row(q, k_own, v_own, k_ref, v_ref, scale_keys=1.0, shift=0.0):
+    """softmax([q k_own^T, q (s k_ref)^T + shift] / sqrt(d)) [v_own; v_ref], per head, written out."""
+    q, k_own, v_own, k_ref, v_ref = (_heads(x) for x in (q, k_own, v_own, k_ref, v_ref))
+    d = q.shape[-1]
+    logits_own = q @ k_own.transpose(-1, -2) / d**0.5
+    logits_ref = q @ (scale_keys * k_ref).transpose(-1, -2) / d**0.5 + shift
+    probs = torch.cat([logits_own, logits_ref], -1).softmax(-1)
+    out = probs @ torch.cat([v_own, v_ref], -2)
+    return out.transpose(0, 1).reshape(out.shape[1], -1)
+
+
+@pytest.mark.parametrize(("scale", "shift"), [(1.0, 0.0), (0.7, 0.0), (1.0, 1.5), (1.3, -0.5)])
+def test_shared_attention_matches_a_naive_oracle(scale, shift):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))  # 2 heads of 4
+    options = StyleAligned(adain_queries=True, adain_keys=True, adain_values=True, shared_score_scale=scale,
+                           shared_score_shift=shift)
+    out = shared_attention(q, k, v, options, heads=2)
+    assert out.shape == q.shape
+    for g in range(2):
+        ref_q, ref_k, ref_v = q[g, 0], k[g, 0], v[g, 0]
+        # the reference attends to itself only
+        expected_ref = (_heads(ref_q) @ _heads(ref_k).transpose(-1, -2) / 2).softmax(-1) @ _heads(ref_v)
+        assert torch.allclose(out[g, 0], expected_ref.transpose(0, 1).reshape(10, 8), atol=1e-10)
+        for i in (1, 2):
+            qi, ki, vi = adain(q[g, i], ref_q), adain(k[g, i], ref_k), adain(v[g, i], ref_v)
+            expected = _naive_row(qi, ki, vi, ref_k, ref_v, scale, shift)
+            assert torch.allclose(out[g, i], expected, atol=1e-10)
+
+
+def test_full_attention_share_attends_to_every_image():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    options = StyleAligned(full_attention_share=True, adain_queries=False, adain_keys=False)
+    out = shared_attention(q, k, v, options, heads=1)
+    keys, values = k[0].reshape(15, 4), v[0].reshape(15, 4)
+    for i in (1, 2):
+        expected = (q[0, i] @ keys.T / 2).softmax(-1) @ values
+        assert torch.allclose(out[0, i], expected, atol=1e-10)
+
+
+def test_shared_keys_grow_linearly_not_with_the_batch(monkeypatch):
+    import consistent_diffusion.methods.style_aligned as sa
+
+    shapes = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        shapes.append(tuple(k.shape))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(sa.F, "scaled_dot_product_attention", spy)
+    q = k = v = torch.randn(2, 6, 9, 8)
+    shared_attention(q, k, v, StyleAligned(), heads=2)
+    assert shapes == [(12, 2, 18, 4)]  # one call; every image sees 2n keys, whatever the batch size
+
+
+def test_shared_group_norm_pools_statistics_with_the_reference():
+    torch.manual_seed(3)
+    norm = torch.nn.GroupNorm(2, 4)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(6, 4, 5, 5) * torch.arange(1, 7).view(6, 1, 1, 1)  # 2 CFG halves of 3
+    out = shared_group_norm(norm, x, per_group=3)
+    for ref, i in ((0, 1), (0, 2), (3, 4), (3, 5)):
+        joined = torch.cat([x[i], x[ref]], dim=-1).unsqueeze(0)  # the reference code concatenates along space
+        expected = F.group_norm(joined, 2, norm.weight, norm.bias, norm.eps)[..., :5]
+        assert torch.allclose(out[i], expected[0], atol=1e-5)
+
+
+def test_switch_vector_leaves_the_asked_fraction_unshared():
+    assert _switch_vector(8, 0.0) == [False] * 8
+    assert _switch_vector(8, 1.0) == [True] * 8
+    assert sum(_switch_vector(8, 0.25)) == 2
+    assert sum(_switch_vector(8, 0.75)) == 6
+    assert sum(_switch_vector(2, 0.5)) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shared_score_scale": 0}, "shared_score_scale must be a finite number > 0, got 0"),
+        ({"shared_score_shift": float("nan")}, "shared_score_shift must be a finite number"),
+        ({"only_self_level": 1.5}, r"only_self_level must be a fraction in \[0, 1\], got 1.5"),
+        ({"adain_keys": "yes"}, "adain_keys must be True or False, got 'yes'"),
+        ({"reference_prompt": "a", "reference_image": "b.png"}, "at most one StyleAligned reference source"),
+        ({"reference_seed": 1.5}, "reference_seed must be an integer"),
+    ],
+)
+def test_validation_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        StyleAligned(**kwargs)
+
+
+def test_disabled_sharing_equals_stock_processors_bit_for_bit(tiny_sd):
+    plain, _ = _generate(tiny_sd, [], ["a", "b", "c"], [1, 2, 3])
+    off = StyleAligned(share_attention=False, adain_queries=False, adain_keys=False, share_group_norm=False)
+    shared_off, _ = _generate(tiny_sd, [off], ["a", "b", "c"], [1, 2, 3])
+    assert np.array_equal(plain, shared_off)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_reference_unchanged_others_changed(request, fixture):
+    pipe = request.getfixturevalue(fixture)
+    plain, _ = _generate(pipe, [], ["a red cat", "b", "c"], [1, 2, 3])
+    shared, internal = _generate(pipe, [StyleAligned()], ["a red cat", "b", "c"], [1, 2, 3])
+    assert internal == 0
+    assert np.abs(plain[0] - shared[0]).max() < 1e-5  # the reference never sees the others
+    assert np.abs(plain[1] - shared[1]).max() > 1e-3 and np.abs(plain[2] - shared[2]).max() > 1e-3
+
+
+def test_internal_reference_prompt_is_prepended_and_not_returned(tiny_sd):
+    alone, _ = _generate(tiny_sd, [], ["the style"], [7])
+    images, internal = _generate(tiny_sd, [StyleAligned(reference_prompt="the style", reference_seed=7)],
+                                 ["a", "b"], [1, 2])
+    assert internal == 1 and len(images) == 3
+    assert np.abs(images[0] - alone[0]).max() < 1e-5  # the internal entry is the plain reference
+
+
+def test_processors_and_hooks_restored_even_on_error(tiny_sd):
+    unet = tiny_sd.unet
+    before = dict(unet.attn_processors)
+    ctx = GenerationContext(tiny_sd, ["a", "b"], None, [torch.Generator(), torch.Generator()],
+                            {"num_inference_steps": 2})
+    with pytest.raises(RuntimeError, match="boom"), StyleAligned(reference_prompt="r").applied(ctx):
+        shared = [p for p in unet.attn_processors.values() if isinstance(p, SharedAttentionProcessor)]
+        assert len(shared) == sum(name.endswith("attn1.processor") for name in before) > 0
+        assert any(m._forward_hooks for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+        assert ctx.prompts == ["r", "a", "b"]
+        raise RuntimeError("boom")
+    after = unet.attn_processors
+    assert all(after[name] is before[name] for name in before)
+    assert not any(m._forward_hooks for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert ctx.prompts == ["a", "b"] and len(ctx.generators) == 2 and ctx.call_kwargs == {"num_inference_steps": 2}
+
+
+def test_only_self_level_shares_a_fraction_of_layers(tiny_sd):
+    unet = tiny_sd.unet
+    with StyleAligned(only_self_level=0.5).installed(unet, per_group=2):
+        kinds = [type(p).__name__ for n, p in unet.attn_processors.items() if n.endswith("attn1.processor")]
+    assert kinds.count("SharedAttentionProcessor") == len(kinds) // 2 and len(kinds) >= 2
+
+
+def test_loading_a_lora_while_active_keeps_the_processors(tiny_sd):
+    from peft import LoraConfig
+
+    unet = tiny_sd.unet
+    before = dict(unet.attn_processors)
+    with StyleAligned().installed(unet, per_group=2):
+        unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights=False))
+        shared = [p for n, p in unet.attn_processors.items() if n.endswith("attn1.processor")]
+        assert shared and all(isinstance(p, SharedAttentionProcessor) for p in shared)
+        # the LoRA is live inside the shared processor: outputs change when it is disabled
+        images_on, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2])
+        unet.disable_adapters()
+        images_off, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2])
+        unet.enable_adapters()
+        assert np.abs(images_on - images_off).max() > 1e-4
+    assert all(unet.attn_processors[name] is before[name] for name in before)
+
+
+def test_processors_replaced_while_active_are_left_with_a_warning(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_sd.unet
+    with pytest.warns(UserWarning, match="replaced while it was active"), StyleAligned().installed(unet, 2):
+        unet.set_attn_processor(AttnProcessor())
+    assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_real_reference_follows_its_inverted_trajectory(tiny_sd):
+    from consistent_diffusion.methods.inversion import invert
+
+    rng = np.random.RandomState(4)
+    real = Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8"))
+    inversion = invert(tiny_sd, real, "a painting", steps=3, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    method = StyleAligned(reference_inversion=inversion)
+    latents, internal = _generate(tiny_sd, [method], ["a", "b"], [1, 2], output_type="latent", num_inference_steps=3)
+    assert internal == 1 and latents.shape[0] == 3
+    assert torch.allclose(latents[0].float(), inversion.x0[0], atol=1e-6)  # row 0 ends on the real image
+    plain, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2], output_type="latent", num_inference_steps=3)
+    assert (latents[1:] - plain).abs().max() > 1e-3  # and the others were steered by it
+    # the scheduler and processors are back
+    assert type(tiny_sd.scheduler).__name__ == "DDIMScheduler"
+    assert not any(isinstance(p, SharedAttentionProcessor) for p in tiny_sd.unet.attn_processors.values())
+
+
+@pytest.mark.slow
+def test_style_aligned_raises_style_consistency_on_the_embedded_model():
+    """Same prompts and seeds: StyleAligned's set agrees more in style than plain generation."""
+    from consistent_diffusion.embedded import embedded_weights_present
+
+    if not embedded_weights_present():
+        pytest.skip("the embedded model's weights are not installed")
+    from consistent_diffusion.metrics import style_consistency
+    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.series import SeriesConfig, generate_series
+
+    pipe = load_pipeline("embedded")
+    prompts = ("grinning face", "red heart", "cat face", "rocket", "sun", "pine tree", "car", "fish")
+    config = SeriesConfig(prompts=prompts, seeds=(0,), steps=20, guidance_scale=4.0, batch_size=8)
+    plain = generate_series(pipe, config, progress=False).images
+    styled = generate_series(pipe, config, [StyleAligned()], progress=False).images
+    plain_score = style_consistency(plain).aggregate
+    styled_score = style_consistency(styled).aggregate
+    assert styled_score > plain_score, (styled_score, plain_score)
+
+
+def test_stock_load_lora_weights_while_active_keeps_the_processors(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from consistent_diffusion.testing import tiny_sd_pipeline
+
+    source = tiny_sd_pipeline(seed=1)
+    source.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(source.unet))
+    pipe = tiny_sd_pipeline()
+    with StyleAligned().installed(pipe.unet, per_group=2):
+        pipe.load_lora_weights(tmp_path, adapter_name="style")
+        assert pipe.get_active_adapters() == ["style"]
+        assert sum(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values()) > 0
+    assert not any(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values())
