@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from consistent_diffusion.export import UnsupportedExportError, save_single_file
+from consistent_diffusion.testing import tiny_sdxl_pipeline
 
 SD_PARTS = ("unet", "vae", "text_encoder")
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
@@ -119,53 +120,17 @@ def test_sd2_open_clip_layout_round_trips(sd_export, tmp_path):
     _assert_same_weights(pipe, loaded, SD_PARTS)
 
 
-def _tiny_sdxl_distinct_widths():
-    """Like testing.tiny_sdxl_pipeline, but text_encoder_2 is 48-d: diffusers tells the two
-    encoders apart by width (768 vs 1280 in real SDXL); equal widths make it load the wrong one."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from consistent_diffusion import testing
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 1),
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=32 + 48,
-        norm_num_groups=4,
-    )
-    pipe = StableDiffusionXLPipeline(
-        unet=unet,
-        vae=testing._tiny_vae(),
-        text_encoder=CLIPTextModel(testing._tiny_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(testing._tiny_text_config(hidden_size=48)),
-        tokenizer=testing.tiny_clip_tokenizer(),
-        tokenizer_2=testing.tiny_clip_tokenizer(),
-        scheduler=testing._tiny_scheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 def test_sdxl_round_trip_through_from_single_file_offline(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = _tiny_sdxl_distinct_widths()
+    pipe = tiny_sdxl_pipeline()
     pipe.save_pretrained(tmp_path / "folder")
     path = save_single_file(pipe, tmp_path / "xl.safetensors")
     state = load_file(path)
     assert "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight" in state
     assert "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight" in state
-    assert state["conditioner.embedders.1.model.text_projection"].shape == (48, 32)  # (width, projection)
+    assert state["conditioner.embedders.1.model.text_projection"].shape == (48, 48)  # (width, projection)
     assert "model.diffusion_model.label_emb.0.0.weight" in state
     loaded = StableDiffusionXLPipeline.from_single_file(
         str(path), config=str(tmp_path / "folder"), local_files_only=True

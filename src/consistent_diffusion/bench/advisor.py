@@ -24,6 +24,7 @@ class Recommendation:
     method: str
     stack: list[str]
     score: float
+    covered: int = 0  # how many of the needs this method was measured on
     reasons: list[str] = field(default_factory=list)
     unvalidated: list[str] = field(default_factory=list)
 
@@ -95,15 +96,17 @@ def advise(report: dict[str, Any], needs: list[str], have: str = "reference-imag
             if any(not r["scores"][need].get("validated") for r in relevant):
                 recommendation.unvalidated.append(need)
         if covered:
+            recommendation.covered = covered
             ranked.append(recommendation)
-    ranked.sort(key=lambda rec: rec.score, reverse=True)
+    # Methods measured on every need first, then by total gain over plain generation.
+    ranked.sort(key=lambda rec: (rec.covered, rec.score), reverse=True)
     return ranked[:top]
 
 
 def format_advice(recommendations: list[Recommendation], needs: list[str]) -> str:
     if not recommendations:
         return f"no measured method fits {', '.join(needs)} with these constraints"
-    lines = [f"for {', '.join(needs)} (ranked by measured consistency gain over plain generation):"]
+    lines = [f"for {', '.join(needs)} (methods measured on every need first, then by consistency gain over plain):"]
     for rank, rec in enumerate(recommendations, 1):
         lines.append(f"{rank}. {rec.method} [{' + '.join(rec.stack)}]  gain {rec.score:+.3f}")
         lines.extend(f"     {reason}" for reason in rec.reasons)

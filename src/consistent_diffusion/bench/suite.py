@@ -147,7 +147,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"suite {path} is not valid TOML: {error}") from None
-    return suite_from_dict(data, base=path.parent, source=str(path))
+    builtin = path.resolve().parent == BUILTIN_SUITES_DIR.resolve()
+    return suite_from_dict(data, base=path.parent, source=f"built-in:{path.stem}" if builtin else str(path))
 
 
 def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite:

@@ -56,3 +56,14 @@ def generation_size(ctx: GenerationContext) -> tuple[int, int]:
 def batch_size(ctx: GenerationContext) -> int:
     """Images the call generates (prompts x ``num_images_per_prompt``), internal ones included."""
     return len(ctx.prompts) * int(ctx.call_kwargs.get("num_images_per_prompt") or 1)
+
+
+def follow_source(sibling: Any, pipe: Any) -> Any:
+    """Keep a ``from_pipe`` sibling in step with its source: components are shared, but the
+    scheduler slot and the progress-bar settings are per pipeline."""
+    if sibling.scheduler is not pipe.scheduler:
+        sibling.scheduler = pipe.scheduler
+    progress = getattr(pipe, "_progress_bar_config", None)
+    if progress is not None:
+        sibling.set_progress_bar_config(**progress)
+    return sibling

@@ -34,7 +34,7 @@ from consistent_diffusion.controls import CONDITIONS, make_control
 from consistent_diffusion.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
-from consistent_diffusion.methods.common import generation_size, restoring
+from consistent_diffusion.methods.common import follow_source, generation_size, restoring
 
 SHIPPED_PREFIX = "embedded-"
 SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "assets" / "controlnet"
@@ -127,12 +127,7 @@ def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
         sibling = cls.from_pipe(pipe, controlnet=models)
         cache.clear()  # one sibling per pipe: ControlNets change rarely, memory matters
         cache[key] = sibling
-    if sibling.scheduler is not pipe.scheduler:
-        sibling.scheduler = pipe.scheduler
-    progress = getattr(pipe, "_progress_bar_config", None)
-    if progress is not None:
-        sibling.set_progress_bar_config(**progress)
-    return sibling
+    return follow_source(sibling, pipe)
 
 
 def _tuple(value: Any) -> tuple:

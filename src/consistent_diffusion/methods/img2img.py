@@ -19,7 +19,7 @@ from typing import Any
 from consistent_diffusion.errors import ConfigError
 from consistent_diffusion.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
-from consistent_diffusion.methods.common import generation_size, restoring
+from consistent_diffusion.methods.common import follow_source, generation_size, restoring
 
 _SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -35,13 +35,7 @@ def image_to_image_pipeline(pipe: Any) -> Any:
         except (ValueError, KeyError) as error:
             raise ConfigError(f"no image-to-image variant of {type(pipe).__name__}: {error}") from error
         _SIBLINGS[pipe] = sibling
-    # Components are shared, but the scheduler slot is per pipeline: follow the source's.
-    if sibling.scheduler is not pipe.scheduler:
-        sibling.scheduler = pipe.scheduler
-    progress = getattr(pipe, "_progress_bar_config", None)
-    if progress is not None:
-        sibling.set_progress_bar_config(**progress)
-    return sibling
+    return follow_source(sibling, pipe)
 
 
 @register("img2img")
