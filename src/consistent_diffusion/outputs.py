@@ -31,6 +31,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise ConfigError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    temp.chmod(0o777 & ~_umask())  # mkdtemp makes 0o700; the result should look like a plain mkdir
     try:
         yield temp
         if out.exists():
@@ -50,11 +51,15 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def _default_file_mode() -> int:
-    """0o666 minus the process umask: what a plainly created file would get (mkstemp uses 0o600)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: what a plainly created file would get (mkstemp uses 0o600)."""
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -81,6 +86,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (see ``atomic_path``): never a half-written checkpoint."""
+    import torch
+
+    with atomic_path(path) as temp:
+        torch.save(obj, temp)
+    return Path(path)
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:

@@ -201,16 +201,15 @@ def save_probe(model: Probe, meta: dict, folder: str | os.PathLike = PROBES_DIR)
     """Write <name>.safetensors (fp16) and <name>.json into ``folder``."""
     from safetensors.torch import save_file
 
+    from consistent_diffusion.outputs import atomic_path, write_text_atomic
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = meta["name"]
     state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{name}.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / f"{name}.safetensors")
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / f"{name}.json")
+    with atomic_path(folder / f"{name}.safetensors") as temp:
+        save_file(state, str(temp))
+    write_text_atomic(json.dumps(meta, indent=1), folder / f"{name}.json")
     return folder / f"{name}.safetensors"
 
 

@@ -35,6 +35,7 @@ from PIL import Image
 
 from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.images import to_rgb
+from consistent_diffusion.outputs import atomic_output_dir
 
 DEFAULT_VENDORS = ("google", "twitter")
 DEFAULT_NPM_VERSION = "16.0.0"
@@ -288,18 +289,10 @@ def build_emoji_dataset(config: EmojiDatasetConfig) -> Path:
 
 def write_dataset(out: Path, images: np.ndarray, records: list[dict], meta: dict, overwrite: bool) -> None:
     """Write everything into a temp sibling folder, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    temp.chmod(0o755)
-    try:
+    with atomic_output_dir(out, overwrite=overwrite) as temp:
         np.save(temp / "images.npy", images)
         (temp / "labels.json").write_text(json.dumps({"meta": meta, "records": records}, indent=0))
         (temp / "DATASET_CARD.md").write_text(dataset_card(records, meta))
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.replace(temp, out)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def count_table(records: list[dict], key: str) -> str:

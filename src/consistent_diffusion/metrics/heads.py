@@ -342,14 +342,13 @@ def save_heads(tensors: dict[str, torch.Tensor], meta: dict[str, Any], out: str 
     """Write ``out`` (.safetensors, fp16 weights, fp32 statistics) and ``out`` with .json metadata."""
     from safetensors.torch import save_file
 
-    from consistent_diffusion.outputs import write_json_atomic
+    from consistent_diffusion.outputs import atomic_path, write_json_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stored = {k: (v.half() if ("net." in k and v.is_floating_point()) else v.float()).contiguous()
               for k, v in tensors.items()}
-    temp = out.with_name(f".{out.name}.tmp")
-    save_file(stored, str(temp))
-    os.replace(temp, out)
+    with atomic_path(out) as temp:
+        save_file(stored, str(temp))
     write_json_atomic(meta, out.with_suffix(".json"))
     return out

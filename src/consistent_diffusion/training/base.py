@@ -24,9 +24,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -38,6 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.outputs import atomic_output_dir, atomic_torch_save
 
 STAGES = ("vae", "unet", "decoder", "all")
 SCHEDULER_CONFIG = {
@@ -253,31 +252,10 @@ def encode_texts(texts: list[str], tokenizer, model, batch: int = 256, device: s
 # ----------------------------------------------------------------------------- run-folder helpers
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save_pretrained(model, folder: Path, **kwargs) -> None:
     """``save_pretrained`` into a temp sibling, then swap it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    temp.chmod(0o755)
-    try:
+    with atomic_output_dir(folder, overwrite=True) as temp:
         model.save_pretrained(temp, **kwargs)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(temp, folder)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def append_log(out: Path, record: dict) -> None:

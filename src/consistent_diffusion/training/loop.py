@@ -29,10 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.outputs import library_versions, utc_now, write_json_atomic
+from consistent_diffusion.outputs import atomic_torch_save, library_versions, utc_now, write_json_atomic
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PATTERN = "step_{:06d}.pt"
@@ -331,20 +329,6 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
         with contextlib.suppress(ValueError):
             found.append((int(path.stem.split("_")[1]), path))
     return sorted(found)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
