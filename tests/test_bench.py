@@ -149,3 +149,113 @@ def test_advisor_ranks_by_measured_gain_and_respects_constraints(suite_file, tin
     assert ranked[0].score >= ranked[-1].score
     assert all(rec.method != "img2img" for rec in advise(report, ["style"], have="text-only"))
     assert "gain" in format_advice(ranked, ["style"])
+
+
+TRAINING_SUITE = """
+name = "trained"
+steps = 2
+guidance = 3.0
+
+[training.subject_lora]
+kind = "lora"
+instance_prompt = "sks emoji"
+steps = 2
+rank = 2
+learning_rate = 1e-2
+
+[training.subject_full]
+kind = "dreambooth"
+instance_prompt = "sks emoji"
+class_prompt = "emoji"
+prior_preservation = true
+num_class_images = 2
+class_steps = 2
+steps = 2
+learning_rate = 1e-3
+
+[methods.lora]
+uses = [{ method = "lora", weights = "{trained:subject_lora}" }]
+prompt = "sks emoji, {prompt}"
+
+[methods.dreambooth]
+uses = [{ method = "dreambooth", model = "{trained:subject_full}" }]
+prompt = "sks emoji, {prompt}"
+
+[[tasks]]
+name = "object-red"
+kind = "object"
+prompts = ["a red cat"]
+seeds = [0, 1]
+references = ["reference.png"]
+methods = ["lora", "dreambooth"]
+"""
+
+
+def test_cells_that_need_training_are_prepared_once_and_costed(suite_file, tiny_sd_folder, tmp_path):
+    path = tmp_path / "trained.toml"
+    path.write_text(TRAINING_SUITE)
+    suite = load_suite(path)
+    assert suite.methods["lora"].trainings == ["subject_lora"]
+    out = tmp_path / "bench"
+    loads = []
+
+    def load():
+        loads.append(1)
+        return load_pipeline(str(tiny_sd_folder))
+
+    assert sorted(run_bench(suite, out, load, make_scorer(EXTRACTORS), progress=False)) == [
+        "object-red__dreambooth", "object-red__lora"]
+    assert len(loads) == 3, "one pipeline to generate with, a fresh one per training"
+    prepared = {p.name: json.loads((p / "prepared.json").read_text()) for p in (out / "prepared").iterdir()
+                if (p / "prepared.json").is_file()}
+    assert sorted(prepared) == ["object-red__subject_full", "object-red__subject_lora"]
+    assert not list((out / "prepared").glob("*.partial*"))
+    lora, full = prepared["object-red__subject_lora"], prepared["object-red__subject_full"]
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
+    assert lora["steps"] == full["steps"] == 2 and lora["instance_images"] == 1
+    report = merge_report(suite, out)
+    cells = {cell["method"]: cell for cell in report["cells"]}
+    for name, record in (("lora", lora), ("dreambooth", full)):
+        assert cells[name]["cost"]["trainable_parameters"] == record["trainable_parameters"]
+        assert cells[name]["cost"]["train_seconds"] > 0
+        assert cells[name]["trainings"][0]["training"] == record["training"]
+    manifest = json.loads((out / "cells" / "object-red__lora" / "series" / "manifest.json").read_text())
+    assert "sks emoji, a red cat" in json.dumps(manifest)
+    assert "/" not in json.dumps([c["stack"] for c in report["cells"]])
+    from consistent_diffusion.bench.advisor import advise, format_advice
+
+    advice = format_advice(advise(report, ["object"]), ["object"])
+    assert "s of training per subject" in advice and "trainable parameters" in advice
+    assert advise(report, ["object"], allow_training=False) == []
+    assert advise(report, ["object"], have="text-only") == [], "trained on the task's reference images"
+
+    stamp = (out / "prepared" / "object-red__subject_lora" / "prepared.json").stat().st_mtime_ns
+    for cell in ("object-red__lora", "object-red__dreambooth"):
+        import shutil
+
+        shutil.rmtree(out / "cells" / cell)
+    assert len(run_bench(suite, out, load, make_scorer(EXTRACTORS), progress=False)) == 2
+    assert len(loads) == 4, "trainings are cached: only the generation pipeline is loaded again"
+    assert (out / "prepared" / "object-red__subject_lora" / "prepared.json").stat().st_mtime_ns == stamp
+    assert _scores(merge_report(suite, out)) == _scores(report), "same seeds, same cached weights, same images"
+
+
+def test_training_suite_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.toml"
+    head = '[methods.m]\nuses=[{ method = "lora", weights = "{trained:x}" }]\n'
+    task = '[[tasks]]\nname="t"\nkind="object"\nprompts=["a"]\nseeds=[0]\nmethods=["m"]\n'
+    bad.write_text(head + task)
+    with pytest.raises(ConfigError, match="undefined trainings"):
+        load_suite(bad)
+    bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\n' + head + task)
+    with pytest.raises(ConfigError, match="has none"):
+        load_suite(bad)
+    bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\nrnak=4\n' + head + task)
+    with pytest.raises(ConfigError, match="unknown options \\['rnak'\\]"):
+        load_suite(bad)
+    bad.write_text('[training.x]\nkind="textual_inversion"\n' + head + task)
+    with pytest.raises(ConfigError, match="not one of dreambooth, lora"):
+        load_suite(bad)
+    bad.write_text('[methods.m]\nuses=[]\nprompt="sks"\n' + task)
+    with pytest.raises(ConfigError, match="template"):
+        load_suite(bad)

@@ -154,6 +154,11 @@ def test_cli_dreambooth(tiny_sd_folder, tmp_path, capsys):
     assert main(argv) == 0
     assert (tmp_path / "cli" / "model" / "model_index.json").is_file()
     assert "use it with --model" in capsys.readouterr().out
+    generate = ["generate", "--model", str(tiny_sd_folder), "--prompt", "sks emoji", "--seeds", "0", "--steps", "2"]
+    assert main([*generate, "--dreambooth", str(tmp_path / "cli"), "--out", str(tmp_path / "with")]) == 0
+    assert main([*generate, "--out", str(tmp_path / "without")]) == 0
+    manifest = json.loads((tmp_path / "with" / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["methods"]] == ["dreambooth"]
     assert main(argv) == 2, "an existing run needs --resume"
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "dreambooth", "--instance-dir", "x", "--instance-prompt", "p", "--out", "o",
@@ -177,3 +182,56 @@ def test_signal_checkpoints_and_stops_then_resume_finishes(tmp_path):
     assert (cfg.out / "checkpoints" / "step_000001.pt").is_file()
     finished = train_dreambooth(config(tmp_path, checkpoint_every=10, resume=True), tiny_sd_pipeline())
     assert finished.step == 4 and len(finished.losses) == 3 and finished.result is not None
+
+
+@pytest.fixture(scope="module")
+def dreambooth_run(tmp_path_factory):
+    """A 2-step DreamBooth run (UNet and text encoder) on the tiny SD pipeline: (run folder, its images)."""
+    from consistent_diffusion.testing import tiny_sd_pipeline
+
+    tmp_path = tmp_path_factory.mktemp("dreambooth_method")
+    pipe = tiny_sd_pipeline()
+    result = train_dreambooth(config(tmp_path, steps=2, checkpoint_every=2, learning_rate=1e-2, train_text_encoder=True), pipe)
+    return result.out, _sample(pipe)
+
+
+def _sample(pipe, prompt: str = "a photo of sks emoji"):
+    generator = [torch.Generator().manual_seed(0)]
+    return pipe(prompt=[prompt], generator=generator, num_inference_steps=2, output_type="np").images
+
+
+def test_dreambooth_method_swaps_the_weights_in_and_restores_them(dreambooth_run, tiny_sd):
+    from consistent_diffusion.methods.base import GenerationContext, get_method
+    from consistent_diffusion.methods.dreambooth import DreamBooth
+
+    run, trained_images = dreambooth_run
+    state = {k: v.clone() for k, v in tiny_sd.unet.state_dict().items()}
+    text_state = {k: v.clone() for k, v in tiny_sd.text_encoder.state_dict().items()}
+    base_images = _sample(tiny_sd)
+    method = get_method("dreambooth", model=str(run))
+    assert isinstance(method, DreamBooth)
+    ctx = GenerationContext(pipe=tiny_sd, prompts=["a photo of sks emoji"], negative_prompts=None, generators=[])
+    with method.applied(ctx):
+        swapped = _sample(ctx.pipe)
+    assert abs(swapped - trained_images).max() < 1e-5, "the base pipeline with DreamBooth weights = the trained pipeline"
+    assert abs(swapped - base_images).max() > 1e-3
+    assert all(torch.equal(v, state[k]) for k, v in tiny_sd.unet.state_dict().items()), "UNet restored exactly"
+    assert all(torch.equal(v, text_state[k]) for k, v in tiny_sd.text_encoder.state_dict().items())
+    assert abs(_sample(tiny_sd) - base_images).max() == 0
+
+
+def test_dreambooth_method_under_a_lora_adapter_and_errors(dreambooth_run, tiny_sd, tiny_sdxl, tmp_path):
+    from consistent_diffusion.methods.base import GenerationContext
+    from consistent_diffusion.methods.dreambooth import DreamBooth
+    from consistent_diffusion.training.lora import add_lora
+
+    run, trained_images = dreambooth_run
+    add_lora(tiny_sd.unet, rank=2, alpha=2.0, targets=("to_q", "to_k", "to_v", "to_out.0"))  # zero-init B: no effect yet
+    ctx = GenerationContext(pipe=tiny_sd, prompts=["a photo of sks emoji"], negative_prompts=None, generators=[])
+    with DreamBooth(model=str(run / "model")).applied(ctx):  # x.to_q.weight lands in x.to_q.base_layer.weight
+        assert abs(_sample(ctx.pipe) - trained_images).max() < 1e-5
+    with pytest.raises(ConfigError, match="another base model"), DreamBooth(model=str(run)).applied(
+            GenerationContext(pipe=tiny_sdxl, prompts=["x"], negative_prompts=None, generators=[])):
+        pass
+    with pytest.raises(FileNotFoundError, match="DreamBooth run folder"):
+        DreamBooth(model=str(tmp_path))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER
+from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER, TRAINED_PLACEHOLDER
 from consistent_diffusion.errors import ConfigError
 
 TRAINING_METHODS = {"dreambooth", "lora_dreambooth", "lora_training"}
@@ -30,7 +30,9 @@ class Recommendation:
 
 
 def _needs_reference(record: dict[str, Any]) -> bool:
-    return any(REFERENCE_PLACEHOLDER in map(str, use.values()) for use in record.get("stack", []))
+    """Stacks that read a reference image, or were fine-tuned on the task's references."""
+    values = [str(value) for use in record.get("stack", []) for value in use.values()]
+    return any(value == REFERENCE_PLACEHOLDER or TRAINED_PLACEHOLDER.match(value) for value in values)
 
 
 def _needs_training(record: dict[str, Any]) -> bool:
@@ -92,6 +94,10 @@ def advise(report: dict[str, Any], needs: list[str], have: str = "reference-imag
                 reason += f", diversity {diversity:.3f}"
             seconds = _mean([r["cost"]["seconds_per_image"] for r in relevant])
             reason += f", {seconds:.2f} s/image"
+            training = _mean([r["cost"].get("train_seconds", 0) for r in relevant])
+            if training:
+                params = max(r["cost"].get("trainable_parameters", 0) for r in relevant)
+                reason += f" after {training:.0f} s of training per subject ({params:,} trainable parameters)"
             recommendation.reasons.append(reason)
             if any(not r["scores"][need].get("validated") for r in relevant):
                 recommendation.unvalidated.append(need)

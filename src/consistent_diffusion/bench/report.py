@@ -43,13 +43,14 @@ def main_table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "diversity": _metric_cell(scores.get("diversity"), needs_validation=False),  # a guard, not a claim
             "seconds_per_image": f"{record['cost']['seconds_per_image']:.2f}",
             "trainable_parameters": f"{record['cost']['trainable_parameters']:,}",
+            "train_seconds": f"{record['cost'].get('train_seconds', 0):.0f}",
         })
     return rows
 
 
 COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consistency", "consistency"),
            ("text", "text alignment"), ("diversity", "diversity"), ("seconds_per_image", "s / image"),
-           ("trainable_parameters", "trainable params")]
+           ("trainable_parameters", "trainable params"), ("train_seconds", "training s")]
 
 
 def render_markdown(report: dict[str, Any], claims: list[dict[str, Any]]) -> str:

@@ -4,6 +4,7 @@ Output folder::
 
     cells/<task>__<method>/series/...   the cell's series (PNGs, contact sheet, manifest)
     cells/<task>__<method>/cell.json    scores + cost; written last, inside an atomic folder
+    prepared/<task>__<training>/...     fine-tunings the cells need (``bench.prepare``), cached
     report.json                         every cell, the method x kind table, validation status
 
 A cell's folder appears only when complete, so a killed run resumes by skipping finished
@@ -69,12 +70,28 @@ def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> floa
     return round(float(psnr(pil_to_tensor(decoded), original)[0]), 3)
 
 
-def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8) -> dict[str, Any]:
-    """Generate, score and write one cell atomically; returns its record."""
+def prepare_cell(suite: Suite, cell: Cell, out_dir: Path, load_train_pipe: Callable[[], Any] | None,
+                 progress: bool = False) -> list[dict[str, Any]]:
+    """The prepared trainings ``cell`` needs (trained now where not cached)."""
+    from consistent_diffusion.bench.prepare import ensure_prepared
+
+    if cell.method.trainings and load_train_pipe is None:
+        raise ValueError(f"cell {cell.id} needs training but no pipeline factory was given for it")
+    return [ensure_prepared(out_dir, cell.task, suite.trainings[name], load_train_pipe, progress=progress)
+            for name in cell.method.trainings]
+
+
+def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8,
+             load_train_pipe: Callable[[], Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Prepare (train what the cell needs), generate, score and write one cell atomically;
+    returns its record. ``load_train_pipe`` gives a fresh float32 pipeline to fine-tune;
+    ``progress`` shows a training's progress bar."""
     reference = cell.task.references[0] if cell.task.references else None
-    methods = [get_method(name, **options) for name, options in cell.method.resolved(reference)]
+    prepared = prepare_cell(suite, cell, out_dir, load_train_pipe, progress=progress)
+    trained = {record["training"]: record["artifact"] for record in prepared}
+    methods = [get_method(name, **options) for name, options in cell.method.resolved(reference, trained)]
     config = SeriesConfig(
-        prompts=cell.task.prompts,
+        prompts=cell.method.prompts(cell.task.prompts),
         seeds=cell.task.seeds,
         steps=suite.steps,
         guidance_scale=suite.guidance,
@@ -90,13 +107,16 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
             "kind": cell.task.kind,
             "method": cell.method.name,
             "stack": [dict(use) for use in cell.method.uses],  # unresolved: "{reference}", no local paths
+            "prompt_template": cell.method.prompt,
+            "trainings": [{k: v for k, v in record.items() if k != "artifact"} for record in prepared],
             "num_images": len(result.images),
             "scores": scorer(cell, result.images, list(cell.task.references)),
             "reference_vae_psnr": vae_roundtrip_psnr(pipe, reference, result.images[0].size) if reference else None,
             "cost": {
                 "seconds": round(seconds, 3),
                 "seconds_per_image": round(seconds / max(1, len(result.images)), 4),
-                "trainable_parameters": sum(getattr(m, "trainable_parameters", 0) for m in methods),
+                "trainable_parameters": sum(record["trainable_parameters"] for record in prepared),
+                "train_seconds": round(sum(record["train_seconds"] for record in prepared), 2),
             },
         }
         write_json_atomic(record, temp / "cell.json")
@@ -112,9 +132,11 @@ def run_bench(
     batch_size: int = 8,
     progress: bool = True,
     after_cell: Callable[[Cell], None] | None = None,
+    load_train_pipe: Callable[[], Any] | None = None,
 ) -> list[str]:
     """Run this process's unfinished cells; returns the ids it ran. ``load_pipe`` is called
-    once, only if there is work."""
+    once, only if there is work; ``load_train_pipe`` (default ``load_pipe``) once per training
+    a cell needs that is not cached yet: each training gets a fresh pipeline."""
     out_dir = Path(out_dir)
     todo = [cell for cell in shard.select(suite.cells) if not is_done(out_dir, cell)]
     ran: list[str] = []
@@ -125,7 +147,8 @@ def run_bench(
     with tqdm(todo, desc=f"bench {suite.name}", unit="cell", disable=not progress) as bar:
         for cell in bar:
             bar.set_postfix_str(cell.id)
-            run_cell(pipe, suite, cell, out_dir, scorer, batch_size=batch_size)
+            run_cell(pipe, suite, cell, out_dir, scorer, batch_size=batch_size,
+                     load_train_pipe=load_train_pipe or load_pipe, progress=progress)
             ran.append(cell.id)
             if after_cell is not None:
                 after_cell(cell)

@@ -43,10 +43,11 @@ def make_scorer(extractors: Mapping[str, str | None] | None = None, device: str 
             )
         elif kind == "shape":
             scores["shape"] = metrics.shape_consistency(images, controls=[references[0]] * len(images), resize=True)
-        if references and kind != "shape":
+        if references:  # shape tasks too: "ControlNet controls shape, not identity" reads it
             scores["reference_object"] = metrics.object_consistency(
                 images, references=references, extractor=chosen["object"], device=device
             )
+        if references and kind != "shape":
             fidelity = metrics.fidelity(images, sources=[references[0]], resize=True)
             scores["reference_fidelity"], scores["reference_psnr"] = fidelity["ssim"], fidelity["psnr"]
         if chosen.get("text"):

@@ -5,6 +5,13 @@ A suite lists *tasks* (a kind of consistency, prompts, seeds, optional reference
 asks for is one *cell*. Strings ``"{reference}"`` in method options are replaced by the task's
 first reference image (an absolute path), so one method definition serves every task.
 
+Methods that need training first (DreamBooth, LoRA DreamBooth) name a *training* of the suite:
+``"{trained:NAME}"`` in an option becomes the artifact of ``[training.NAME]`` trained on the
+task's reference images (a DreamBooth run folder or a LoRA folder), trained once per task and
+cached by the runner. A method's ``prompt`` template (default ``"{prompt}"``) rewrites the
+task's prompts for its cells, e.g. ``"sks emoji, {prompt}"`` to call a DreamBooth subject by its
+token; metrics still compare images with the task's own prompts.
+
 Example::
 
     name = "quick"
@@ -17,6 +24,15 @@ Example::
     [methods.img2img]
     uses = [{ method = "img2img", image = "{reference}", strength = 0.6 }]
 
+    [training.subject_lora]
+    kind = "lora"                  # lora | dreambooth: options of LoraDreamBoothConfig / DreamBoothConfig
+    instance_prompt = "sks emoji"
+    steps = 200
+
+    [methods.lora]
+    uses = [{ method = "lora", weights = "{trained:subject_lora}" }]
+    prompt = "sks emoji, {prompt}"
+
     [[tasks]]
     name = "style-twitter"
     kind = "style"
@@ -28,8 +44,9 @@ Example::
 
 from __future__ import annotations
 
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +60,41 @@ else:  # pragma: no cover
 KINDS = ("style", "object", "shape", "concept")
 BUILTIN_SUITES_DIR = Path(__file__).parent / "suites"
 REFERENCE_PLACEHOLDER = "{reference}"
+PROMPT_PLACEHOLDER = "{prompt}"
+TRAINED_PLACEHOLDER = re.compile(r"^\{trained:([A-Za-z0-9_-]+)\}$")
+TRAINING_KINDS = ("dreambooth", "lora")
+_SET_BY_RUNNER = {"out", "instance_dir", "resume", "progress", "class_images_dir"}
+
+
+def training_config_class(kind: str) -> type:
+    """The config dataclass a training of ``kind`` fills."""
+    from consistent_diffusion.training.dreambooth import DreamBoothConfig
+    from consistent_diffusion.training.lora import LoraDreamBoothConfig
+
+    return {"dreambooth": DreamBoothConfig, "lora": LoraDreamBoothConfig}[kind]
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """A fine-tuning the runner does once per task, on the task's reference images.
+
+    kind: ``dreambooth`` (full) or ``lora`` (LoRA DreamBooth); options: fields of its config
+    (``instance_prompt``, ``class_prompt``, ``steps``, ``learning_rate``, ``rank``, ...).
+    """
+
+    name: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRAINING_KINDS:
+            raise ConfigError(f"training {self.name!r}: kind {self.kind!r} is not one of {', '.join(TRAINING_KINDS)}")
+        known = {f.name for f in fields(training_config_class(self.kind))} - _SET_BY_RUNNER
+        unknown = sorted(set(self.options) - known)
+        if unknown:
+            raise ConfigError(f"training {self.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+        if "instance_prompt" not in self.options:
+            raise ConfigError(f"training {self.name!r} needs an instance_prompt (e.g. \"sks emoji\")")
 
 
 @dataclass(frozen=True)
@@ -51,14 +103,34 @@ class MethodSpec:
 
     name: str
     uses: tuple[dict[str, Any], ...] = ()
+    prompt: str = PROMPT_PLACEHOLDER  # template for the task's prompts in this method's cells
 
     def __post_init__(self) -> None:
         for use in self.uses:
             if not isinstance(use, dict) or "method" not in use:
                 raise ConfigError(f"method {self.name!r}: each entry of uses needs a 'method' key, got {use!r}")
+        if not isinstance(self.prompt, str) or PROMPT_PLACEHOLDER not in self.prompt:
+            raise ConfigError(f"method {self.name!r}: prompt must be a template containing {PROMPT_PLACEHOLDER}, "
+                              f"got {self.prompt!r}")
 
-    def resolved(self, reference: str | None) -> list[tuple[str, dict[str, Any]]]:
-        """(method name, options) pairs with ``{reference}`` replaced by ``reference``."""
+    @property
+    def trainings(self) -> list[str]:
+        """Names of the suite trainings this stack needs (``{trained:NAME}`` options)."""
+        names = []
+        for use in self.uses:
+            for value in use.values():
+                match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
+                if match and match.group(1) not in names:
+                    names.append(match.group(1))
+        return names
+
+    def prompts(self, prompts: tuple[str, ...]) -> tuple[str, ...]:
+        """The task's prompts through this method's template."""
+        return tuple(self.prompt.replace(PROMPT_PLACEHOLDER, prompt) for prompt in prompts)
+
+    def resolved(self, reference: str | None, trained: dict[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(method name, options) pairs with ``{reference}`` replaced by ``reference`` and
+        ``{trained:NAME}`` by ``trained[NAME]`` (the path of that training's artifact)."""
         stack = []
         for use in self.uses:
             options = {k: v for k, v in use.items() if k != "method"}
@@ -67,6 +139,11 @@ class MethodSpec:
                     if reference is None:
                         raise ConfigError(f"method {self.name!r} needs a reference image but the task has none")
                     options[key] = reference
+                match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
+                if match:
+                    if not trained or match.group(1) not in trained:
+                        raise ConfigError(f"method {self.name!r}: training {match.group(1)!r} was not prepared")
+                    options[key] = trained[match.group(1)]
             stack.append((use["method"], options))
         return stack
 
@@ -113,15 +190,25 @@ class Suite:
     guidance: float = 4.0
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    trainings: dict[str, TrainingSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"suite {self.name!r} repeats a task name: {names}")
+        for method in self.methods.values():
+            undefined = [t for t in method.trainings if t not in self.trainings]
+            if undefined:
+                raise ConfigError(f"method {method.name!r} uses undefined trainings {undefined}; "
+                                  f"defined: {sorted(self.trainings)}")
         for task in self.tasks:
             missing = [m for m in task.methods if m not in self.methods]
             if missing:
                 raise ConfigError(f"task {task.name!r} uses undefined methods {missing}; defined: {sorted(self.methods)}")
+            for method in task.methods:
+                if self.methods[method].trainings and not task.references:
+                    raise ConfigError(f"task {task.name!r}: method {method!r} trains on the task's references, "
+                                      "but the task has none")
 
     @property
     def cells(self) -> list[Cell]:
@@ -153,8 +240,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite:
     methods = {
-        name: MethodSpec(name=name, uses=tuple(spec.get("uses", ())))
+        name: MethodSpec(name=name, uses=tuple(spec.get("uses", ())), prompt=spec.get("prompt", PROMPT_PLACEHOLDER))
         for name, spec in data.get("methods", {}).items()
+    }
+    trainings = {
+        name: TrainingSpec(name=name, kind=spec.get("kind", ""), options={k: v for k, v in spec.items() if k != "kind"})
+        for name, spec in data.get("training", {}).items()
     }
     tasks = tuple(
         Task(
@@ -168,7 +259,7 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
         )
         for task in data.get("tasks", ())
     )
-    known = {"name", "steps", "guidance", "methods", "tasks"}
+    known = {"name", "steps", "guidance", "methods", "tasks", "training"}
     return Suite(
         name=data.get("name", Path(source).stem or "suite"),
         tasks=tasks,
@@ -177,6 +268,7 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
         guidance=float(data.get("guidance", 4.0)),
         source=source,
         options={k: v for k, v in data.items() if k not in known},
+        trainings=trainings,
     )
 
 

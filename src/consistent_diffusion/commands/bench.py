@@ -15,6 +15,9 @@ EXAMPLES = """examples:
   accelerate launch -m consistent_diffusion bench --suite full --device cuda --out runs/bench   # multi-GPU
   torchrun --nproc_per_node 2 -m consistent_diffusion bench --out runs/bench                   # 2 CPU processes
 A killed run continues where it stopped when re-run with the same --out.
+Cells that need fine-tuning (DreamBooth, LoRA DreamBooth) train first on the task's reference
+images, once per task, cached under OUT/prepared; their training time and trainable parameters
+are part of the cells' cost.
 """
 
 
@@ -32,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; use 1 per process when sharing the CPU)")
     parser.add_argument("--extractors", metavar="JSON",
                         help='override metric extractors, e.g. \'{"style": "palette", "text": null}\'')
     add_model_arguments(parser)
@@ -64,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.errors import ConfigError
 
     suite = load_suite(args.suite)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         extractors = json.loads(args.extractors) if args.extractors else None
     except json.JSONDecodeError as error:
@@ -73,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         args.device = str(state.device)
     out = Path(args.out)
     run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=make_scorer(extractors, device=args.device),
-              shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0)
+              shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
+              load_train_pipe=lambda: load_model_from_args(args, dtype="float32"))  # fine-tune in full precision
     if state is not None:
         state.wait_for_everyone()
     if shard.index == 0:

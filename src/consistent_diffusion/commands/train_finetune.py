@@ -94,6 +94,9 @@ def register_train_subcommands(kinds: argparse._SubParsersAction) -> None:
     group.add_argument("--caption-dropout", type=float, default=0.1, help="probability of the empty prompt")
     group.add_argument("--max-images", type=int, default=None, help="use at most this many images")
     group.add_argument("--validation-count", type=int, default=4, help="control images used for validation")
+    group.add_argument("--init-controlnet", type=Path, default=None, metavar="DIR",
+                       help="start from this ControlNet (an earlier stage's OUT/controlnet, or a pretrained one) "
+                       "instead of a copy of the UNet")
     _loop_arguments(controlnet, lr=1e-4, checkpoint_every=200, steps=2000, prompts=False)
     controlnet.set_defaults(func=run_controlnet)
 
@@ -157,7 +160,7 @@ def run_controlnet(args: argparse.Namespace) -> int:
     config = ControlNetTrainConfig(
         **_loop_options(args), data=args.data, condition=args.condition, split=None if args.split == "all" else args.split,
         default_caption=args.default_caption, caption_dropout=args.caption_dropout, max_images=args.max_images,
-        validation_count=args.validation_count,
+        validation_count=args.validation_count, init_controlnet=args.init_controlnet,
     )
     check_out_folder(config)  # before the (slow) model load
     result = train_controlnet(config, load_model_from_args(args))

@@ -109,6 +109,7 @@ BUILTIN_METHOD_MODULES: list[str] = [
     "consistent_diffusion.methods.inversion",
     "consistent_diffusion.methods.style_aligned",
     "consistent_diffusion.methods.lora",
+    "consistent_diffusion.methods.dreambooth",
     "consistent_diffusion.methods.controlnet",
 ]
 

@@ -1,10 +1,10 @@
-"""Command-line options for LoRA and ControlNet at generation time.
+"""Command-line options for DreamBooth, LoRA and ControlNet at generation time.
 
-``add_finetune_arguments(parser)`` adds ``--lora PATH[:SCALE]`` (repeatable) and
+``add_finetune_arguments(parser)`` adds ``--dreambooth RUN``, ``--lora PATH[:SCALE]`` (repeatable) and
 ``--controlnet SPEC --control-image IMG [--control-scale S] [--control-preprocess P]`` (each
 repeatable, matched by position); ``finetune_methods_from_args(args)`` returns the methods to
-append after the training-free ones (LoRA first, then ControlNet; both compose with img2img-free
-stacks and with StyleAligned).
+append after the training-free ones (DreamBooth, then LoRA, then ControlNet; they compose with
+each other and with StyleAligned).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ from consistent_diffusion.methods.base import Method
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("LoRA")
+    group = parser.add_argument_group("DreamBooth and LoRA")
+    group.add_argument("--dreambooth", default=None, metavar="RUN",
+                       help="use the subject of a full DreamBooth run (its folder or RUN/model) on top of --model: "
+                       "its fine-tuned weights are swapped in for the call, so it stacks with the other methods")
     group.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                        help="apply a LoRA (file or folder; our LoRA DreamBooth output, diffusers or kohya/A1111 format) "
                        "with a strength (default 1); repeat to mix several")
@@ -49,9 +52,12 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 
 def finetune_methods_from_args(args: argparse.Namespace) -> list[Method]:
     from consistent_diffusion.methods.controlnet import ControlNet
+    from consistent_diffusion.methods.dreambooth import DreamBooth
     from consistent_diffusion.methods.lora import LoRA
 
     methods: list[Method] = []
+    if getattr(args, "dreambooth", None):
+        methods.append(DreamBooth(model=args.dreambooth))
     loras = getattr(args, "lora", None)
     if loras:
         parsed = [parse_lora_spec(spec) for spec in loras]

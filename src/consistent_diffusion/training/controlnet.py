@@ -19,7 +19,9 @@ by the ``controls`` preprocessor for ``condition``. The result ``out/controlnet`
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,12 +87,17 @@ class ControlNetTrainConfig(LoopConfig):
     caption_dropout: float = 0.1  # probability of training a row with the empty prompt
     max_images: int | None = None  # use at most this many images (None: all)
     validation_count: int = 4  # dataset rows whose control images are used for validation images
+    init_controlnet: Path | None = None  # start from this ControlNet folder (e.g. an earlier stage) instead of the UNet
     learning_rate: float = 1e-4
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.data = Path(self.data)
+        if self.init_controlnet is not None:
+            self.init_controlnet = Path(self.init_controlnet)
+            if not (self.init_controlnet / "config.json").is_file():
+                raise ConfigError(f"init_controlnet {self.init_controlnet} is not a ControlNet folder (no config.json)")
         if self.condition not in CONDITIONS:
             raise ConfigError(f"unknown condition {self.condition!r}; accepted: {', '.join(CONDITIONS)}")
         if not 0 <= self.caption_dropout <= 1:
@@ -212,9 +219,22 @@ class ControlNetTask(Task):
 
 
 def train_controlnet(config: ControlNetTrainConfig, pipe: Any, on_step_end: Any = None) -> TrainResult:
-    """Train a ControlNet for ``pipe`` (frozen); the result is written to ``out/controlnet``."""
+    """Train a ControlNet for ``pipe`` (frozen); the result is written to ``out/controlnet``.
+    With ``config.init_controlnet`` training continues from that ControlNet (a new stage, e.g.
+    at another learning rate) instead of starting from the UNet."""
     check_out_folder(config)
-    return run_training(ControlNetTask(pipe, config), config, "controlnet", on_step_end=on_step_end)
+    task = ControlNetTask(pipe, config, initial_controlnet(config, pipe))
+    return run_training(task, config, "controlnet", on_step_end=on_step_end)
+
+
+def initial_controlnet(config: ControlNetTrainConfig, pipe: Any) -> Any | None:
+    """The ControlNet named by ``config.init_controlnet`` in float32 on the UNet's device (None:
+    start from the UNet)."""
+    if config.init_controlnet is None:
+        return None
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_pretrained(config.init_controlnet, torch_dtype=torch.float32).to(pipe.unet.device)
 
 
 # ----------------------------------------------------------------------------- measure and ship
@@ -281,9 +301,36 @@ def ship_controlnet(folder: str | Path, condition: str, dest_root: str | Path | 
     folder = Path(folder)
     dest = Path(dest_root or SHIPPED_ROOT) / f"{SHIPPED_PREFIX}{condition}"
     model = ControlNetModel.from_pretrained(folder)
+    model.register_to_config(_name_or_path=dest.name)  # not the local training folder
     with atomic_output_dir(dest, overwrite=True) as temp:
         (model.half() if fp16 else model).save_pretrained(temp, safe_serialization=True)
-        for extra in (CONTROL_META, "training.json"):
-            if (folder / extra).is_file():
-                shutil.copy2(folder / extra, temp / extra)
+        if (folder / CONTROL_META).is_file():
+            shutil.copy2(folder / CONTROL_META, temp / CONTROL_META)
+        stages = training_stages(folder)
+        if stages:
+            write_json_atomic({"stages": stages}, temp / "training.json")
     return dest
+
+
+def training_stages(folder: str | Path) -> list[dict[str, Any]]:
+    """The training records of ``folder`` and of the ControlNets it started from
+    (``init_controlnet``), first stage first, with absolute paths cut to their last part so a
+    shipped record names no local folder."""
+    stages: list[dict[str, Any]] = []
+    path: Path | None = Path(folder)
+    while path is not None and (path / "training.json").is_file() and len(stages) < 100:
+        record = json.loads((path / "training.json").read_text(encoding="utf-8"))
+        init = (record.get("config") or {}).get("init_controlnet")
+        stages.insert(0, _without_local_paths(record))
+        path = Path(init) if init else None
+    return stages
+
+
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value

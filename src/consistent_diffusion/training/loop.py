@@ -50,7 +50,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PATTERN = "step_{:06d}.pt"
 # Fields that may change when resuming a run (everything else must match the first run).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "progress", "resume", "validation_prompts",
-                     "validation_steps", "log_every", "threads"}
+                     "validation_steps", "validation_count", "log_every", "threads"}
 
 
 @dataclass(kw_only=True)
@@ -381,6 +381,7 @@ class TrainResult:
     step: int  # steps completed
     losses: list[float]  # loss of each step run in this process (this session)
     stopped: bool = False  # stopped by a signal before ``steps``
+    trainable_parameters: int = 0  # number of values the optimiser updated
 
 
 def check_out_folder(config: LoopConfig) -> None:
@@ -520,7 +521,8 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
             write_json_atomic({**record, "steps_done": step, "finished": utc_now()}, temp / "training.json")
     accelerator.wait_for_everyone()
     accelerator.free_memory()
-    return TrainResult(out=config.out, result=result, step=step, losses=losses, stopped=stopped)
+    return TrainResult(out=config.out, result=result, step=step, losses=losses, stopped=stopped,
+                       trainable_parameters=sum(p.numel() for p in params))
 
 
 def _unwrap(module: Any) -> Any:

@@ -1,0 +1,97 @@
+"""The bench's prepare stage: fine-tune once per (task, training) before the cells that need it.
+
+A suite's ``[training.NAME]`` (DreamBooth or LoRA DreamBooth) is trained on a task's reference
+images, from a fresh float32 copy of the benchmarked model, and cached::
+
+    prepared/<task>__<training>/prepared.json   what was trained, its cost, where the artifact is
+    prepared/<task>__<training>/run/...         the training run (run/model or run/lora)
+    prepared/class_images/...                   prior-preservation class images, shared
+
+The folder is renamed into place only when training finished, so a killed bench resumes the
+training from the run's own checkpoints (in ``<id>.partial<rank>``) and never uses half a model.
+Its cost (training seconds, trainable parameters) is added to every cell that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from consistent_diffusion.bench.suite import Task, TrainingSpec, training_config_class
+from consistent_diffusion.errors import ConsistentDiffusionError
+from consistent_diffusion.outputs import write_json_atomic
+
+PREPARED_FORMAT = "consistent-diffusion/bench-prepared/v1"
+
+
+def prepared_dir(out_dir: Path, task: Task, training: TrainingSpec) -> Path:
+    return out_dir / "prepared" / f"{task.name}__{training.name}"
+
+
+def _instance_folder(task: Task, folder: Path) -> Path:
+    """Copies of the task's references (the instance images) in their own folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, reference in enumerate(task.references):
+        shutil.copyfile(reference, folder / f"{index:02d}_{Path(reference).name}")
+    return folder
+
+
+def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: Path, load_pipe: Callable[[], Any],
+                   progress: bool = False) -> tuple[Any, float]:
+    """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds)."""
+    from consistent_diffusion.training.dreambooth import train_dreambooth
+    from consistent_diffusion.training.lora import train_lora
+
+    start = time.perf_counter()
+    pipe = load_pipe()
+    options = dict(training.options)
+    options.setdefault("checkpoint_every", max(1, int(options.get("steps", 400)) // 2))
+    options.setdefault("device", "cpu" if pipe.device.type == "cpu" else str(pipe.device))
+    config = training_config_class(training.kind)(
+        out=run, instance_dir=_instance_folder(task, run.parent / "instance"), class_images_dir=class_images,
+        resume=True, progress=progress, **options,
+    )
+    train = train_lora if training.kind == "lora" else train_dreambooth
+    result = train(config, pipe)
+    return result, time.perf_counter() - start
+
+
+def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],
+                    progress: bool = False) -> dict[str, Any]:
+    """The record of ``training`` on ``task`` (trained now if not cached); ``artifact`` is an
+    absolute path to pass to the ``dreambooth`` / ``lora`` method."""
+    final = prepared_dir(out_dir, task, training)
+    if not (final / "prepared.json").is_file():
+        # one partial folder per process: shards that need the same training never share one
+        partial = final.with_name(f"{final.name}.partial{os.environ.get('RANK', '0')}")
+        result, seconds = train_for_task(task, training, partial / "run", out_dir / "prepared" / "class_images",
+                                         load_pipe, progress=progress)
+        if result.stopped or result.result is None:
+            raise ConsistentDiffusionError(f"training {training.name} for task {task.name} was stopped at step "
+                                           f"{result.step}; run the same bench command again to resume it")
+        shutil.rmtree(partial / "run" / "checkpoints", ignore_errors=True)  # the artifact is all a cell needs
+        record = {
+            "format": PREPARED_FORMAT,
+            "task": task.name,
+            "training": training.name,
+            "kind": training.kind,
+            "options": training.options,
+            "instance_images": len(task.references),
+            "steps": result.step,
+            "final_loss": round(sum(result.losses[-20:]) / max(1, len(result.losses[-20:])), 5) if result.losses else None,
+            "train_seconds": round(seconds, 2),
+            "trainable_parameters": result.trainable_parameters,
+            "artifact": os.path.relpath(result.result, partial),
+        }
+        write_json_atomic(record, partial / "prepared.json")
+        if final.exists():  # another process finished the same training first
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, final)
+    record = json.loads((final / "prepared.json").read_text(encoding="utf-8"))
+    return {**record, "artifact": str((final / record["artifact"]).resolve())}
