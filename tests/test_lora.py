@@ -90,6 +90,20 @@ def test_few_steps_train_only_the_adapter_and_lower_loss(tmp_path):
         assert torch.equal(state.get(key, state.get(renamed)), value), key
 
 
+def test_same_seed_same_adapter_in_fresh_runs(tmp_path):
+    from consistent_diffusion.training.lora import lora_state_dict
+
+    def adapter(folder, seed):
+        pipe = tiny_sd_pipeline()
+        torch.manual_seed(len(folder))  # the global RNG state must not matter
+        train_lora(config(tmp_path / folder, steps=2, checkpoint_every=2, seed=seed), pipe)
+        return lora_state_dict(pipe.unet)
+
+    first, second, other = adapter("a", 0), adapter("bb", 0), adapter("c", 1)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_stock_load_lora_weights_reproduces_our_output(trained):
     _, result, ours = trained
     assert (result.result / "pytorch_lora_weights.safetensors").is_file()

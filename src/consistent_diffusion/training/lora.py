@@ -107,7 +107,9 @@ class LoraDreamBoothTask(DreamBoothTask):
         config: LoraDreamBoothConfig = self.config  # type: ignore[assignment]
         if self.config.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
-        add_lora(self.pipe.unet, config.rank, config.lora_alpha, config.target_modules, config.lora_dropout)
+        with torch.random.fork_rng(devices=[]):  # the adapters' random init follows the run's seed
+            torch.manual_seed(config.seed)
+            add_lora(self.pipe.unet, config.rank, config.lora_alpha, config.target_modules, config.lora_dropout)
         self.modules["unet"] = self.pipe.unet
 
     def export(self, folder: Path) -> None:
