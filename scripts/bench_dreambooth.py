@@ -148,14 +148,15 @@ def _table(variants: dict[str, dict]) -> list[str]:
 
 
 def mean_over_identities(results: dict[str, dict]) -> dict[str, dict]:
+    """variant -> metric -> mean over the identities where it was measured (None: never)."""
+    labels = dict.fromkeys(label for study in results.values() for label in study["variants"])
     means: dict[str, dict] = {}
-    for study in results.values():
-        for label, values in study["variants"].items():
-            for key, value in values.items():
-                if value is not None:
-                    means.setdefault(label, {}).setdefault(key, []).append(value)
-    return {label: {k: (sum(v) / len(v) if v else None) for k, v in {m: values.get(m, []) for m in (*METRICS, "train_seconds")}.items()}
-            for label, values in means.items()}
+    for label in labels:
+        for key in (*METRICS, "train_seconds"):
+            values = [study["variants"][label][key] for study in results.values()
+                      if label in study["variants"] and study["variants"][label][key] is not None]
+            means.setdefault(label, {})[key] = sum(values) / len(values) if values else None
+    return means
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -231,8 +232,6 @@ def test_cells_that_need_training_are_prepared_once_and_costed(suite_file, tiny_
 
     stamp = (out / "prepared" / "object-red__subject_lora" / "prepared.json").stat().st_mtime_ns
     for cell in ("object-red__lora", "object-red__dreambooth"):
-        import shutil
-
         shutil.rmtree(out / "cells" / cell)
     assert len(run_bench(suite, out, load, make_scorer(EXTRACTORS), progress=False)) == 2
     assert len(loads) == 4, "trainings are cached: only the generation pipeline is loaded again"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER, TRAINED_PLACEHOLDER
+from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER, trained_name
 from consistent_diffusion.errors import ConfigError
 
 TRAINING_METHODS = {"dreambooth", "lora_dreambooth", "lora_training"}
@@ -31,8 +31,8 @@ class Recommendation:
 
 def _needs_reference(record: dict[str, Any]) -> bool:
     """Stacks that read a reference image, or were fine-tuned on the task's references."""
-    values = [str(value) for use in record.get("stack", []) for value in use.values()]
-    return any(value == REFERENCE_PLACEHOLDER or TRAINED_PLACEHOLDER.match(value) for value in values)
+    values = [value for use in record.get("stack", []) for value in use.values()]
+    return any(value == REFERENCE_PLACEHOLDER or trained_name(value) for value in values)
 
 
 def _needs_training(record: dict[str, Any]) -> bool:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.bench.suite import Task, TrainingSpec, training_config_class
+from consistent_diffusion.bench.suite import Task, TrainingSpec, training_kind
 from consistent_diffusion.errors import ConsistentDiffusionError
 from consistent_diffusion.outputs import write_json_atomic
 
@@ -44,19 +44,16 @@ def _instance_folder(task: Task, folder: Path) -> Path:
 def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: Path, load_pipe: Callable[[], Any],
                    progress: bool = False) -> tuple[Any, float]:
     """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds)."""
-    from consistent_diffusion.training.dreambooth import train_dreambooth
-    from consistent_diffusion.training.lora import train_lora
-
+    config_class, train = training_kind(training.kind)
     start = time.perf_counter()
     pipe = load_pipe()
     options = dict(training.options)
     options.setdefault("checkpoint_every", max(1, int(options.get("steps", 400)) // 2))
     options.setdefault("device", "cpu" if pipe.device.type == "cpu" else str(pipe.device))
-    config = training_config_class(training.kind)(
+    config = config_class(
         out=run, instance_dir=_instance_folder(task, run.parent / "instance"), class_images_dir=class_images,
         resume=True, progress=progress, **options,
     )
-    train = train_lora if training.kind == "lora" else train_dreambooth
     result = train(config, pipe)
     return result, time.perf_counter() - start
 
@@ -83,7 +80,7 @@ def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe
             "options": training.options,
             "instance_images": len(task.references),
             "steps": result.step,
-            "final_loss": round(sum(result.losses[-20:]) / max(1, len(result.losses[-20:])), 5) if result.losses else None,
+            "final_loss": round(sum(last := result.losses[-20:]) / len(last), 5) if result.losses else None,
             "train_seconds": round(seconds, 2),
             "trainable_parameters": result.trainable_parameters,
             "artifact": os.path.relpath(result.result, partial),

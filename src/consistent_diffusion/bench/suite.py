@@ -66,12 +66,18 @@ TRAINING_KINDS = ("dreambooth", "lora")
 _SET_BY_RUNNER = {"out", "instance_dir", "resume", "progress", "class_images_dir"}
 
 
-def training_config_class(kind: str) -> type:
-    """The config dataclass a training of ``kind`` fills."""
-    from consistent_diffusion.training.dreambooth import DreamBoothConfig
-    from consistent_diffusion.training.lora import LoraDreamBoothConfig
+def training_kind(kind: str) -> tuple[type, Any]:
+    """(config dataclass, train function) of a training of ``kind``."""
+    from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
+    from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
 
-    return {"dreambooth": DreamBoothConfig, "lora": LoraDreamBoothConfig}[kind]
+    return {"dreambooth": (DreamBoothConfig, train_dreambooth), "lora": (LoraDreamBoothConfig, train_lora)}[kind]
+
+
+def trained_name(value: Any) -> str | None:
+    """NAME if ``value`` is the placeholder ``"{trained:NAME}"``, else None."""
+    match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class TrainingSpec:
     def __post_init__(self) -> None:
         if self.kind not in TRAINING_KINDS:
             raise ConfigError(f"training {self.name!r}: kind {self.kind!r} is not one of {', '.join(TRAINING_KINDS)}")
-        known = {f.name for f in fields(training_config_class(self.kind))} - _SET_BY_RUNNER
+        known = {f.name for f in fields(training_kind(self.kind)[0])} - _SET_BY_RUNNER
         unknown = sorted(set(self.options) - known)
         if unknown:
             raise ConfigError(f"training {self.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
@@ -119,9 +125,9 @@ class MethodSpec:
         names = []
         for use in self.uses:
             for value in use.values():
-                match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
-                if match and match.group(1) not in names:
-                    names.append(match.group(1))
+                name = trained_name(value)
+                if name and name not in names:
+                    names.append(name)
         return names
 
     def prompts(self, prompts: tuple[str, ...]) -> tuple[str, ...]:
@@ -139,11 +145,11 @@ class MethodSpec:
                     if reference is None:
                         raise ConfigError(f"method {self.name!r} needs a reference image but the task has none")
                     options[key] = reference
-                match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
-                if match:
-                    if not trained or match.group(1) not in trained:
-                        raise ConfigError(f"method {self.name!r}: training {match.group(1)!r} was not prepared")
-                    options[key] = trained[match.group(1)]
+                name = trained_name(value)
+                if name:
+                    if not trained or name not in trained:
+                        raise ConfigError(f"method {self.name!r}: training {name!r} was not prepared")
+                    options[key] = trained[name]
             stack.append((use["method"], options))
         return stack
 
