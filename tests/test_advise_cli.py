@@ -1,4 +1,4 @@
-from consistent_diffusion.cli import main
+from consistent_diffusion.cli.main import main
 
 
 def test_advise_uses_the_shipped_reference_report(capsys):

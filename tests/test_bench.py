@@ -12,8 +12,8 @@ from PIL import Image
 from consistent_diffusion.bench.runner import merge_report, run_bench
 from consistent_diffusion.bench.scoring import make_scorer
 from consistent_diffusion.bench.suite import load_suite
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.models import load_pipeline
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.models.loading import load_pipeline
 
 EXTRACTORS = {"style": "palette", "object": "palette", "concept": "palette", "text": None, "diversity": None}
 

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from consistent_diffusion.cli import main
+from consistent_diffusion.cli.main import main
 
 
 def test_help_lists_generate(capsys):

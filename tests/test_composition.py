@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.methods.cli_options import add_method_arguments, methods_from_args
+from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.img2img import Img2Img
 from consistent_diffusion.methods.inversion import DdpmEdit, invert
 from consistent_diffusion.methods.style_aligned import SharedAttentionProcessor, StyleAligned

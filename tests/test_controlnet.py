@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from _finetune_data import COLOURS, captioned_folder, instance_folder, one_thread, shape_image
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.methods.base import GenerationContext, get_method
 from consistent_diffusion.methods.controlnet import ControlNet, controlnet_pipeline
 from consistent_diffusion.series import SeriesConfig, generate_series
@@ -225,7 +225,7 @@ def test_style_aligned_controlnet_and_lora_stack(tmp_path):
 
 
 def test_cli_train_controlnet(tiny_sd_folder, tmp_path):
-    from consistent_diffusion.commands.train_finetune import register_train_subcommands
+    from consistent_diffusion.cli.commands.train_finetune import register_train_subcommands
 
     parser = argparse.ArgumentParser()
     register_train_subcommands(parser.add_subparsers())
@@ -239,11 +239,11 @@ def test_cli_train_controlnet(tiny_sd_folder, tmp_path):
 
 
 def test_generation_cli_options(trained, tmp_path):
-    from consistent_diffusion.methods.controlnet import ControlNet as ControlNetMethod
-    from consistent_diffusion.methods.finetune_options import (
+    from consistent_diffusion.cli.options.finetune import (
         add_finetune_arguments,
         finetune_methods_from_args,
     )
+    from consistent_diffusion.methods.controlnet import ControlNet as ControlNetMethod
     from consistent_diffusion.methods.lora import LoRA
 
     _, result = trained
@@ -264,7 +264,7 @@ def test_generation_cli_options(trained, tmp_path):
 def test_measure_shape_control_and_ship(trained, tmp_path):
     from diffusers import ControlNetModel
 
-    from consistent_diffusion.controls import make_control
+    from consistent_diffusion.methods.controls import make_control
     from consistent_diffusion.training.controlnet import measure_shape_control, ship_controlnet
 
     pipe, result = trained
@@ -296,10 +296,10 @@ def test_shipped_controlnet_raises_shape_adherence(condition):
     held-out control images (synthetic shapes the model never trained on) by at least 1.5x at
     conditioning scale 1 and guidance 7.5 (the embedded model's). The target was 2x: the shipped canny one measured 1.61x at scale 1 and
     2.14x at scale 2 (docs/finetuning.md); this guards against regressions below what shipped."""
-    from consistent_diffusion.controls import make_control
-    from consistent_diffusion.embedded import embedded_weights_present
     from consistent_diffusion.methods.controlnet import load_controlnet
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.methods.controls import make_control
+    from consistent_diffusion.models.embedded import embedded_weights_present
+    from consistent_diffusion.models.loading import load_pipeline
     from consistent_diffusion.training.controlnet import measure_shape_control
 
     if not embedded_weights_present() or condition not in SHIPPED:
@@ -319,7 +319,7 @@ def test_embedded_shaped_model_factor_4_and_bert_text_encoder(tmp_path):
     train, save and reload on it."""
     from _finetune_data import tiny_embedded_like_pipeline
     from consistent_diffusion.methods.lora import LoRA
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
 
@@ -352,7 +352,7 @@ def test_embedded_shaped_model_factor_4_and_bert_text_encoder(tmp_path):
 
 def test_default_controlnet_is_the_embedded_models_own(trained, tmp_path, monkeypatch):
     from consistent_diffusion.methods import controlnet as module
-    from consistent_diffusion.models import ModelIdentity, set_model_identity
+    from consistent_diffusion.models.loading import ModelIdentity, set_model_identity
     from consistent_diffusion.training.controlnet import ship_controlnet
 
     _, result = trained

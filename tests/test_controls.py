@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from _finetune_data import COLOURS, shape_image
-from consistent_diffusion import controls
-from consistent_diffusion.cli import main
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.cli.main import main
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.methods import controls
 
 
 def _mask(image: Image.Image) -> np.ndarray:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from _finetune_data import instance_folder, one_thread
-from consistent_diffusion.errors import ConfigError, ImageInputError
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
+from consistent_diffusion.training.data import load_image_set
 from consistent_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, train_dreambooth
-from consistent_diffusion.training.finetune_data import load_image_set
 from consistent_diffusion.training.loop import encode_text, run_training, step_generator
 
 CPU = torch.device("cpu")
@@ -68,7 +68,7 @@ def test_encode_text_matches_pipeline(tiny_sd, tiny_sdxl):
 
 
 def test_few_steps_change_weights_lower_loss_and_write_a_usable_model(tiny_sd, tmp_path):
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
 
     cfg = config(tmp_path, prior_preservation=True, num_class_images=2, class_steps=2,
                  validation_prompts=("a photo of sks emoji",), validation_steps=2)
@@ -146,7 +146,7 @@ def test_sdxl_dreambooth_steps_lower_loss(tiny_sdxl, tmp_path):
 
 
 def test_cli_dreambooth(tiny_sd_folder, tmp_path, capsys):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     argv = ["train", "dreambooth", "--model", str(tiny_sd_folder), "--instance-dir", str(instance_folder(tmp_path)),
             "--instance-prompt", "sks emoji", "--out", str(tmp_path / "cli"), "--steps", "2", "--checkpoint-every", "2",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consistent_diffusion.embedded import EMBEDDED_DIR, embedded_weights_present, load_embedded_pipeline
-from consistent_diffusion.probes import PROBES_DIR, load_probe, predict
+from consistent_diffusion.metrics.probes import PROBES_DIR, load_probe, predict
+from consistent_diffusion.models.embedded import (
+    EMBEDDED_DIR,
+    embedded_weights_present,
+    load_embedded_pipeline,
+)
 
 pytestmark = [
     pytest.mark.slow,

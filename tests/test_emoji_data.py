@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consistent_diffusion.commands import data as data_command
+from consistent_diffusion.cli.commands import data as data_command
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.data import emoji
 from consistent_diffusion.data.emoji import EmojiDatasetConfig, build_emoji_dataset, load_emoji_dataset
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
 
 CATEGORIES = ["Smileys & Emotion", "Animals & Nature", "Food & Drink", "Flags"]
 

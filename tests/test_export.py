@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from consistent_diffusion.export import UnsupportedExportError, save_single_file
+from consistent_diffusion.models.export import UnsupportedExportError, save_single_file
 from consistent_diffusion.testing import tiny_sdxl_pipeline
 
 SD_PARTS = ("unet", "vae", "text_encoder")
@@ -162,8 +162,8 @@ def test_only_safetensors_is_written(sd_export, tmp_path):
 def test_export_command(sd_export, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
-    from consistent_diffusion.commands import export as command
-    from consistent_diffusion.errors import ConfigError
+    from consistent_diffusion.cli.commands import export as command
+    from consistent_diffusion.core.errors import ConfigError
 
     pipe, folder, _ = sd_export
     parser = argparse.ArgumentParser()

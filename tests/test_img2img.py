@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ImageInputError
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.methods import GenerationContext, get_method
 from consistent_diffusion.methods.img2img import Img2Img
 from consistent_diffusion.methods.inversion import encode_image

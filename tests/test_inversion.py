@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ImageInputError
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.methods.inversion import (
     DdpmEdit,
     Inversion,
@@ -141,7 +141,7 @@ def test_ddpm_edit_restores_the_scheduler_even_on_error(tiny_sd, image):
 
 
 def test_cli_invert_then_edit(tiny_sd_folder, tmp_path, image):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     image.save(tmp_path / "in.png")
     inv_dir, edit_dir = tmp_path / "inv", tmp_path / "edit"

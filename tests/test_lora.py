@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _finetune_data import instance_folder, one_thread
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, get_method
 from consistent_diffusion.methods.lora import LoRA
 from consistent_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -181,7 +181,7 @@ def test_sdxl_lora_trains_and_loads_with_stock_diffusers(tmp_path):
 
 
 def test_cli_lora_with_kohya_export(tiny_sd_folder, tmp_path):
-    from consistent_diffusion.commands.train_finetune import register_train_subcommands
+    from consistent_diffusion.cli.commands.train_finetune import register_train_subcommands
 
     parser = argparse.ArgumentParser()
     register_train_subcommands(parser.add_subparsers())

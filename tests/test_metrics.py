@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ImageInputError, ModelNotFoundError
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.errors import ConfigError, ImageInputError, ModelNotFoundError
 from consistent_diffusion.metrics import (
     as_batch,
     available_features,
@@ -19,7 +20,6 @@ from consistent_diffusion.metrics import (
     fidelity,
     load_features,
     object_consistency,
-    pixel,
     roc_auc,
     shape_consistency,
     style_consistency,
@@ -310,7 +310,7 @@ def _write_series(folder, sizes=((32, 32),) * 3):
 
 
 def test_score_command_writes_scores_json(tmp_path, capsys):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     series = _write_series(tmp_path / "series")
     code = main(["score", str(series), "--reference", str(series / "p00_s0000.png"),
@@ -325,7 +325,7 @@ def test_score_command_writes_scores_json(tmp_path, capsys):
 
 
 def test_score_command_clear_errors(tmp_path, capsys):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -352,7 +352,7 @@ def test_validation_table_markdown_flags_failures():
 
 
 def test_score_skips_metrics_whose_weights_are_missing(tmp_path, capsys):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     series = _write_series(tmp_path / "series")  # not the embedded model: text alignment needs CLIP
     assert main(["score", str(series), "--metrics", "text", "diversity",

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.models import load_pipeline, model_identity, parse_dtype, set_scheduler
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.models.loading import load_pipeline, model_identity, parse_dtype, set_scheduler
 
 
 @pytest.mark.parametrize(("fixture", "class_name"), [("tiny_sd_folder", "StableDiffusionPipeline"),
@@ -85,7 +85,7 @@ def test_model_index_unreadable(tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_single_file_checkpoint_loads_offline_with_config_folder(tmp_path, kind):
-    from consistent_diffusion.export import save_single_file
+    from consistent_diffusion.models.export import save_single_file
     from consistent_diffusion.testing import save_tiny_pipeline
 
     folder = save_tiny_pipeline(tmp_path / "folder", kind=kind)
@@ -99,7 +99,7 @@ def test_single_file_checkpoint_loads_offline_with_config_folder(tmp_path, kind)
 
 
 def test_single_file_without_config_offline_says_how_to_fix(tmp_path, tiny_sd, monkeypatch):
-    from consistent_diffusion.export import save_single_file
+    from consistent_diffusion.models.export import save_single_file
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     checkpoint = save_single_file(tiny_sd, tmp_path / "model.safetensors")

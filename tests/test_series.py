@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import Method
 from consistent_diffusion.series import SeriesConfig, generate_series, image_filename, load_series_request
 
@@ -39,7 +39,7 @@ def test_series_folder_contents_and_manifest(tiny_sd, tmp_path):
 
 
 def test_manifest_recreates_identical_images_through_the_cli(tiny_sd_folder, tmp_path):
-    from consistent_diffusion.cli import main
+    from consistent_diffusion.cli.main import main
 
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a red cat", "--prompt", "a blue dog",
@@ -121,7 +121,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_sd, tmp_path):
 
 
 def test_manifest_from_changed_weights_warns(tiny_sd_folder, tmp_path):
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
     from consistent_diffusion.series import fingerprint_mismatch
     from consistent_diffusion.testing import save_tiny_pipeline
 

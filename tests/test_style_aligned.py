@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods import GenerationContext
 from consistent_diffusion.methods.style_aligned import (
     SharedAttentionProcessor,
@@ -240,12 +240,12 @@ def test_real_reference_follows_its_inverted_trajectory(tiny_sd):
 @pytest.mark.slow
 def test_style_aligned_raises_style_consistency_on_the_embedded_model():
     """Same prompts and seeds: StyleAligned's set agrees more in style than plain generation."""
-    from consistent_diffusion.embedded import embedded_weights_present
+    from consistent_diffusion.models.embedded import embedded_weights_present
 
     if not embedded_weights_present():
         pytest.skip("the embedded model's weights are not installed")
     from consistent_diffusion.metrics import style_consistency
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
     from consistent_diffusion.series import SeriesConfig, generate_series
 
     pipe = load_pipeline("embedded")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.data.emoji import write_dataset
-from consistent_diffusion.embedded import load_embedded_pipeline
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.probes import ProbeTrainConfig, load_probe, predict, save_probe, train_probe
-from consistent_diffusion.training.base import (
+from consistent_diffusion.metrics.probes import ProbeTrainConfig, load_probe, predict, save_probe, train_probe
+from consistent_diffusion.models.embedded import load_embedded_pipeline
+from consistent_diffusion.training.recipes.embedded import (
     TrainingStopped,
     UNetConfig,
     VAEConfig,

@@ -1,4 +1,4 @@
-from consistent_diffusion.cli import main
+from consistent_diffusion.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -11,7 +11,6 @@ Output folder (written atomically):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,11 +22,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.images import contact_sheet, save_png_atomic
-from consistent_diffusion.methods.base import GenerationContext, Method, get_method
-from consistent_diffusion.models import SCHEDULERS, model_identity, set_scheduler
-from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.core.images import contact_sheet, save_png_atomic
+from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+from consistent_diffusion.methods.base import GenerationContext, Method, get_method, run
+from consistent_diffusion.models.loading import SCHEDULERS, model_identity, set_scheduler
 
 MANIFEST_FORMAT = "consistent-diffusion/series/v1"
 MAX_SEED = 2**63 - 1
@@ -154,17 +153,7 @@ def generate_batch(
             "width": width,
         },
     )
-    with contextlib.ExitStack() as stack:
-        for method in methods:
-            ctx = stack.enter_context(method.applied(ctx))
-        output = ctx.pipe(
-            prompt=ctx.prompts,
-            negative_prompt=ctx.negative_prompts,
-            generator=ctx.generators,
-            output_type="pil",
-            **ctx.call_kwargs,
-        )
-    return list(output.images[ctx.num_internal :])
+    return run(ctx, methods)
 
 
 def build_manifest(

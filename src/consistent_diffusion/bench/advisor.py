@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER, trained_name
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 
 TRAINING_METHODS = {"dreambooth", "lora_dreambooth", "lora_training"}
 HAVE_CHOICES = ("reference-images", "text-only")

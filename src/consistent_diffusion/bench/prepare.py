@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from consistent_diffusion.bench.suite import Task, TrainingSpec, training_kind
-from consistent_diffusion.errors import ConsistentDiffusionError
-from consistent_diffusion.outputs import write_json_atomic
+from consistent_diffusion.core.errors import ConsistentDiffusionError
+from consistent_diffusion.core.outputs import write_json_atomic
 
 PREPARED_FORMAT = "consistent-diffusion/bench-prepared/v1"
 

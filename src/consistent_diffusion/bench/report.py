@@ -126,7 +126,7 @@ def trade_off_plots(report: dict[str, Any]) -> list[str]:
 
 def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write report.md and report.html (atomically) next to report.json; returns their paths."""
-    from consistent_diffusion.outputs import write_text_atomic
+    from consistent_diffusion.core.outputs import write_text_atomic
 
     out_dir = Path(out_dir)
     claims = evaluate_claims(report)

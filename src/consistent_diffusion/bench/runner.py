@@ -26,9 +26,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from consistent_diffusion.bench.suite import Cell, Suite
+from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import get_method
-from consistent_diffusion.models import model_identity
-from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+from consistent_diffusion.models.loading import model_identity
 from consistent_diffusion.series import SeriesConfig, generate_series
 
 REPORT_FORMAT = "consistent-diffusion/bench-report/v1"
@@ -61,9 +61,9 @@ def is_done(out_dir: Path, cell: Cell) -> bool:
 def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> float:
     """PSNR (dB) of ``reference`` after the pipeline's VAE encode+decode: the ceiling any
     latent-space method (e.g. an exact inversion) can reach in pixel space."""
-    from consistent_diffusion.images import load_image, pil_to_tensor
+    from consistent_diffusion.core.imageops import psnr
+    from consistent_diffusion.core.images import load_image, pil_to_tensor
     from consistent_diffusion.methods.inversion import decode_latents, encode_image
-    from consistent_diffusion.metrics.pixel import psnr
 
     decoded = decode_latents(pipe, encode_image(pipe, reference, size))[0]
     original = pil_to_tensor(load_image(reference, size))

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.images import to_rgb
-from consistent_diffusion.outputs import atomic_output_dir
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.images import to_rgb
+from consistent_diffusion.core.outputs import atomic_output_dir
 
 DEFAULT_VENDORS = ("google", "twitter")
 DEFAULT_NPM_VERSION = "16.0.0"

@@ -6,6 +6,7 @@ from consistent_diffusion.methods.base import (
     available_methods,
     get_method,
     register,
+    run,
 )
 
-__all__ = ["GenerationContext", "Method", "available_methods", "get_method", "register"]
+__all__ = ["GenerationContext", "Method", "available_methods", "get_method", "register", "run"]

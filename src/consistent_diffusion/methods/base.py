@@ -1,10 +1,12 @@
 """The uniform method interface.
 
-A method changes *how* one batch of a series is generated. It never reads metrics. Methods
-stack: ``series.generate_series`` enters every method's ``applied`` context in order, then
-calls ``ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts,
-generator=ctx.generators, **ctx.call_kwargs)`` once, and returns the images after the first
-``ctx.num_internal`` entries.
+A method changes *how* one batch is generated. It never reads metrics. Methods stack through
+``run(ctx, methods)``, the one place that calls a pipeline: it enters every method's
+``applied`` context in order, calls ``ctx.pipe(prompt=ctx.prompts,
+negative_prompt=ctx.negative_prompts, generator=ctx.generators, **ctx.call_kwargs)`` once, and
+returns the images after the first ``ctx.num_internal`` entries. Series, DDPM edits, the bench,
+ControlNet shape measurement, prior-preservation class images and validation images all go
+through it.
 
 What a method may do inside ``applied`` (and must undo on exit, even on error):
 - swap ``ctx.pipe`` for a sibling pipeline built with ``from_pipe`` (img2img, ControlNet),
@@ -18,13 +20,13 @@ What a method may do inside ``applied`` (and must undo on exit, even on error):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 
 
 @dataclass
@@ -73,6 +75,26 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
+
+
+def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str = "pil") -> list[Any]:
+    """Generate one batch with ``methods`` stacked in order; returns the user's images only.
+
+    The images are PIL images (``output_type="pil"``) or, for ``"latent"``/``"pt"``/``"np"``, one
+    entry of the pipeline's output per image (latents: (C, H/f, W/f) tensors). Every method's
+    context is closed, restoring the pipeline, before this returns or raises.
+    """
+    with contextlib.ExitStack() as stack:
+        for method in methods:
+            ctx = stack.enter_context(method.applied(ctx))
+        output = ctx.pipe(
+            prompt=ctx.prompts,
+            negative_prompt=ctx.negative_prompts,
+            generator=ctx.generators,
+            output_type=output_type,
+            **ctx.call_kwargs,
+        )
+    return list(output.images[ctx.num_internal :])
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}

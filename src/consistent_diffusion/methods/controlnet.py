@@ -30,14 +30,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from consistent_diffusion.controls import CONDITIONS, make_control
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.images import load_image
+from consistent_diffusion.core.assets import ASSETS_DIR
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.core.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import follow_source, generation_size, restoring
+from consistent_diffusion.methods.controls import CONDITIONS, make_control
 
 SHIPPED_PREFIX = "embedded-"
-SHIPPED_ROOT = Path(__file__).resolve().parent.parent / "assets" / "controlnet"
+SHIPPED_ROOT = ASSETS_DIR / "controlnet"
 _MODELS: dict[tuple[str, str, str], Any] = {}
 _MAX_CACHED_MODELS = 4
 _SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -60,7 +61,7 @@ DEFAULT_SPEC = "default"
 def default_controlnet_for(pipe: Any, condition: str) -> str:
     """``default`` -> the ControlNet shipped for ``pipe``'s model and ``condition`` (the embedded
     model's own; other models have no default: give a ControlNet)."""
-    from consistent_diffusion.models import model_identity
+    from consistent_diffusion.models.loading import model_identity
 
     if condition in ("", "none"):
         raise ConfigError("the default ControlNet is chosen by its condition: give --control-preprocess canny|silhouette|scribble")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import restoring
 

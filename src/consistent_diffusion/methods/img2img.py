@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.images import load_image
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.core.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import follow_source, generation_size, restoring
 

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.images import load_image, pil_to_tensor
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.core.images import load_image, pil_to_tensor
+from consistent_diffusion.core.outputs import atomic_path
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import batch_size, default_size, restoring, swapped_scheduler
-from consistent_diffusion.outputs import atomic_path
 
 INVERSION_TENSORS = "inversion.safetensors"
 INVERSION_META = "inversion.json"
@@ -347,7 +347,7 @@ def _vae_precision(vae: Any) -> Iterator[Any]:
 @torch.no_grad()
 def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
     """(B, C, h, w) scaled latents -> list of RGB PIL images (inverse of ``encode_image``)."""
-    from consistent_diffusion.images import tensor_to_pil
+    from consistent_diffusion.core.images import tensor_to_pil
 
     with _vae_precision(pipe.vae) as vae:
         shift = getattr(vae.config, "shift_factor", None) or 0.0

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import restoring
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import batch_size, generation_size, restoring, swapped_scheduler
 
@@ -313,7 +313,7 @@ class StyleAligned(Method):
         if len(sources) > 1:
             raise ConfigError(f"give at most one StyleAligned reference source, got {', '.join(sources)}")
         if self.reference_image is not None:
-            from consistent_diffusion.images import load_image
+            from consistent_diffusion.core.images import load_image
 
             load_image(self.reference_image)  # fail early on a missing or corrupt file
         if self.inversion_cfg is not None and (not _finite(self.inversion_cfg) or self.inversion_cfg < 0):

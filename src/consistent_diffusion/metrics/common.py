@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ImageInputError
-from consistent_diffusion.images import load_image, pil_to_tensor
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
+from consistent_diffusion.core.images import load_image, pil_to_tensor
 
 ImagesLike = Any  # torch.Tensor | np.ndarray | Sequence[PIL.Image | path]
 

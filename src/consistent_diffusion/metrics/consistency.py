@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ImageInputError
-from consistent_diffusion.metrics import pixel
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.metrics.common import (
     ImagesLike,
     MetricResult,

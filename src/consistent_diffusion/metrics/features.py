@@ -18,7 +18,7 @@ Registered names (``available_features()``):
 ``style-stats``             palette + stroke statistics (standardised with train-split statistics)
 ``emoji-style``             style descriptor trained contrastively with content varied (shipped head)
 ``emoji-text``              image encoder aligned to frozen MiniLM captions (shipped head)
-``probe-*``                 the embedded model's probes, when ``consistent_diffusion.probes`` exists
+``probe-*``                 the embedded model's probes, when ``consistent_diffusion.metrics.probes`` exists
 ==========================  ==========================================================================
 """
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.metrics import pixel
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.metrics.common import ImagesLike, as_batch, resize_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,7 +94,7 @@ def register_features(name: str, description: str = "") -> Callable:
 
 
 def available_features() -> list[str]:
-    """Names ``load_features`` accepts (probes only when ``consistent_diffusion.probes`` exists)."""
+    """Names ``load_features`` accepts (probes only when ``consistent_diffusion.metrics.probes`` exists)."""
     _register_probes()
     return sorted(_REGISTRY)
 
@@ -411,14 +411,14 @@ _PROBES_CHECKED = False
 
 
 def _register_probes() -> None:
-    """Register ``probe-<name>`` for each probe ``consistent_diffusion.probes`` offers (lazy; silent
+    """Register ``probe-<name>`` for each probe ``consistent_diffusion.metrics.probes`` offers (lazy; silent
     when the module does not exist). ``embed`` is the probe's unit embedding (64 px input)."""
     global _PROBES_CHECKED
     if _PROBES_CHECKED:
         return
     _PROBES_CHECKED = True
     try:
-        import consistent_diffusion.probes as probes
+        import consistent_diffusion.metrics.probes as probes
     except ImportError:
         return
     if not hasattr(probes, "load_probe") or not hasattr(probes, "embed"):
@@ -430,7 +430,7 @@ def _register_probes() -> None:
 
 
 class ProbeExtractor(FeatureExtractor):
-    """Adapter for ``consistent_diffusion.probes``: ``load_probe(name) -> (model, meta)`` and
+    """Adapter for ``consistent_diffusion.metrics.probes``: ``load_probe(name) -> (model, meta)`` and
     ``embed(model, images) -> (N, D)`` unit embeddings."""
 
     def __init__(self, module: Any, probe: str, device="cpu", dtype=torch.float32, **options: Any) -> None:

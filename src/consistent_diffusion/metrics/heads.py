@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.metrics import pixel
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.assets import ASSETS_DIR
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.metrics.common import as_batch, normalize
 from consistent_diffusion.metrics.features import EfficientNetLite0, FeatureExtractor, channel_statistics
 
 HEAD_IMAGE_SIZE = 128
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "metrics"
+ASSET_DIR = ASSETS_DIR / "metrics"
 HEADS_FILE = ASSET_DIR / "emoji_heads.safetensors"
 
 
@@ -93,7 +94,7 @@ def text_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _minilm(device: str = "cpu"):
     from transformers import AutoTokenizer, BertModel
 
-    from consistent_diffusion.training.base import default_text_encoder_path
+    from consistent_diffusion.training.recipes.embedded import default_text_encoder_path
 
     path = default_text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -342,7 +343,7 @@ def save_heads(tensors: dict[str, torch.Tensor], meta: dict[str, Any], out: str 
     """Write ``out`` (.safetensors, fp16 weights, fp32 statistics) and ``out`` with .json metadata."""
     from safetensors.torch import save_file
 
-    from consistent_diffusion.outputs import atomic_path, write_json_atomic
+    from consistent_diffusion.core.outputs import atomic_path, write_json_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

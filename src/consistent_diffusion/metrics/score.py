@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ImageInputError, ModelNotFoundError
-from consistent_diffusion.images import IMAGE_SUFFIXES, list_images, load_image
+from consistent_diffusion.core.errors import ConfigError, ImageInputError, ModelNotFoundError
+from consistent_diffusion.core.images import IMAGE_SUFFIXES, list_images, load_image
 from consistent_diffusion.metrics import consistency as m
 from consistent_diffusion.metrics.common import MetricResult, as_batch
 
@@ -93,7 +93,7 @@ def read_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 def score_series(config: ScoreConfig, log=print) -> dict[str, Any]:
     """Run the metrics on a series; returns the scores document (also written as scores.json)."""
-    from consistent_diffusion.outputs import library_versions, utc_now, write_json_atomic
+    from consistent_diffusion.core.outputs import library_versions, utc_now, write_json_atomic
 
     manifest, records, images = read_series(config.series)
     size = (images.shape[-1], images.shape[-2])

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.metrics import pixel
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.metrics.common import cosine_matrix, roc_auc
 from consistent_diffusion.metrics.consistency import foreground_crop, shape_consistency
 from consistent_diffusion.metrics.features import available_features, load_features
@@ -52,7 +52,7 @@ class ValidationConfig:
     set_size: int = 4
     seed: int = 0
     device: str = "cpu"
-    include_probes: bool = True  # validate probe-* extractors when consistent_diffusion.probes exists
+    include_probes: bool = True  # validate probe-* extractors when consistent_diffusion.metrics.probes exists
     concept: bool = True  # run the (unbarred) concept protocol; costs extra feature passes
 
     def __post_init__(self) -> None:
@@ -357,7 +357,12 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def write_validation(report: dict[str, Any], out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write validation.json and validation.md into ``out`` (atomically)."""
-    from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+    from consistent_diffusion.core.outputs import (
+        atomic_output_dir,
+        library_versions,
+        utc_now,
+        write_json_atomic,
+    )
 
     report = {**report, "meta": {**report["meta"], "created": utc_now(), "versions": library_versions()}}
     with atomic_output_dir(out, overwrite=overwrite) as temp:

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from consistent_diffusion.controls import CONDITIONS, make_control
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.outputs import write_json_atomic
-from consistent_diffusion.training.finetune_data import load_captioned_images
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.core.outputs import write_json_atomic
+from consistent_diffusion.methods.controls import CONDITIONS, make_control
+from consistent_diffusion.training.data import load_captioned_images
 from consistent_diffusion.training.loop import (
     LoopConfig,
     Task,
@@ -175,7 +175,7 @@ class ControlNetTask(Task):
         return loss, {"dropped_captions": float(drop.float().mean())}
 
     def validate(self, step: int, folder: Path) -> None:
-        from consistent_diffusion.images import contact_sheet, save_png_atomic
+        from consistent_diffusion.core.images import contact_sheet, save_png_atomic
         from consistent_diffusion.methods.controlnet import controlnet_pipeline
 
         if not self.validation_controls:
@@ -200,7 +200,7 @@ class ControlNetTask(Task):
 
     def export(self, folder: Path) -> None:
         self.controlnet.save_pretrained(folder, safe_serialization=True)
-        from consistent_diffusion.models import model_identity
+        from consistent_diffusion.models.loading import model_identity
 
         write_json_atomic({
             "format": "consistent-diffusion/controlnet/v1",
@@ -213,7 +213,7 @@ class ControlNetTask(Task):
         }, folder / CONTROL_META)
 
     def identity(self) -> dict[str, Any]:
-        from consistent_diffusion.models import model_identity
+        from consistent_diffusion.models.loading import model_identity
 
         return {**model_identity(self.pipe).to_dict(), "training_images": int(self.controls.shape[0])}
 
@@ -293,8 +293,8 @@ def ship_controlnet(folder: str | Path, condition: str, dest_root: str | Path | 
 
     from diffusers import ControlNetModel
 
+    from consistent_diffusion.core.outputs import atomic_output_dir
     from consistent_diffusion.methods.controlnet import SHIPPED_PREFIX, SHIPPED_ROOT
-    from consistent_diffusion.outputs import atomic_output_dir
 
     if condition not in CONDITIONS:
         raise ConfigError(f"unknown condition {condition!r}; accepted: {', '.join(CONDITIONS)}")

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.training.finetune_data import (
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.training.data import (
     class_images_folder,
     ensure_class_images,
     load_image_set,
@@ -203,7 +203,7 @@ class DreamBoothTask(Task):
         self.pipe.save_pretrained(folder, safe_serialization=True)
 
     def identity(self) -> dict[str, Any]:
-        from consistent_diffusion.models import model_identity
+        from consistent_diffusion.models.loading import model_identity
 
         return {**model_identity(self.pipe).to_dict(), "instance_files": self.instance_files,
                 "skipped_files": self.skipped}
@@ -211,7 +211,7 @@ class DreamBoothTask(Task):
 
 def load_base_pipeline(spec: str, device: str = "cpu") -> Any:
     """The base model in float32 (training keeps weights in float32; use mixed precision for speed)."""
-    from consistent_diffusion.models import load_pipeline
+    from consistent_diffusion.models.loading import load_pipeline
 
     return load_pipeline(spec, device="cpu" if device == "cpu" else device, dtype=torch.float32)
 

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.outputs import atomic_torch_save, library_versions, utc_now, write_json_atomic
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.outputs import atomic_torch_save, library_versions, utc_now, write_json_atomic
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PATTERN = "step_{:06d}.pt"
@@ -202,7 +202,7 @@ class LatentCache:
 @torch.no_grad()
 def encode_images(pipe: Any, images: Sequence[Any], batch: int = 16) -> LatentCache:
     """Encode RGB PIL images (all the same size) with the pipeline's VAE, once."""
-    from consistent_diffusion.images import pil_to_tensor
+    from consistent_diffusion.core.images import pil_to_tensor
 
     vae = pipe.vae
     device, dtype = vae.device, vae.dtype
@@ -511,7 +511,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
 
     result = None
     if not stopped and accelerator.is_main_process:
-        from consistent_diffusion.outputs import atomic_output_dir
+        from consistent_diffusion.core.outputs import atomic_output_dir
 
         for module in task.run.values():
             module.eval()
@@ -531,7 +531,7 @@ def _unwrap(module: Any) -> Any:
 
 def write_validation_images(images: Sequence[Any], prompts: Sequence[str], folder: Path) -> None:
     """Save validation images and a contact sheet (one column per prompt)."""
-    from consistent_diffusion.images import contact_sheet, save_png_atomic
+    from consistent_diffusion.core.images import contact_sheet, save_png_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
 from consistent_diffusion.training.loop import TrainResult, check_out_folder, run_training
 

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-REFERENCE_REPORT = Path(__file__).resolve().parent.parent / "assets" / "bench" / "report.json"
+from consistent_diffusion.core.assets import ASSETS_DIR
+
+REFERENCE_REPORT = ASSETS_DIR / "bench" / "report.json"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.bench.advisor import advise, format_advice, parse_needs
-    from consistent_diffusion.errors import ConfigError
+    from consistent_diffusion.core.errors import ConfigError
 
     path = Path(args.report) / "report.json" if args.report else REFERENCE_REPORT
     if not path.is_file():

@@ -58,8 +58,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConsistentDiffusionError
-from consistent_diffusion.outputs import atomic_path
+from consistent_diffusion.core.errors import ConsistentDiffusionError
+from consistent_diffusion.core.outputs import atomic_path
 
 __all__ = ["UnsupportedExportError", "pipeline_to_ldm_state_dict", "save_single_file"]
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError, ImageInputError
-from consistent_diffusion.images import list_images, load_image, save_png_atomic
-from consistent_diffusion.outputs import write_json_atomic
+from consistent_diffusion.core.errors import ConfigError, ImageInputError
+from consistent_diffusion.core.images import list_images, load_image, save_png_atomic
+from consistent_diffusion.core.outputs import write_json_atomic
 
 
 @dataclass

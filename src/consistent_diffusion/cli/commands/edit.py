@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
+from consistent_diffusion.core.errors import ConfigError
 
 EXAMPLES = """examples:
   consistent-diffusion edit runs/cat-inv --prompt "a dog, twitter style" --skip 12 --cfg 10 --out runs/cat-to-dog
@@ -41,10 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.images import contact_sheet, save_png_atomic
+    from consistent_diffusion.core.images import contact_sheet, save_png_atomic
+    from consistent_diffusion.core.outputs import (
+        atomic_output_dir,
+        library_versions,
+        utc_now,
+        write_json_atomic,
+    )
     from consistent_diffusion.methods.inversion import DdpmEdit, Inversion, edit
-    from consistent_diffusion.models import model_identity
-    from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+    from consistent_diffusion.models.loading import model_identity
 
     inversion = Inversion.load(args.inversion)
     DdpmEdit(inversion=inversion, skip=args.skip)  # validates skip before the model loads

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from consistent_diffusion.models import EMBEDDED, load_pipeline, parse_dtype
+from consistent_diffusion.models.loading import EMBEDDED, load_pipeline, parse_dtype
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

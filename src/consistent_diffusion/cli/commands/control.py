@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.controls import make_control
-    from consistent_diffusion.images import save_png_atomic
+    from consistent_diffusion.core.images import save_png_atomic
+    from consistent_diffusion.methods.controls import make_control
 
     options = {name: getattr(args, name) for name in args.options}
     image = make_control(args.control_kind, args.image, size=args.size, **options)

@@ -10,8 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.training.loop import check_out_folder
 
 

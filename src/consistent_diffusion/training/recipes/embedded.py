@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from consistent_diffusion.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.outputs import atomic_output_dir, atomic_torch_save
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.outputs import atomic_output_dir, atomic_torch_save
 
 STAGES = ("vae", "unet", "decoder", "all")
 SCHEDULER_CONFIG = {

@@ -16,7 +16,7 @@ load the file back offline (diffusers needs the configs of a local folder of the
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from consistent_diffusion.commands.common import add_model_arguments
+    from consistent_diffusion.cli.options.model import add_model_arguments
 
     parser = subparsers.add_parser(
         "export",
@@ -38,9 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.errors import ConfigError
-    from consistent_diffusion.export import save_single_file
-    from consistent_diffusion.models import load_pipeline, parse_dtype
+    from consistent_diffusion.core.errors import ConfigError
+    from consistent_diffusion.models.export import save_single_file
+    from consistent_diffusion.models.loading import load_pipeline, parse_dtype
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
-from consistent_diffusion.models import SCHEDULERS
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
+from consistent_diffusion.models.loading import SCHEDULERS
 from consistent_diffusion.series import (
     SeriesConfig,
     fingerprint_mismatch,
@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 def _method_options_module():
     try:
-        return importlib.import_module("consistent_diffusion.methods.cli_options")
+        return importlib.import_module("consistent_diffusion.cli.options.methods")
     except ImportError:
         return None
 

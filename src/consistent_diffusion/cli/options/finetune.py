@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import Method
 
 

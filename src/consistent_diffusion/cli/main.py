@@ -1,6 +1,6 @@
 """Command-line entry point: thin, parse -> config dataclass -> library call -> files.
 
-Each subcommand lives in ``consistent_diffusion.commands.<name>`` and exposes
+Each subcommand lives in ``consistent_diffusion.cli.commands.<name>`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` (args -> exit code).
 """
 
@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from consistent_diffusion import __version__
-from consistent_diffusion.errors import ConsistentDiffusionError
+from consistent_diffusion.core.errors import ConsistentDiffusionError
 
 # Order here is the order in `--help`.
 COMMAND_MODULES = [
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"consistent_diffusion.commands.{name}").register(subparsers)
+        importlib.import_module(f"consistent_diffusion.cli.commands.{name}").register(subparsers)
     return parser
 
 

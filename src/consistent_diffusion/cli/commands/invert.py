@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
+from consistent_diffusion.core.errors import ConfigError
 
 EXAMPLES = """examples:
   consistent-diffusion invert cat.png --prompt "a cat, twitter style" --steps 50 --cfg 3.5 --out runs/cat-inv
@@ -44,11 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.images import load_image, save_png_atomic
+    from consistent_diffusion.core.images import load_image, save_png_atomic
+    from consistent_diffusion.core.outputs import (
+        atomic_output_dir,
+        library_versions,
+        utc_now,
+        write_json_atomic,
+    )
     from consistent_diffusion.methods.common import default_size
     from consistent_diffusion.methods.inversion import decode_latents, invert, reconstruct
-    from consistent_diffusion.models import model_identity
-    from consistent_diffusion.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
+    from consistent_diffusion.models.loading import model_identity
 
     load_image(args.image)  # bad input fails before the model loads
     if os.path.exists(args.out) and not args.overwrite:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from consistent_diffusion.errors import ConfigError
+from consistent_diffusion.cli.options.finetune import add_finetune_arguments, finetune_methods_from_args
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import Method
-from consistent_diffusion.methods.finetune_options import add_finetune_arguments, finetune_methods_from_args
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

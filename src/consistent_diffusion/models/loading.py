@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.models.embedded import EMBEDDED_DIR
 
 EMBEDDED = "embedded"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -131,7 +132,7 @@ def _finish(pipe: Any, identity: ModelIdentity, device: str | torch.device, dtyp
 
 def _load_embedded(device: str | torch.device, dtype: torch.dtype) -> Any:
     try:
-        from consistent_diffusion.embedded import load_embedded_pipeline
+        from consistent_diffusion.models.embedded import load_embedded_pipeline
     except ImportError as error:  # pragma: no cover - only before the embedded model exists
         raise ModelNotFoundError("the embedded model is not part of this installation") from error
     return load_embedded_pipeline(device=device, dtype=dtype)
@@ -277,7 +278,7 @@ def load_pipeline(
     path = Path(os.path.expanduser(spec))
     if spec == EMBEDDED:
         pipe = _load_embedded(device, dtype)
-        weights = Path(__file__).parent / "assets" / "embedded"
+        weights = EMBEDDED_DIR
         identity = ModelIdentity(
             spec=EMBEDDED,
             kind="embedded",

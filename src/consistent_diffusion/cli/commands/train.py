@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probes.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     probes.set_defaults(func=run_probes)
     try:
-        from consistent_diffusion.commands.train_finetune import register_train_subcommands
+        from consistent_diffusion.cli.commands.train_finetune import register_train_subcommands
     except ImportError:  # pragma: no cover - fine-tuning commands not installed
         return
     register_train_subcommands(kinds)
@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_base(args: argparse.Namespace) -> int:
-    from consistent_diffusion.training.base import export_embedded, preset, train_base
+    from consistent_diffusion.training.recipes.embedded import export_embedded, preset, train_base
 
     config = preset(
         args.preset, args.data, args.out, stage=args.stage, resume=args.resume, device=args.device,
@@ -76,7 +76,7 @@ def run_base(args: argparse.Namespace) -> int:
 
 
 def run_probes(args: argparse.Namespace) -> int:
-    from consistent_diffusion.probes import PROBES_DIR, ProbeTrainConfig, save_probe, train_probe
+    from consistent_diffusion.metrics.probes import PROBES_DIR, ProbeTrainConfig, save_probe, train_probe
 
     names = ("style", "content") if args.which == "both" else (args.which,)
     defaults = {"style": {"epochs": 30, "blur": 0.25}, "content": {"epochs": 20, "blur": 0.5}}  # as shipped

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from consistent_diffusion.errors import ModelNotFoundError
+from consistent_diffusion.core.assets import ASSETS_DIR
+from consistent_diffusion.core.errors import ModelNotFoundError
 
-EMBEDDED_DIR = Path(__file__).parent / "assets" / "embedded"
+EMBEDDED_DIR = ASSETS_DIR / "embedded"
 EMBEDDED_SIZE = 64  # image side in pixels
 DEFAULT_MAX_LENGTH = 16  # tokenizer length used in training (overridden by training.json)
 REQUIRED = ("vae", "unet", "scheduler")
@@ -48,7 +49,7 @@ def load_embedded_pipeline(
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from consistent_diffusion.training.base import load_text_encoder
+    from consistent_diffusion.training.recipes.embedded import load_text_encoder
 
     folder = Path(folder) if folder else EMBEDDED_DIR
     if not embedded_weights_present(folder):

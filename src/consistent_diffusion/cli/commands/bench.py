@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from consistent_diffusion.commands.common import add_model_arguments, load_model_from_args
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 
 EXAMPLES = """examples:
   consistent-diffusion bench --out runs/bench                      # quick suite, embedded model
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.bench.runner import merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
-    from consistent_diffusion.errors import ConfigError
+    from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
     if args.threads is not None:

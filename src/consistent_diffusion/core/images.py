@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from consistent_diffusion.errors import ImageInputError
+from consistent_diffusion.core.errors import ImageInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -93,7 +93,7 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG to a temp file in the same folder, then rename: never half-written."""
-    from consistent_diffusion.outputs import atomic_path
+    from consistent_diffusion.core.outputs import atomic_path
 
     with atomic_path(path) as temp:
         image.save(temp, format="PNG")

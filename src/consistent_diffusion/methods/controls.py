@@ -5,11 +5,11 @@ the structure drawn **white on black**, the convention of the public ControlNets
 canny/scribble/seg models) and of the ControlNets trained here.
 
 - ``canny``: Canny edges of the luma. The implementation is shared with the shape metric
-  (``metrics.pixel.canny``), so "canny F1 of an output against its control image" re-extracts edges
+  (``core.imageops.canny``), so "canny F1 of an output against its control image" re-extracts edges
   exactly as the control image was made.
 - ``silhouette``: the foreground mask, from the alpha channel when the image has one, otherwise
   from the difference to the background colour (the median of the one-pixel border), holes filled
-  (``metrics.pixel.foreground_mask``).
+  (``core.imageops.foreground_mask``).
 - ``scribble``: coarse strokes, as a user would draw them: Canny edges of a stronger blur,
   dilated. ``from_drawing=True`` instead reads a user's own drawing (dark strokes on light paper,
   or light on dark) and returns it thresholded and, if needed, inverted.
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from consistent_diffusion.errors import ConfigError
-from consistent_diffusion.images import load_image, pil_to_tensor
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.core.images import load_image, pil_to_tensor
 
 ALPHA_THRESHOLD = 128  # alpha >= this is foreground
 
@@ -53,7 +53,7 @@ def _rgb(image: Image.Image | Any) -> Image.Image:
 def canny(image: Image.Image, sigma: float = 1.0, low: float = 0.08, high: float = 0.2) -> Image.Image:
     """Canny edges, white on black. Thresholds are gradient magnitudes of luma in [0, 1] units
     (a full black-to-white step is 1); ``sigma`` is the Gaussian blur in pixels."""
-    from consistent_diffusion.metrics.pixel import canny as canny_edges
+    from consistent_diffusion.core.imageops import canny as canny_edges
 
     if not 0 <= low <= high:
         raise ConfigError(f"canny thresholds need 0 <= low <= high, got low={low}, high={high}")
@@ -78,8 +78,8 @@ def silhouette(image: Image.Image, threshold: float = 0.08, fill_holes: bool = T
     """Foreground silhouette, white on black: alpha >= 128 when the image has transparency,
     otherwise pixels differing from the border's median colour by more than ``threshold`` (in
     [0, 1] units, any channel); ``fill_holes`` fills enclosed background (eyes, teeth)."""
-    from consistent_diffusion.metrics.pixel import fill_holes as fill
-    from consistent_diffusion.metrics.pixel import foreground_mask
+    from consistent_diffusion.core.imageops import fill_holes as fill
+    from consistent_diffusion.core.imageops import foreground_mask
 
     if not 0 <= threshold < 1:
         raise ConfigError(f"silhouette threshold must be in [0, 1), got {threshold}")
@@ -97,8 +97,8 @@ def scribble(image: Image.Image, sigma: float = 2.0, width: int = 1, from_drawin
     from_drawing: the image *is* a scribble (a user's drawing): threshold it at mid-grey and make
     the strokes white (the minority colour is taken as the strokes).
     """
-    from consistent_diffusion.metrics.pixel import canny as canny_edges
-    from consistent_diffusion.metrics.pixel import dilate
+    from consistent_diffusion.core.imageops import canny as canny_edges
+    from consistent_diffusion.core.imageops import dilate
 
     if width < 0:
         raise ConfigError(f"scribble width must be >= 0, got {width}")
@@ -138,7 +138,7 @@ def _open_keeping_alpha(path: Any) -> Image.Image:
     """Open an image file with its alpha channel (load_image would composite it on white)."""
     from pathlib import Path
 
-    from consistent_diffusion.errors import ImageInputError
+    from consistent_diffusion.core.errors import ImageInputError
 
     load_image(path)  # missing / corrupt / empty files fail here, by name
     with Image.open(Path(path)) as opened:

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from consistent_diffusion.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.core.assets import ASSETS_DIR
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 
-PROBES_DIR = Path(__file__).parent / "assets" / "probes"
+PROBES_DIR = ASSETS_DIR / "probes"
 PROBE_NAMES = ("style", "content")
 PROBE_SIZE = 64
 
@@ -201,7 +202,7 @@ def save_probe(model: Probe, meta: dict, folder: str | os.PathLike = PROBES_DIR)
     """Write <name>.safetensors (fp16) and <name>.json into ``folder``."""
     from safetensors.torch import save_file
 
-    from consistent_diffusion.outputs import atomic_path, write_text_atomic
+    from consistent_diffusion.core.outputs import atomic_path, write_text_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Command line: main (the entry point), options/ (all argparse), commands/ (one module per command)."""

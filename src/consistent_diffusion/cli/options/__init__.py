@@ -1,0 +1,1 @@
+"""Argument groups shared by commands: model loading, method stacks, fine-tuned methods."""

@@ -1,0 +1,1 @@
+"""Recipes for the embedded model: its base stages, metric heads and probes."""
