@@ -83,7 +83,7 @@ def tiny_embedded_like_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from consistent_diffusion.training.recipes.embedded import default_text_encoder_path
+    from consistent_diffusion.models.embedded import default_text_encoder_path
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(default_text_encoder_path(), model_max_length=16)

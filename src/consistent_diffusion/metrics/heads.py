@@ -94,7 +94,7 @@ def text_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _minilm(device: str = "cpu"):
     from transformers import AutoTokenizer, BertModel
 
-    from consistent_diffusion.training.recipes.embedded import default_text_encoder_path
+    from consistent_diffusion.models.embedded import default_text_encoder_path
 
     path = default_text_encoder_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

