@@ -12,7 +12,6 @@ Without --data the control images come from synthetic shapes (circles, squares, 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -58,20 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from consistent_diffusion.core.outputs import write_json_atomic, write_text_atomic
     from consistent_diffusion.methods.controlnet import load_controlnet
     from consistent_diffusion.methods.controls import make_control
+    from consistent_diffusion.testing import load_pipeline_or_tiny
     from consistent_diffusion.training.controlnet import measure_shape_control
     from consistent_diffusion.training.data import load_captioned_images
-    from consistent_diffusion.training.loop import model_size
+    from consistent_diffusion.training.diffusion import model_size
 
-    if args.model == "tiny":
-        from consistent_diffusion.testing import tiny_sd_pipeline
-
-        pipe = tiny_sd_pipeline()
-    else:
-        from consistent_diffusion.models.loading import load_pipeline
-
-        pipe = load_pipeline(args.model)
+    pipe = load_pipeline_or_tiny(args.model)
     size = model_size(pipe, None)
     if args.data:
         data = load_captioned_images(args.data, size, split=args.split, limit=args.count)
@@ -90,10 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{f' (split {args.split})' if args.data else ''}; seeds {args.seeds}, {args.steps} steps, guidance "
         f"{args.guidance}, conditioning scale {args.scale}.\n"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_controlnet.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
-                                                                 "report": report}, indent=2), encoding="utf-8")
-    (args.out / "bench_controlnet.md").write_text(table, encoding="utf-8")
+    write_json_atomic({"args": vars(args) | {"out": str(args.out)}, "report": report}, args.out / "bench_controlnet.json")
+    write_text_atomic(table, args.out / "bench_controlnet.md")
     print(table)
     return 0
 

@@ -64,18 +64,12 @@ def child(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from consistent_diffusion.testing import load_pipeline_or_tiny
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
     from consistent_diffusion.training.loop import run_training
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, LoraDreamBoothTask
 
-    if args.model == "tiny":
-        from consistent_diffusion.testing import tiny_sd_pipeline
-
-        pipe = tiny_sd_pipeline()
-    else:
-        from consistent_diffusion.models.loading import load_pipeline
-
-        pipe = load_pipeline(args.model, device="cpu", dtype=torch.float32)
+    pipe = load_pipeline_or_tiny(args.model)  # on the CPU in float32; training moves it to --device
     device = args.device
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-", dir=args.work))
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
@@ -159,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from consistent_diffusion.core.outputs import write_json_atomic, write_text_atomic
+
     if args.child:
-        record = child(args)
-        Path(args.json_out).write_text(json.dumps(record), encoding="utf-8")
+        write_json_atomic(child(args), args.json_out)
         return 0
-    args.out.mkdir(parents=True, exist_ok=True)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as work:
         for method in METHODS:
@@ -181,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
             "rank": args.rank, "threads": args.threads, "device": args.device,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
-    (args.out / "bench_finetune.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2), encoding="utf-8")
+    write_json_atomic({"meta": meta, "results": records}, args.out / "bench_finetune.json")
     markdown = table(records, meta)
-    (args.out / "bench_finetune.md").write_text(markdown, encoding="utf-8")
+    write_text_atomic(markdown, args.out / "bench_finetune.md")
     print(markdown)
     return 0
 

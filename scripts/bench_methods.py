@@ -87,13 +87,13 @@ def _embedded_shape_pipeline() -> Any:
     """A random-init pipeline of the embedded model's architecture (64 px, MiniLM text encoder)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from consistent_diffusion.models.embedded import load_text_encoder
     from consistent_diffusion.training.recipes.embedded import (
         UNetConfig,
         VAEConfig,
         build_scheduler,
         build_unet,
         build_vae,
-        load_text_encoder,
     )
 
     torch.manual_seed(0)

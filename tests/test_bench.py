@@ -1,17 +1,28 @@
-"""The bench end to end on a tiny pipeline: two cells, kill + resume, 2-process merge."""
+"""The bench end to end on a tiny pipeline: two cells, kill + resume, 2-process merge; the
+typed records against the JSON they read and write; the built-in suites."""
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from consistent_diffusion.bench.runner import merge_report, run_bench
+from consistent_diffusion.bench.records import (
+    CellRecord,
+    Report,
+    Score,
+    TrainingRecord,
+    as_report,
+    load_report,
+)
+from consistent_diffusion.bench.runner import merge_report, run_bench, run_cell
 from consistent_diffusion.bench.scoring import make_scorer
-from consistent_diffusion.bench.suite import load_suite
+from consistent_diffusion.bench.suite import available_suites, load_suite
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.models.loading import load_pipeline
 
@@ -58,7 +69,19 @@ def _approx_equal(a, b, tolerance=1e-2):
 
 
 def _scores(report):
-    return {cell["cell"]: cell["scores"] for cell in report["cells"]}
+    return {cell.id: {name: score.to_dict() for name, score in cell.scores.items()} for cell in as_report(report).cells}
+
+
+def _round_trips(path, record_class):
+    """The file's JSON read into ``record_class`` and written back gives the same text."""
+    from consistent_diffusion.core.outputs import write_json_atomic
+
+    text = path.read_text(encoding="utf-8")
+    copy = path.with_name(f"copy-{path.name}")
+    write_json_atomic(record_class.from_dict(json.loads(text)).to_dict(), copy)
+    same = copy.read_text(encoding="utf-8") == text
+    copy.unlink()
+    return same
 
 
 def test_run_kill_resume_and_report(suite_file, tiny_sd_folder, tmp_path):
@@ -88,16 +111,18 @@ def test_run_kill_resume_and_report(suite_file, tiny_sd_folder, tmp_path):
     assert len(loads) == 2  # no model load when there is nothing left to do
 
     report = merge_report(suite, out)
-    assert report["complete"] and len(report["cells"]) == 2
-    for cell in report["cells"]:
-        assert {"style", "diversity", "reference_object", "reference_fidelity"} <= set(cell["scores"])
-        assert cell["num_images"] == 4
-    scores = _scores(report)
-    for cell in scores.values():
-        assert 0.0 < cell["reference_psnr"]["aggregate"] < 100.0
+    assert report.complete and len(report.cells) == 2
+    for cell in report.cells:
+        assert {"style", "diversity", "reference_object", "reference_fidelity"} <= set(cell.scores)
+        assert cell.num_images == 4
+        assert 0.0 < cell.aggregate("reference_psnr") < 100.0
+        assert _round_trips(out / "cells" / cell.id / "cell.json", CellRecord)
     # the two methods really produced different series
-    assert scores["style-red__img2img"]["reference_psnr"] != scores["style-red__plain"]["reference_psnr"]
-    assert "/" not in json.dumps([c["stack"] for c in report["cells"]])  # no local paths in the report
+    cells = {cell.id: cell for cell in report.cells}
+    assert cells["style-red__img2img"].aggregate("reference_psnr") != cells["style-red__plain"].aggregate("reference_psnr")
+    assert "/" not in json.dumps([list(c.stack) for c in report.cells])  # no local paths in the report
+    assert _round_trips(out / "report.json", Report)
+    assert load_report(out) == report
 
     from consistent_diffusion.bench.report import write_reports
 
@@ -119,11 +144,11 @@ def test_two_processes_merge_equals_single_process(suite_file, tiny_sd_folder, t
                "--out", str(sharded), "--quiet", "--extractors", json.dumps(EXTRACTORS)]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    merged = json.loads((sharded / "report.json").read_text())
-    assert merged["complete"]
+    merged = load_report(sharded)
+    assert merged.complete
     assert _approx_equal(_scores(merged), _scores(expected))
     assert not _approx_equal(_scores(merged), {k: {} for k in _scores(expected)})
-    assert merged["table"].keys() == expected["table"].keys()
+    assert merged.table.keys() == expected.table.keys()
 
 
 def test_suite_errors_are_clear(tmp_path):
@@ -214,15 +239,18 @@ def test_cells_that_need_training_are_prepared_once_and_costed(suite_file, tiny_
     lora, full = prepared["object-red__subject_lora"], prepared["object-red__subject_full"]
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
     assert lora["steps"] == full["steps"] == 2 and lora["instance_images"] == 1
+    assert _round_trips(out / "prepared" / "object-red__subject_lora" / "prepared.json", TrainingRecord)
     report = merge_report(suite, out)
-    cells = {cell["method"]: cell for cell in report["cells"]}
+    cells = {cell.method: cell for cell in report.cells}
     for name, record in (("lora", lora), ("dreambooth", full)):
-        assert cells[name]["cost"]["trainable_parameters"] == record["trainable_parameters"]
-        assert cells[name]["cost"]["train_seconds"] > 0
-        assert cells[name]["trainings"][0]["training"] == record["training"]
+        assert cells[name].cost.trainable_parameters == record["trainable_parameters"]
+        assert cells[name].cost.train_seconds > 0
+        assert cells[name].trainings[0].training == record["training"]
+        assert cells[name].trainings[0].artifact is None, "a cell's copy of the training names no local path"
+        assert cells[name].needs_training and cells[name].needs_reference
     manifest = json.loads((out / "cells" / "object-red__lora" / "series" / "manifest.json").read_text())
     assert "sks emoji, a red cat" in json.dumps(manifest)
-    assert "/" not in json.dumps([c["stack"] for c in report["cells"]])
+    assert "/" not in json.dumps([list(c.stack) for c in report.cells])
     from consistent_diffusion.bench.advisor import advise, format_advice
 
     advice = format_advice(advise(report, ["object"]), ["object"])
@@ -240,6 +268,8 @@ def test_cells_that_need_training_are_prepared_once_and_costed(suite_file, tiny_
 
 
 def test_training_suite_errors_are_clear(tmp_path):
+    from consistent_diffusion.bench.prepare import check_trainings
+
     bad = tmp_path / "bad.toml"
     head = '[methods.m]\nuses=[{ method = "lora", weights = "{trained:x}" }]\n'
     task = '[[tasks]]\nname="t"\nkind="object"\nprompts=["a"]\nseeds=[0]\nmethods=["m"]\n'
@@ -249,12 +279,141 @@ def test_training_suite_errors_are_clear(tmp_path):
     bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\n' + head + task)
     with pytest.raises(ConfigError, match="has none"):
         load_suite(bad)
-    bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\nrnak=4\n' + head + task)
+    Image.new("RGB", (32, 32)).save(tmp_path / "reference.png")
+    with_references = task + 'references=["reference.png"]\n'
+    bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\nrnak=4\n' + head + with_references)
     with pytest.raises(ConfigError, match="unknown options \\['rnak'\\]"):
-        load_suite(bad)
+        check_trainings(load_suite(bad))
+    bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\nout="here"\n' + head + with_references)
+    with pytest.raises(ConfigError, match="unknown options \\['out'\\]"):
+        check_trainings(load_suite(bad))
     bad.write_text('[training.x]\nkind="textual_inversion"\n' + head + task)
     with pytest.raises(ConfigError, match="not one of dreambooth, lora"):
         load_suite(bad)
     bad.write_text('[methods.m]\nuses=[]\nprompt="sks"\n' + task)
     with pytest.raises(ConfigError, match="template"):
         load_suite(bad)
+
+
+def test_a_bad_training_option_fails_before_any_model_loads(tmp_path):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "bad.toml"
+    path.write_text(TRAINING_SUITE.replace("rank = 2", "rank = 0"))
+    suite = load_suite(path)  # parsing does not import the training configs
+    loads = []
+    with pytest.raises(ConfigError, match="training 'subject_lora': rank must be a positive integer"):
+        run_bench(suite, tmp_path / "bench", lambda: loads.append(1), make_scorer(EXTRACTORS), progress=False)
+    assert loads == [] and not (tmp_path / "bench" / "cells").exists()
+
+
+REFERENCE_REPORTS = [Path(__file__).resolve().parents[1] / "src" / "consistent_diffusion" / "assets" / "bench" / "report.json",
+                     Path(__file__).resolve().parents[1] / "docs" / "bench" / "report.json"]
+
+
+@pytest.mark.parametrize("path", REFERENCE_REPORTS, ids=["shipped", "docs"])
+def test_committed_reference_reports_round_trip_exactly(path):
+    assert _round_trips(path, Report)
+    report = load_report(path)
+    assert report.complete and len(report.cells) == 24 and report.suite.name == "quick"
+    from consistent_diffusion.bench.records import summary_table
+
+    assert summary_table(report.cells) == report.table, "the table is the mean of the cells' scores"
+    plain = report.plain("object-giraffe")
+    assert plain is not None and plain.is_plain and plain.consistency is plain.scores["object"]
+    assert [cell.id for cell in report.select(["ddpm_edit"], task="inversion-giraffe")] == [
+        "inversion-giraffe__ddpm_reconstruct"]
+
+
+def test_score_keeps_unknown_keys_and_reads_metric_results():
+    data = {"name": "text_alignment", "extractor": None, "aggregate": None, "per_image": [], "higher_is_better": True,
+            "range": [-1.0, 1.0], "validated": None, "validation": None, "details": {}, "measured": False}
+    assert Score.from_dict(data).to_dict() == data and list(Score.from_dict(data).to_dict()) == list(data)
+    assert not Score.from_dict(data).measured
+    from consistent_diffusion.metrics.common import MetricResult
+
+    result = MetricResult(name="style_consistency", extractor="palette", per_image=[0.5, 0.7], aggregate=0.6)
+    assert Score.from_dict(result).to_dict() == result.to_dict()
+
+
+def test_validation_status_of_a_report():
+    def cell(task, **validated):
+        return {"task": task, "kind": "style", "method": "plain",
+                "scores": {name: {"aggregate": 0.5, "validated": flag} for name, flag in validated.items()}}
+
+    report = Report.from_dict({"cells": [cell("a", style=True, text=True, diversity=None),
+                                         cell("b", style=True, text=False, diversity=None)]})
+    assert report.validation_status == {"style": True, "text": False, "diversity": None}
+    assert report.complete and report.missing_cells == ()
+
+
+def test_parsing_a_suite_imports_neither_torch_nor_training():
+    code = ("import sys\n"
+            "from consistent_diffusion.bench.suite import load_suite, available_suites\n"
+            "from consistent_diffusion.bench.records import load_report\n"
+            "from consistent_diffusion.bench.advisor import advise\n"
+            "from consistent_diffusion.bench.report import render_markdown\n"
+            "from consistent_diffusion.bench.claims import evaluate_claims\n"
+            "for name in available_suites(): load_suite(name)\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')\n"
+            "               or m.startswith('consistent_diffusion.training'))\n"
+            "print(heavy)\n")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert completed.stdout.strip() == "[]", completed.stdout
+
+
+def test_builtin_suites_trainings_build_their_configs():
+    from consistent_diffusion.bench.prepare import check_trainings
+
+    assert {"quick", "new-subject"} <= set(available_suites())
+    for name in available_suites():
+        check_trainings(load_suite(name))
+
+
+NEW_SUBJECT_VARIANTS = ["plain", "img2img_60"] + [
+    f"{kind}{prior}_lr{lr}" for kind, rates in (("lora", ("1e-3", "5e-3")), ("dreambooth", ("1e-4", "5e-4")))
+    for lr in rates for prior in ("", "_prior")]
+
+
+def test_new_subject_suite_lists_the_study():
+    suite = load_suite("new-subject")
+    subjects = {"new-subject-blue-heart": "blue heart", "new-subject-lizard": "lizard", "new-subject-onion": "onion"}
+    assert (suite.steps, suite.guidance, suite.source) == (20, 7.5, "built-in:new-subject")
+    assert [cell.id for cell in suite.cells] == sorted(f"{task}__{method}" for task in subjects
+                                                       for method in NEW_SUBJECT_VARIANTS)
+    for task in suite.tasks:
+        name = subjects[task.name]
+        assert task.kind == "object" and task.seeds == (0, 1, 2, 3)
+        assert task.prompts == (f"{name}, google style", f"{name}, twitter style")
+        assert [Path(ref).name for ref in task.references] == [f"{name.replace(' ', '_')}_{style}.png"
+                                                                for style in ("google", "twitter")]
+        assert all(Image.open(ref).size == (64, 64) for ref in task.references)
+    assert suite.methods["plain"].uses == () and suite.methods["img2img_60"].uses[0]["strength"] == 0.6
+    for method in NEW_SUBJECT_VARIANTS[2:]:
+        spec, (training,) = suite.methods[method], suite.methods[method].trainings
+        kind = method.split("_")[0]
+        assert training == method and suite.trainings[training].kind == kind
+        assert spec.prompts(("lizard, google style",)) == ("sks emoji, lizard, google style",)
+        options = suite.trainings[training].options
+        assert options["prior_preservation"] == ("_prior" in method)
+        assert options["learning_rate"] == float(method.rsplit("_lr", 1)[1])
+        assert (options["steps"], options["batch_size"], options["num_class_images"]) == (300, 2, 16)
+        assert options.get("rank") == (8 if kind == "lora" else None)
+
+
+def test_a_new_subject_cell_runs_on_a_tiny_pipeline(tiny_sd_folder, tmp_path):
+    """One fine-tuned cell of the study (LoRA with prior preservation), shrunk to single steps."""
+    from consistent_diffusion.models.loading import load_pipeline
+
+    suite = load_suite("new-subject")
+    name = "lora_prior_lr5e-3"
+    training = suite.trainings[name]
+    small = dataclasses.replace(training, options={**training.options, "steps": 1, "num_class_images": 1,
+                                                   "class_steps": 1})
+    suite = dataclasses.replace(suite, steps=1, trainings={**suite.trainings, name: small})
+    cell = next(cell for cell in suite.cells if cell.id == f"new-subject-lizard__{name}")
+    record = run_cell(load_pipeline(str(tiny_sd_folder)), suite, cell, tmp_path, make_scorer(EXTRACTORS), batch_size=8,
+                      load_train_pipe=lambda: load_pipeline(str(tiny_sd_folder)))
+    assert record.num_images == 8 and record.kind == "object"
+    assert {"object", "reference_object", "reference_fidelity", "reference_psnr"} <= set(record.scores)
+    assert record.trainings[0].options["prior_preservation"] is True and record.cost.trainable_parameters > 0
+    assert record == CellRecord.from_dict(json.loads((tmp_path / "cells" / cell.id / "cell.json").read_text()))

@@ -76,7 +76,11 @@ def test_cli_options_build_the_stack_in_order(tmp_path, init_image):
     assert methods[1].reference_prompt is None  # one batch: the first image is the reference
     many = methods_from_args(_parse(["--prompt", "a", "--prompt", "b", "--seeds", "0", "1", "--batch-size", "2",
                                      "--style-aligned"]))
-    assert many[0].reference_prompt == "a" and many[0].reference_seed == 0  # shared across batches
+    assert many[0].reference_prompt is None  # the CLI only parses: sharing the reference is the library's rule
+    items = SeriesConfig(prompts=("a", "b"), seeds=(0, 1)).items
+    shared = many[0].for_series(items, batch_size=2)
+    assert shared.reference_prompt == "a" and shared.reference_seed == 0  # shared across batches
+    assert many[0].for_series(items, batch_size=4) is many[0]  # one batch: the first image itself
     assert methods_from_args(_parse([])) == []
     with pytest.raises(ConfigError, match="only apply with --style-aligned"):
         methods_from_args(_parse(["--style-reference-prompt", "x"]))
@@ -93,3 +97,53 @@ def test_real_style_reference_with_img2img_is_a_clear_error(tmp_path):
                get_method("style_aligned", reference_image=str(tmp_path / "ref.png"))]
     with pytest.raises(ConfigError, match="cannot be combined with img2img"):
         generate_series(tiny_sd_pipeline(), SeriesConfig(prompts=("a",), seeds=(0,), steps=2), methods, progress=False)
+
+
+def _all_rows(pipe, methods, prompts, seeds, **call):
+    """Generate one batch with ``methods`` applied; every row's final latent (internal rows included)."""
+    import contextlib
+
+    from consistent_diffusion.methods import GenerationContext
+
+    ctx = GenerationContext(pipe, list(prompts), None, [torch.Generator().manual_seed(s) for s in seeds],
+                            {"guidance_scale": 3.0, **call})
+    with contextlib.ExitStack() as stack:
+        for method in methods:
+            stack.enter_context(method.applied(ctx))
+        out = ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts, generator=ctx.generators,
+                       output_type="latent", **ctx.call_kwargs)
+    return out.images.float(), ctx.num_internal
+
+
+def test_generated_style_reference_on_ddpm_edit_starts_at_the_edits_noise_level(tiny_sd, init_image):
+    """Bug 1: at skip > 0 the edited rows start at x_{t_skip}; the generated reference must too.
+
+    It is brought there by running the skipped steps for it alone, so it ends as the same image
+    as at skip = 0 (where every row starts at x_T); before the fix it started from N(0, 1) at t_skip.
+    """
+    source = invert(tiny_sd, init_image, "a photo", steps=4, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    style = StyleAligned(reference_prompt="a red painting", reference_seed=5)
+    ends = {}
+    for skip in (0, 2):
+        rows, internal = _all_rows(tiny_sd, [DdpmEdit(inversion=source, skip=skip), style], ["a dog", "a cow"], [0, 1])
+        assert internal == 1 and rows.shape[0] == 3
+        ends[skip] = rows[0]
+    assert (ends[0] - ends[2]).abs().max() < 1e-4, (ends[0] - ends[2]).abs().max()
+    assert type(tiny_sd.scheduler).__name__ == "DDIMScheduler"
+
+
+def test_one_style_reference_for_a_series_larger_than_a_batch(tiny_sd):
+    """Bug 3: StyleAligned without reference_prompt, from Python: every batch shares the series'
+    first image as its reference, so the images do not depend on the batch size."""
+    prompts, seeds = ("a red cat", "b", "c"), (1, 2)
+    one_batch = _arrays(generate_series(tiny_sd, SeriesConfig(prompts=prompts, seeds=seeds, steps=3, batch_size=6),
+                                        [StyleAligned()], progress=False))
+    method = StyleAligned()
+    config = SeriesConfig(prompts=prompts, seeds=seeds, steps=3, batch_size=2)
+    batches = generate_series(tiny_sd, config, [method], progress=False)
+    assert len(batches.images) == 6
+    assert max(np.abs(a - b).max() for a, b in zip(one_batch, _arrays(batches), strict=True)) <= 1.0
+    plain = _arrays(generate_series(tiny_sd, config, [], progress=False))
+    assert np.abs(plain[2] - one_batch[2]).max() > 2.0  # (the first image of batch 2 is styled, not a reference)
+    assert batches.manifest["methods"] == [method.describe()]  # the manifest records the options given
+    assert method.reference_prompt is None

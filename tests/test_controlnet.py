@@ -369,3 +369,27 @@ def test_default_controlnet_is_the_embedded_models_own(trained, tmp_path, monkey
     set_model_identity(embedded, ModelIdentity(spec="embedded", kind="embedded", pipeline_class="StableDiffusionPipeline"))
     explicit = ControlNet(controlnets=str(tmp_path / "embedded-canny"), images=control, preprocess="canny")
     np.testing.assert_array_equal(with_method(embedded, method), with_method(embedded, explicit))
+
+
+def test_controlnet_caches_follow_the_files_and_the_pipelines_components(tmp_path):
+    import os
+
+    from consistent_diffusion.methods.controlnet import load_controlnet
+
+    pipe = tiny_sd_pipeline()
+    folder = tmp_path / "cn"
+    random_controlnet(pipe, seed=0).save_pretrained(folder)
+    first = load_controlnet(str(folder))
+    assert load_controlnet(str(folder)) is first, "same files: cached"
+    random_controlnet(pipe, seed=1).save_pretrained(folder)  # retrained into the same folder
+    for weights in folder.glob("*.safetensors"):
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse clocks: force a new mtime
+    second = load_controlnet(str(folder))
+    assert second is not first
+    assert not torch.equal(next(second.controlnet_down_blocks.parameters()), next(first.controlnet_down_blocks.parameters()))
+
+    sibling = controlnet_pipeline(pipe, second)
+    assert controlnet_pipeline(pipe, second) is sibling, "same components: cached"
+    pipe.unet = type(pipe.unet).from_config(pipe.unet.config)  # the user replaces a component
+    assert controlnet_pipeline(pipe, second).unet is pipe.unet, "a sibling must never run a replaced component"

@@ -10,8 +10,9 @@ import torch
 from _finetune_data import instance_folder, one_thread
 from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.training.data import load_image_set
+from consistent_diffusion.training.diffusion import encode_text
 from consistent_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, train_dreambooth
-from consistent_diffusion.training.loop import encode_text, run_training, step_generator
+from consistent_diffusion.training.loop import run_training, step_generator
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,3 +236,28 @@ def test_dreambooth_method_under_a_lora_adapter_and_errors(dreambooth_run, tiny_
         pass
     with pytest.raises(FileNotFoundError, match="DreamBooth run folder"):
         DreamBooth(model=str(tmp_path))
+
+
+def _fake_dreambooth_folder(folder, value: float):
+    """A minimal pipeline folder whose unet holds one tensor (what ``load_component_weights`` reads)."""
+    from safetensors.torch import save_file
+
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text("{}", encoding="utf-8")
+    save_file({"w": torch.full((2,), value)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_dreambooth_weight_cache_keys_on_the_weight_files(tmp_path):
+    import os
+
+    from consistent_diffusion.methods.dreambooth import load_component_weights
+
+    _fake_dreambooth_folder(tmp_path, 1.0)
+    assert float(load_component_weights(tmp_path)["unet"]["w"][0]) == 1.0
+    folder_stat = (tmp_path / "unet").stat()
+    _fake_dreambooth_folder(tmp_path, 2.0)  # the file is rewritten in place: the folder's mtime may not move
+    os.utime(tmp_path / "unet", ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # coarse clocks: force a new mtime
+    assert float(load_component_weights(tmp_path)["unet"]["w"][0]) == 2.0, "a retrained model must not be served stale"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from consistent_diffusion.metrics.probes import PROBES_DIR, load_probe, predict
+from consistent_diffusion.metrics.extractors.probes import PROBES_DIR, load_probe, predict
 from consistent_diffusion.models.embedded import (
     EMBEDDED_DIR,
     embedded_weights_present,

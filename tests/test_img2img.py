@@ -8,7 +8,7 @@ from PIL import Image
 from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.methods import GenerationContext, get_method
 from consistent_diffusion.methods.img2img import Img2Img
-from consistent_diffusion.methods.inversion import encode_image
+from consistent_diffusion.models.vae import encode_image
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,27 @@ def test_a_strength_that_runs_no_step_is_refused(tiny_sd, init_image):
     ctx = _ctx(tiny_sd, steps=2)
     with pytest.raises(ConfigError, match=r"runs no step.*at least 0.5"), Img2Img(image=init_image, strength=0.3).applied(ctx):
         pass
+
+
+def test_sibling_follows_a_replaced_component(tiny_sd):
+    from consistent_diffusion.methods.img2img import image_to_image_pipeline
+
+    sibling = image_to_image_pipeline(tiny_sd)
+    assert image_to_image_pipeline(tiny_sd) is sibling, "same components: cached"
+    tiny_sd.unet = type(tiny_sd.unet).from_config(tiny_sd.unet.config)
+    assert image_to_image_pipeline(tiny_sd).unet is tiny_sd.unet, "a sibling must never run a replaced component"
+
+
+def test_strength_runs_int_steps_times_strength_unet_steps_from_the_matching_timestep(tiny_sd, init_image):
+    """SDEdit's start: with 10 steps and strength 0.35 the pipeline runs int(10 * 0.35) = 3 UNet
+    steps, at the last 3 of the scheduler's 10 timesteps (t_start = 10 - 3 = 7)."""
+    ctx = _ctx(tiny_sd, prompts=("a",), steps=10)
+    seen = []
+    handle = tiny_sd.unet.register_forward_pre_hook(lambda _m, args: seen.append(int(args[1].flatten()[0])))
+    try:
+        with Img2Img(image=init_image, strength=0.35).applied(ctx):
+            _latents(ctx)
+    finally:
+        handle.remove()
+    tiny_sd.scheduler.set_timesteps(10)
+    assert seen == [int(t) for t in tiny_sd.scheduler.timesteps[7:]]

@@ -178,3 +178,117 @@ def test_ddpm_edit_from_an_image_inverts_it_once(tiny_sd, image, tmp_path):
     assert get_method("ddpm_edit", **result.manifest["methods"][0]["options"]) == method
     with pytest.raises(ConfigError, match="exactly one of inversion"):
         DdpmEdit()
+
+
+def _toy_scheduler(**overrides):
+    """4 training steps with betas 0.1..0.4: abar = 0.9, 0.72, 0.504, 0.3024 (small enough to check by hand)."""
+    config = {"num_train_timesteps": 4, "trained_betas": [0.1, 0.2, 0.3, 0.4], "set_alpha_to_one": False,
+              "steps_offset": 1, "clip_sample": False, **overrides}
+    return noise_map_scheduler(config)
+
+
+def test_noise_map_against_a_hand_computation():
+    """Paper eq. 5, z_t = (x_{t-1} - mu_t(x_t)) / sigma_t, on one-number latents.
+
+    Steps [3, 1] (leading, offset 1). Step t=3 -> t'=1: abar_t = 0.3024, abar_t' = 0.72;
+    sigma^2 = (1 - 0.72) / (1 - 0.3024) * (1 - 0.3024 / 0.72) = 0.401376 * 0.58 = 0.232798;
+    with x_t = 1, eps = 0.5: x0_hat = (1 - sqrt(0.6976) 0.5) / sqrt(0.3024) = 1.0578,
+    mu = sqrt(0.72) 1.0578 + sqrt(1 - 0.72 - 0.232798) 0.5 = 1.00727; x_t' = 0.8 gives z = -0.42959.
+    Last step t=1 -> final abar = abar_0 = 0.9: sigma = sqrt(0.28 / 0.1 ... ) = 0.26726, z = -0.39940.
+    """
+    from consistent_diffusion.methods.inversion import ddpm_mean, noise_map
+
+    scheduler = _toy_scheduler()
+    scheduler.set_timesteps(2)
+    assert scheduler.timesteps.tolist() == [3, 1]
+    x_t, eps, x_prev = (torch.full((1, 1, 1, 1), v) for v in (1.0, 0.5, 0.8))
+    for t, sigma, mu, z in ((3, 0.482492, 1.007274, -0.429590), (1, 0.267261, 0.906745, -0.399405)):
+        assert float(ddpm_std(scheduler, t, 1.0, x_t)) == pytest.approx(sigma, abs=1e-5)
+        assert float(ddpm_mean(scheduler, eps, t, x_t, 1.0)) == pytest.approx(mu, abs=1e-5)
+        assert float(noise_map(scheduler, eps, t, x_t, x_prev, 1.0)) == pytest.approx(z, abs=1e-5)
+    # the formulas written out, for the first step
+    a_t, a_prev = 0.3024, 0.72
+    s = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    m = math.sqrt(a_prev) * (1 - math.sqrt(1 - a_t) * 0.5) / math.sqrt(a_t) + math.sqrt(1 - a_prev - s * s) * 0.5
+    assert (s, m, (0.8 - m) / s) == pytest.approx((0.482492, 1.007274, -0.429590), abs=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_step_helper_is_ddims_own_arithmetic_where_its_next_timestep_is_right(tiny_sd, prediction_type):
+    """With leading spacing DDIMScheduler's t - T // N is the schedule's next timestep: same bits."""
+    from diffusers import DDIMScheduler
+
+    from consistent_diffusion.methods.inversion import ddim_step, next_timestep
+
+    scheduler = noise_map_scheduler({**tiny_sd.scheduler.config, "prediction_type": prediction_type})
+    scheduler.set_timesteps(7)
+    generator = torch.Generator().manual_seed(0)
+    x, eps, noise = (torch.randn(2, 4, 3, 3, generator=generator) for _ in range(3))
+    for t in scheduler.timesteps:
+        for eta in (0.0, 0.5, 1.0):
+            ours = ddim_step(scheduler, eps, t, next_timestep(scheduler, t), x, eta, noise)
+            theirs = DDIMScheduler.step(scheduler, eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_steps_land_on_the_schedules_next_timestep_for_any_spacing(tiny_sd, spacing):
+    """Bug 4: with 30 steps (30 does not divide 1000) trailing/linspace timesteps are not t - 33 apart;
+    every step's mean and sigma must aim at timesteps[i + 1] (the level the trajectory was drawn at)."""
+    scheduler = noise_map_scheduler({**tiny_sd.scheduler.config, "timestep_spacing": spacing})
+    scheduler.set_timesteps(30)
+    timesteps = scheduler.timesteps.tolist()
+    assert any(a - b != 1000 // 30 for a, b in zip(timesteps[:-1], timesteps[1:], strict=True))
+    abar = scheduler.alphas_cumprod.double()
+    x0, eps = torch.full((1, 1, 1, 1), 0.3, dtype=torch.float64), torch.full((1, 1, 1, 1), -0.7, dtype=torch.float64)
+    scheduler.configure(eta=1.0, noise_maps=torch.zeros(30, 1, 1, 1, dtype=torch.float64))
+    scheduler.set_timesteps(30)
+    for i, t in enumerate(timesteps[:-1]):  # (linspace's last step, t = 0, has sigma 0)
+        a_t, a_prev = abar[t], abar[timesteps[i + 1]]
+        sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps  # eq. 6 with the exact noise as the model output
+        mean = a_prev.sqrt() * x0 + math.sqrt(1 - a_prev - sigma**2) * eps  # DDIM eq. 12 at timesteps[i + 1]
+        assert float(ddpm_std(scheduler, t, 1.0, x_t)) == pytest.approx(sigma, rel=1e-5), (i, t)
+        stepped = scheduler.step(eps, torch.tensor(t), x_t).prev_sample  # what the pipeline calls; z = 0
+        assert float(stepped) == pytest.approx(float(mean), rel=1e-5, abs=1e-7), (i, t)
+
+
+def test_trailing_spacing_still_reconstructs_exactly(tiny_sd, image):
+    """Bug 4 end to end: with 30 trailing steps the inversion still reconstructs exactly."""
+    from diffusers import DDIMScheduler
+
+    tiny_sd.scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, timestep_spacing="trailing")
+    inversion = _invert(tiny_sd, image, steps=30)
+    assert inversion.timesteps[:3].tolist() == [999, 966, 932]
+    assert (reconstruct(tiny_sd, inversion).float() - inversion.x0).abs().max() < 1e-5
+
+
+def test_edit_generates_through_methods_run(tiny_sd, image, monkeypatch):
+    import consistent_diffusion.methods.inversion.method as method_module
+
+    calls = []
+    real = method_module.run
+
+    def spy(ctx, methods=(), output_type="pil"):
+        calls.append([m.name for m in methods])
+        return real(ctx, methods, output_type=output_type)
+
+    monkeypatch.setattr(method_module, "run", spy)
+    inversion = _invert(tiny_sd, image, steps=2)
+    edit(tiny_sd, inversion, ["a", "b"], skip=1)
+    assert calls == [[], ["ddpm_edit"]]  # the inversion's recording call, then the edit
+
+
+def test_invert_and_edit_to_folder_are_library_calls(tiny_sd, image, tmp_path):
+    from consistent_diffusion.methods.inversion import edit_to_folder, invert_to_folder
+
+    done = invert_to_folder(tiny_sd, image, tmp_path / "inv", "a cat", steps=2, seed=3)
+    assert done.reconstruction_error < 1e-6 and done.inversion.path == str((tmp_path / "inv").absolute())
+    loaded = Inversion.load(tmp_path / "inv")
+    assert torch.equal(loaded.zs, done.inversion.zs) and loaded.config["seed"] == 3
+    manifest = json.loads((tmp_path / "inv" / "manifest.json").read_text())
+    assert manifest["image"] == "<in-memory image>" and manifest["runtime"]["device"] == "cpu"
+    images = edit_to_folder(tiny_sd, loaded, tmp_path / "edit", ["a dog"], skip=1)
+    assert len(images) == 1 and (tmp_path / "edit" / "edit_p00.png").is_file()
+    with pytest.raises(ConfigError, match="multiples of 2 for this model"):
+        invert_to_folder(tiny_sd, image, tmp_path / "bad", width=31)

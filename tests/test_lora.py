@@ -194,3 +194,83 @@ def test_cli_lora_with_kohya_export(tiny_sd_folder, tmp_path):
     assert args.func(args) == 0
     assert (tmp_path / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "k.safetensors").is_file()
+
+
+def _user_adapters(pipe) -> None:
+    """Two adapters of the user's own, ``a`` and ``b``, active with weights 0.3 and 0.7 (B perturbed so they act)."""
+    from peft import LoraConfig
+
+    for index, name in enumerate(("a", "b")):
+        pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"]), adapter_name=name)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for key, param in pipe.unet.named_parameters():
+                if f"lora_B.{name}." in key:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.3, 0.7])
+
+
+def _adapter_state(pipe) -> dict:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: (list(m.active_adapters), dict(m.scaling), m.disable_adapters,
+                   [(k, p.requires_grad) for k, p in m.named_parameters()])
+            for name, m in pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def test_leaving_lora_restores_the_users_adapters_with_their_weights(trained):
+    _, result, _ = trained
+    pipe = tiny_sd_pipeline()
+    _user_adapters(pipe)
+    before, images = _adapter_state(pipe), generate(pipe)
+    scalings = {s for _, scaling, _, _ in before.values() for s in scaling.values()}
+    assert scalings == {0.3 * 4 / 2, 0.7 * 4 / 2}, "scaling = weight * alpha / r, the user's weights"
+    with LoRA(weights=str(result.result), scales=(0.5,)).applied(ctx_for(pipe)):
+        assert set(pipe.get_active_adapters()) - {"a", "b"}, "ours is active inside"
+    assert pipe.get_active_adapters() == ["a", "b"]
+    assert _adapter_state(pipe) == before, "names, per-layer scales, enabled flag and grads exactly as before"
+    np.testing.assert_array_equal(generate(pipe), images)
+
+
+def test_leaving_lora_leaves_a_plain_pipeline_plain(trained):
+    _, result, _ = trained
+    pipe = tiny_sd_pipeline()
+    names = list(pipe.unet.state_dict())
+    with LoRA(weights=str(result.result)).applied(ctx_for(pipe)):
+        assert list(pipe.unet.state_dict()) != names
+    assert list(pipe.unet.state_dict()) == names, "no PEFT wrapper left behind (a saved UNet keeps its key names)"
+    assert not hasattr(pipe.unet, "peft_config") and not pipe.unet._hf_peft_config_loaded
+
+
+def test_two_loras_mix_as_the_sum_of_scaled_low_rank_updates(trained, tmp_path):
+    """A layer under LoRA(scales=(s1, s2)) computes W x + sum_i s_i * (alpha / r) * B_i A_i x, A and B
+    as read from the files (alpha 8, rank 4 in the trained fixture: alpha / r = 2)."""
+    from safetensors.torch import load_file
+
+    _, result, _ = trained
+    state = load_file(str(result.result / "pytorch_lora_weights.safetensors"))
+    key = next(k for k in sorted(state) if k.endswith("to_q.lora.down.weight"))  # diffusers' names: down = A
+    a, b = state[key], state[key.replace(".down.", ".up.")]
+    prefix = key.removeprefix("unet.").removesuffix(".lora.down.weight")
+    pipe = tiny_sd_pipeline()
+    layer = pipe.unet.get_submodule(prefix)
+    weight = layer.weight.detach().clone()
+    x = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = x @ weight.T + (0.5 + (-0.25)) * (8 / 4) * (x @ a.T @ b.T)
+    method = LoRA(weights=(str(result.result), str(result.result)), scales=(0.5, -0.25))
+    with method.applied(ctx_for(pipe)), torch.no_grad():
+        got = pipe.unet.get_submodule(prefix)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_acts_over_switched_off_user_adapters_and_leaves_them_off(trained):
+    _, result, ours = trained
+    pipe = tiny_sd_pipeline()
+    _user_adapters(pipe)
+    pipe.disable_lora()
+    before, images = _adapter_state(pipe), generate(pipe)
+    np.testing.assert_array_equal(images, generate(tiny_sd_pipeline()))  # off: the base model's output
+    with LoRA(weights=str(result.result)).applied(ctx_for(pipe)):
+        np.testing.assert_allclose(generate(pipe), ours, atol=1e-5)  # ours alone, at scale 1
+    assert _adapter_state(pipe) == before
+    np.testing.assert_array_equal(generate(pipe), images)

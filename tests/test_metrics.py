@@ -274,7 +274,8 @@ def test_missing_weights_give_a_clear_error(tmp_path):
 
 
 def test_heads_train_save_load_roundtrip(tmp_path):
-    from consistent_diffusion.metrics.heads import HeadTrainingConfig, load_heads, save_heads, train_heads
+    from consistent_diffusion.metrics.extractors.heads import load_heads
+    from consistent_diffusion.training.recipes.heads import HeadTrainingConfig, save_heads, train_heads
 
     n = 12
     records = [{"style": ["google", "twitter"][i % 2], "identity": f"id{i // 2}", "caption": f"thing {i // 2}",

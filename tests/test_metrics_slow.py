@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from consistent_diffusion.metrics.heads import ASSET_DIR
+from consistent_diffusion.metrics.extractors.heads import ASSET_DIR
 
 pytestmark = pytest.mark.slow
 

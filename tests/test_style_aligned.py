@@ -44,6 +44,27 @@ def test_adain_gives_the_reference_statistics():
     assert not torch.allclose(calc_mean_std(feat)[1], ref_std.expand_as(std), atol=1e-1)
 
 
+def test_adain_against_a_hand_computation():
+    """AdaIN(x, y) = std(y) (x - mean(x)) / std(x) + mean(y), per channel over the tokens
+    (population std, sqrt(var + eps)). Three tokens, two channels:
+
+    channel 0: x = [1, 3, 2] (mean 2, var 2/3), y = [10, 14, 12] (mean 12, var 8/3): gain 2,
+               so AdaIN = 2 (x - 2) + 12 = [10, 14, 12];
+    channel 1: x = [0, 0, 6] (mean 2, var 8), y = [1, 1, 1] (mean 1, var 0): every token becomes 1.
+    """
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 6.0]])  # (tokens, channels)
+    y = torch.tensor([[10.0, 1.0], [14.0, 1.0], [12.0, 1.0]])
+    mean, std = calc_mean_std(x, eps=0.0)
+    assert mean[0].tolist() == pytest.approx([2.0, 2.0])
+    assert std[0].tolist() == pytest.approx([(2 / 3) ** 0.5, 8**0.5])
+    out = adain(x, y, eps=0.0)
+    assert out[:, 0].tolist() == pytest.approx([10.0, 14.0, 12.0], abs=1e-5)
+    assert out[:, 1].tolist() == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    # with the default eps = 1e-5 the gain of channel 0 is sqrt((8/3 + eps) / (2/3 + eps))
+    gain = ((8 / 3 + 1e-5) / (2 / 3 + 1e-5)) ** 0.5
+    assert adain(x, y)[:, 0].tolist() == pytest.approx([12 - gain, 12 + gain, 12.0], abs=1e-5)
+
+
 def _heads(x, heads=2):
     """(tokens, heads * dim) -> (heads, tokens, dim)"""
     return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
@@ -235,6 +256,65 @@ def test_real_reference_follows_its_inverted_trajectory(tiny_sd):
     # the scheduler and processors are back
     assert type(tiny_sd.scheduler).__name__ == "DDIMScheduler"
     assert not any(isinstance(p, SharedAttentionProcessor) for p in tiny_sd.unet.attn_processors.values())
+
+
+def _real_inversion(pipe, steps=3):
+    from consistent_diffusion.methods.inversion import invert
+
+    rng = np.random.RandomState(4)
+    real = Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8"))
+    return invert(pipe, real, "a painting", steps=steps, cfg=3.0, generator=torch.Generator().manual_seed(0))
+
+
+def test_real_reference_keeps_the_callers_ddim_scheduler_and_steps(tiny_sd):
+    """Bug 2: the user's DDIM (here trailing spacing) and step count are kept; the reference is
+    pinned to x_t redrawn from its x0 at those timesteps; describe() records what sampled."""
+    import warnings
+
+    from diffusers import DDIMScheduler
+
+    inversion = _real_inversion(tiny_sd, steps=3)  # leading spacing, 3 steps
+    tiny_sd.scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, timestep_spacing="trailing")
+    expected = DDIMScheduler.from_config(tiny_sd.scheduler.config)
+    expected.set_timesteps(4)
+    seen = []
+    handle = tiny_sd.unet.register_forward_pre_hook(lambda module, args: seen.append(int(args[1])))
+    method = StyleAligned(reference_inversion=inversion)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            latents, internal = _generate(tiny_sd, [method], ["a", "b"], [1, 2], output_type="latent",
+                                          num_inference_steps=4)
+    finally:
+        handle.remove()
+    assert not [w for w in caught if "replaced" in str(w.message)]
+    assert seen == expected.timesteps.tolist() == [999, 749, 499, 249]  # the caller's schedule
+    assert internal == 1 and torch.allclose(latents[0].float(), inversion.x0[0], atol=1e-6)
+    sampling = method.describe()["sampling"]
+    assert sampling["sampler"] == "DDIMScheduler" and sampling["replaced"] is None and sampling["steps"] == 4
+    assert sampling["timesteps"] == [999, 749, 499, 249]
+    assert sampling["reference_trajectory"].startswith("redrawn from x0")
+    assert isinstance(tiny_sd.scheduler, DDIMScheduler) and tiny_sd.scheduler.config.timestep_spacing == "trailing"
+
+
+def test_real_reference_with_a_non_ddim_scheduler_swaps_explicitly_and_the_manifest_says_so(tiny_sd):
+    """Bug 2: a scheduler that cannot pin a row is replaced by DDIM for the call, with a warning,
+    and the manifest records the sampler that ran (not only the restored scheduler)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from consistent_diffusion.series import SeriesConfig, generate_series
+
+    inversion = _real_inversion(tiny_sd, steps=3)
+    tiny_sd.scheduler = EulerDiscreteScheduler.from_config(tiny_sd.scheduler.config)
+    config = SeriesConfig(prompts=("a", "b"), seeds=(0,), steps=3, guidance_scale=3.0, batch_size=2)
+    with pytest.warns(UserWarning, match="EulerDiscreteScheduler is replaced by DDIM"):
+        result = generate_series(tiny_sd, config, [StyleAligned(reference_inversion=inversion)], progress=False)
+    sampling = result.manifest["methods"][0]["sampling"]
+    assert sampling["sampler"] == "DDIMScheduler" and sampling["replaced"] == "EulerDiscreteScheduler"
+    assert sampling["timesteps"] == [999, 500, 0] and sampling["eta"] == 0.0  # Euler's linspace spacing, kept
+    assert sampling["reference_trajectory"].startswith("redrawn from x0")  # not the inversion's (leading) levels
+    assert result.manifest["runtime"]["scheduler_class"] == "EulerDiscreteScheduler"  # restored after the call
+    assert isinstance(tiny_sd.scheduler, EulerDiscreteScheduler)
 
 
 @pytest.mark.slow

@@ -11,17 +11,19 @@ import torch
 
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.data.emoji import write_dataset
-from consistent_diffusion.metrics.probes import ProbeTrainConfig, load_probe, predict, save_probe, train_probe
+from consistent_diffusion.metrics.extractors.probes import load_probe, predict
 from consistent_diffusion.models.embedded import load_embedded_pipeline
+from consistent_diffusion.training.loop import list_checkpoints, load_checkpoint, lr_factor
 from consistent_diffusion.training.recipes.embedded import (
     TrainingStopped,
     UNetConfig,
     VAEConfig,
     export_embedded,
-    lr_at,
     preset,
+    stage_dir,
     train_base,
 )
+from consistent_diffusion.training.recipes.probes import ProbeTrainConfig, save_probe, train_probe
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,25 @@ def tiny(data: Path, out: Path, **overrides):
     return preset("tiny", data, out, **overrides)
 
 
+def stage_log(out: Path, stage: str) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir(out, stage) / "log.jsonl").read_text().splitlines()]
+
+
+def last_state(out: Path, stage: str) -> dict:
+    """The newest checkpoint of one stage: step, trainable weights, optimizer, EMA (UNet)."""
+    return load_checkpoint(list_checkpoints(stage_dir(out, stage))[-1][1])
+
+
 def test_full_recipe_exports_a_working_pipeline(tiny_data: Path, tmp_path: Path) -> None:
     pipeline = train_base(tiny(tiny_data, tmp_path / "run"))
     vae_config = json.loads((pipeline / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != pytest.approx(0.18215)
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in log} == {"vae", "unet", "decoder"} and any("val" in r for r in log)
+    logs = {stage: stage_log(tmp_path / "run", stage) for stage in ("vae", "unet", "decoder")}
+    assert all(logs.values()) and all(any("val" in r for r in log) for log in logs.values())
+    summary = json.loads((pipeline / "training.json").read_text())["log_summary"]
+    assert summary["vae"]["steps"] == 4 and summary["unet"]["steps"] == 4 and "psnr_db" in summary["vae"]["val"]
+    train_base(tiny(tiny_data, tmp_path / "run", resume=True))  # a finished run resumed: nothing is undone
+    assert json.loads((pipeline / "vae" / "config.json").read_text())["scaling_factor"] == vae_config["scaling_factor"]
     dest = export_embedded(pipeline, tmp_path / "embedded")
     assert json.loads((dest / "training.json").read_text())["max_length"] == 8
     pipe = load_embedded_pipeline(folder=dest)
@@ -75,17 +90,19 @@ def test_killed_run_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
         train_base(tiny(tiny_data, tmp_path / "resumed"))
     with pytest.raises(TrainingStopped):  # VAE 2 -> 4 (its end), then UNet 0 -> 2
         train_base(tiny(tiny_data, tmp_path / "resumed", resume=True, stop_after_steps=2))
-    first = torch.load(tmp_path / "resumed" / "state" / "unet.pt", weights_only=False)
-    assert first["loop"]["step"] == 2 and not first["loop"]["done"]
+    first = last_state(tmp_path / "resumed", "unet")
+    assert first["step"] == 2 and not (stage_dir(tmp_path / "resumed", "unet") / "unet").exists()  # not done
     train_base(tiny(tiny_data, tmp_path / "resumed", resume=True))
-    for stage in ("vae", "unet"):
-        resumed = torch.load(tmp_path / "resumed" / "state" / f"{stage}.pt", weights_only=False)
-        straight = torch.load(tmp_path / "straight" / "state" / f"{stage}.pt", weights_only=False)
-        assert resumed["loop"]["step"] == straight["loop"]["step"] == 4
-        for key, value in straight["model"].items():
-            torch.testing.assert_close(resumed["model"][key], value, rtol=1e-4, atol=1e-5)
-    name = next(iter(first["model"]))
-    assert not torch.equal(resumed["model"][name], first["model"][name])
+    for stage in ("vae", "unet", "decoder"):
+        resumed, straight = last_state(tmp_path / "resumed", stage), last_state(tmp_path / "straight", stage)
+        assert resumed["step"] == straight["step"] == (2 if stage == "decoder" else 4)
+        for part in ("trainable", "ema") if stage == "unet" else ("trainable",):
+            for module, weights in straight[part].items():
+                for key, value in weights.items():
+                    torch.testing.assert_close(resumed[part][module][key], value, rtol=1e-4, atol=1e-5)
+    name = next(iter(first["trainable"]["unet"]))
+    final = last_state(tmp_path / "resumed", "unet")["trainable"]["unet"]
+    assert not torch.equal(final[name], first["trainable"]["unet"][name])
 
 
 def test_configs_validate() -> None:
@@ -97,8 +114,10 @@ def test_configs_validate() -> None:
         preset("huge", Path("d"), Path("o"))
     with pytest.raises(ConfigError):
         tiny(Path("d"), Path("o"), stage="both")
-    assert lr_at(0, 0.0, 1.0, warmup=10) == pytest.approx(0.1)
-    assert lr_at(100, 1.0, 1.0, warmup=10) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 0.0, warmup=10) == pytest.approx(0.1)  # warm-up: 1/10 of the peak
+    assert lr_factor("cosine", 100, 1.0, warmup=10) == pytest.approx(0.1)  # end of the cosine: 10% of the peak
+    assert lr_factor("cosine", 100, 0.5, warmup=10) == pytest.approx(0.55)  # half way: 0.1 + 0.45
+    assert lr_factor("constant", 4, 0.9, warmup=10) == pytest.approx(0.5)
 
 
 def test_missing_embedded_weights_say_how_to_train(tmp_path: Path) -> None:
@@ -116,3 +135,18 @@ def test_probe_trains_saves_and_loads(tiny_data: Path, tmp_path: Path) -> None:
     assert probs.shape == (3, 2) and torch.allclose(probs.sum(1), torch.ones(3))
     with pytest.raises(ModelNotFoundError):
         load_probe("content", tmp_path)
+
+
+def test_frechet_distance_by_hand() -> None:
+    from consistent_diffusion.metrics.frechet import frechet_distance
+
+    a, b = torch.tensor([[0.0], [2.0]]), torch.tensor([[3.0], [7.0]])  # means 1, 5; variances 2, 8 (unbiased)
+    assert frechet_distance(a, b) == pytest.approx(16 + 2 + 8 - 2 * (2 * 8) ** 0.5)  # (mu_a - mu_b)^2 + ...
+    two_d_a = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])  # diagonal covariance (4/3, 16/3)
+    two_d_b = two_d_a * torch.tensor([2.0, 1.0]) + 1.0  # means (1, 2) -> (3, 3); x-variance x4
+    mean_gap = (3.0 - 1.0) ** 2 + (3.0 - 2.0) ** 2
+    trace_term = (4 / 3 + 16 / 3) + (16 / 3 + 16 / 3) - 2 * ((4 / 3 * 16 / 3) ** 0.5 + 16 / 3)
+    assert frechet_distance(two_d_a, two_d_b) == pytest.approx(mean_gap + trace_term, rel=1e-9)
+    assert frechet_distance(two_d_a, two_d_a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ConfigError):
+        frechet_distance(a, two_d_a)

@@ -27,6 +27,7 @@ from consistent_diffusion.core.images import contact_sheet, save_png_atomic
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import GenerationContext, Method, get_method, run
 from consistent_diffusion.models.loading import SCHEDULERS, model_identity, set_scheduler
+from consistent_diffusion.models.vae import native_size, vae_factor
 
 MANIFEST_FORMAT = "consistent-diffusion/series/v1"
 MAX_SEED = 2**63 - 1
@@ -110,16 +111,11 @@ class SeriesResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def native_size(pipe: Any) -> int:
-    """The pipeline's default image side in pixels (UNet sample size x VAE factor)."""
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-
-
 def resolve_size(pipe: Any, config: SeriesConfig) -> tuple[int, int]:
     """(height, width) for this pipeline, checked against the VAE factor diffusers needs."""
-    default = native_size(pipe)
-    height, width = config.height or default, config.width or default
-    multiple = max(DIFFUSERS_SIZE_MULTIPLE, int(getattr(pipe, "vae_scale_factor", 8)))
+    default_width, default_height = native_size(pipe)
+    height, width = config.height or default_height, config.width or default_width
+    multiple = max(DIFFUSERS_SIZE_MULTIPLE, vae_factor(pipe))
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise ConfigError(
@@ -192,10 +188,12 @@ def generate_series(
         set_scheduler(pipe, config.scheduler)
     resolve_size(pipe, config)  # fail before any work
     items = config.items
+    # Rules that span batches (``Method.for_series``; duck-typed methods without it run as given).
+    running = [m.for_series(items, config.batch_size) if hasattr(m, "for_series") else m for m in methods]
     images: list[Image.Image] = []
     with tqdm(total=len(items), desc="generating", unit="img", disable=not progress) as bar:
         for batch in _batches(items, config.batch_size):
-            images.extend(generate_batch(pipe, config, batch, methods))
+            images.extend(generate_batch(pipe, config, batch, running))
             bar.update(len(batch))
     device = str(getattr(pipe, "device", "cpu"))
     dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -175,3 +176,13 @@ def save_tiny_pipeline(folder: str | Path, kind: str = "sd", seed: int = 0) -> P
     folder = Path(folder)
     builders[kind](seed).save_pretrained(folder)
     return folder
+
+
+def load_pipeline_or_tiny(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """``tiny_sd_pipeline()`` for ``spec == "tiny"`` (a script's offline smoke run), else
+    ``models.loading.load_pipeline(spec, device, dtype)``."""
+    if spec == "tiny":
+        return tiny_sd_pipeline().to(device)
+    from consistent_diffusion.models.loading import load_pipeline
+
+    return load_pipeline(spec, device=device, dtype=dtype)

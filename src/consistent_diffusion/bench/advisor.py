@@ -9,13 +9,14 @@ numbers it rests on; scores from metrics that failed validation are flagged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from consistent_diffusion.bench.suite import KINDS, REFERENCE_PLACEHOLDER, trained_name
+from consistent_diffusion.bench.records import CellRecord, Report, as_report
+from consistent_diffusion.bench.suite import KINDS
 from consistent_diffusion.core.errors import ConfigError
 
-TRAINING_METHODS = {"dreambooth", "lora_dreambooth", "lora_training"}
 HAVE_CHOICES = ("reference-images", "text-only")
 
 
@@ -29,19 +30,13 @@ class Recommendation:
     unvalidated: list[str] = field(default_factory=list)
 
 
-def _needs_reference(record: dict[str, Any]) -> bool:
-    """Stacks that read a reference image, or were fine-tuned on the task's references."""
-    values = [value for use in record.get("stack", []) for value in use.values()]
-    return any(value == REFERENCE_PLACEHOLDER or trained_name(value) for value in values)
-
-
-def _needs_training(record: dict[str, Any]) -> bool:
-    return record["cost"].get("trainable_parameters", 0) > 0 or any(
-        use["method"] in TRAINING_METHODS for use in record.get("stack", []))
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _measured(cells: list[CellRecord], metric: str) -> list[float]:
+    """The aggregates of ``metric`` in the cells that scored it."""
+    return [value for value in (cell.aggregate(metric) for cell in cells) if value is not None]
 
 
 def parse_needs(text: str) -> list[str]:
@@ -52,57 +47,58 @@ def parse_needs(text: str) -> list[str]:
     return needs
 
 
-def advise(report: dict[str, Any], needs: list[str], have: str = "reference-images",
+def _allowed(cell: CellRecord, have: str, allow_training: bool) -> bool:
+    """Whether the user can run the cell's stack: has the references it reads, may train."""
+    return not (have == "text-only" and cell.needs_reference) and not (not allow_training and cell.needs_training)
+
+
+def _reason(need: str, relevant: list[CellRecord], plain: dict[str, CellRecord]) -> tuple[str, float | None]:
+    """The evidence line for one need and the mean gain over plain generation (None: no plain cell)."""
+    gains = [cell.aggregate(need) - plain[cell.task].aggregate(need)
+             for cell in relevant if cell.task in plain and plain[cell.task].aggregate(need) is not None]
+    text, diversity = _mean(_measured(relevant, "text")), _mean(_measured(relevant, "diversity"))
+    mean_value, mean_gain = _mean([cell.aggregate(need) for cell in relevant]), _mean(gains)
+    reason = f"{need} consistency {mean_value:.3f}"
+    if mean_gain is not None:
+        reason += f" ({mean_gain:+.3f} vs plain)"
+    if text is not None:
+        reason += f", text alignment {text:.3f}"
+    if diversity is not None:
+        reason += f", diversity {diversity:.3f}"
+    reason += f", {_mean([cell.cost.seconds_per_image for cell in relevant]):.2f} s/image"
+    training = _mean([cell.cost.train_seconds for cell in relevant])
+    if training:
+        params = max(cell.cost.trainable_parameters for cell in relevant)
+        reason += f" after {training:.0f} s of training per subject ({params:,} trainable parameters)"
+    return reason, mean_gain
+
+
+def advise(report: Report | Mapping[str, Any], needs: list[str], have: str = "reference-images",
            allow_training: bool = True, top: int = 5) -> list[Recommendation]:
-    """Ranked recommendations (best first) for ``needs`` from ``report``."""
+    """Ranked recommendations (best first) for ``needs`` from ``report`` (a Report or its dict)."""
     if have not in HAVE_CHOICES:
         raise ConfigError(f"--have must be one of {', '.join(HAVE_CHOICES)}, got {have!r}")
-    plain = {(r["task"]): r for r in report["cells"] if not r.get("stack")}
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for record in report["cells"]:
-        if have == "text-only" and _needs_reference(record):
-            continue
-        if not allow_training and _needs_training(record):
-            continue
-        by_method.setdefault(record["method"], []).append(record)
+    report = as_report(report)
+    plain = {cell.task: cell for cell in report.cells if cell.is_plain}
+    by_method: dict[str, list[CellRecord]] = {}
+    for cell in report.cells:
+        if _allowed(cell, have, allow_training):
+            by_method.setdefault(cell.method, []).append(cell)
     ranked = []
-    for method, records in by_method.items():
-        recommendation = Recommendation(method=method, stack=[u["method"] for u in records[0].get("stack", [])] or ["plain"],
-                                        score=0.0)
-        covered = 0
+    for method, cells in by_method.items():
+        recommendation = Recommendation(method=method, stack=cells[0].components or ["plain"], score=0.0)
         for need in needs:
-            relevant = [r for r in records if r["kind"] == need and (r["scores"].get(need) or {}).get("aggregate") is not None]
+            relevant = [cell for cell in cells if cell.kind == need and cell.aggregate(need) is not None]
             if not relevant:
                 recommendation.reasons.append(f"{need}: not measured for this method")
                 continue
-            covered += 1
-            values = [r["scores"][need]["aggregate"] for r in relevant]
-            gains = [r["scores"][need]["aggregate"] - plain[r["task"]]["scores"][need]["aggregate"]
-                     for r in relevant if r["task"] in plain and (plain[r["task"]]["scores"].get(need) or {}).get("aggregate") is not None]
-            text = _mean([(r["scores"].get("text") or {}).get("aggregate") for r in relevant
-                          if (r["scores"].get("text") or {}).get("aggregate") is not None])
-            diversity = _mean([(r["scores"].get("diversity") or {}).get("aggregate") for r in relevant
-                               if (r["scores"].get("diversity") or {}).get("aggregate") is not None])
-            mean_value, mean_gain = _mean(values), _mean(gains)
-            recommendation.score += mean_gain if mean_gain is not None else 0.0
-            reason = f"{need} consistency {mean_value:.3f}"
-            if mean_gain is not None:
-                reason += f" ({mean_gain:+.3f} vs plain)"
-            if text is not None:
-                reason += f", text alignment {text:.3f}"
-            if diversity is not None:
-                reason += f", diversity {diversity:.3f}"
-            seconds = _mean([r["cost"]["seconds_per_image"] for r in relevant])
-            reason += f", {seconds:.2f} s/image"
-            training = _mean([r["cost"].get("train_seconds", 0) for r in relevant])
-            if training:
-                params = max(r["cost"].get("trainable_parameters", 0) for r in relevant)
-                reason += f" after {training:.0f} s of training per subject ({params:,} trainable parameters)"
+            recommendation.covered += 1
+            reason, gain = _reason(need, relevant, plain)
+            recommendation.score += gain if gain is not None else 0.0
             recommendation.reasons.append(reason)
-            if any(not r["scores"][need].get("validated") for r in relevant):
+            if any(not cell.scores[need].validated for cell in relevant):
                 recommendation.unvalidated.append(need)
-        if covered:
-            recommendation.covered = covered
+        if recommendation.covered:
             ranked.append(recommendation)
     # Methods measured on every need first, then by total gain over plain generation.
     ranked.sort(key=lambda rec: (rec.covered, rec.score), reverse=True)

@@ -14,6 +14,7 @@ Its cost (training seconds, trainable parameters) is added to every cell that us
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,11 +23,35 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.bench.suite import Task, TrainingSpec, training_kind
-from consistent_diffusion.core.errors import ConsistentDiffusionError
+from consistent_diffusion.bench.records import TrainingRecord
+from consistent_diffusion.bench.suite import Suite, Task, TrainingSpec
+from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.core.outputs import write_json_atomic
 
-PREPARED_FORMAT = "consistent-diffusion/bench-prepared/v1"
+SET_BY_RUNNER = frozenset({"out", "instance_dir", "resume", "progress", "class_images_dir"})  # not suite options
+
+
+def training_kind(kind: str) -> tuple[type, Callable[..., Any]]:
+    """(config dataclass, train function) of a suite training of ``kind`` (``dreambooth`` | ``lora``)."""
+    from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
+    from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
+
+    return {"dreambooth": (DreamBoothConfig, train_dreambooth), "lora": (LoraDreamBoothConfig, train_lora)}[kind]
+
+
+def check_trainings(suite: Suite) -> None:
+    """Raise ConfigError for a suite training whose options its config rejects: an unknown option
+    name, one the runner sets itself, or a bad value (the config's own validation)."""
+    for training in suite.trainings.values():
+        config_class, _ = training_kind(training.kind)
+        known = {f.name for f in dataclasses.fields(config_class)} - SET_BY_RUNNER
+        unknown = sorted(set(training.options) - known)
+        if unknown:
+            raise ConfigError(f"training {training.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+        try:
+            config_class(out=Path("."), instance_dir=Path("."), resume=True, progress=False, **training.options)
+        except ConfigError as error:
+            raise ConfigError(f"training {training.name!r}: {error}") from None
 
 
 def prepared_dir(out_dir: Path, task: Task, training: TrainingSpec) -> Path:
@@ -59,8 +84,8 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
 
 
 def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],
-                    progress: bool = False) -> dict[str, Any]:
-    """The record of ``training`` on ``task`` (trained now if not cached); ``artifact`` is an
+                    progress: bool = False) -> TrainingRecord:
+    """The record of ``training`` on ``task`` (trained now if not cached); its ``artifact`` is an
     absolute path to pass to the ``dreambooth`` / ``lora`` method."""
     final = prepared_dir(out_dir, task, training)
     if not (final / "prepared.json").is_file():
@@ -72,23 +97,22 @@ def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe
             raise ConsistentDiffusionError(f"training {training.name} for task {task.name} was stopped at step "
                                            f"{result.step}; run the same bench command again to resume it")
         shutil.rmtree(partial / "run" / "checkpoints", ignore_errors=True)  # the artifact is all a cell needs
-        record = {
-            "format": PREPARED_FORMAT,
-            "task": task.name,
-            "training": training.name,
-            "kind": training.kind,
-            "options": training.options,
-            "instance_images": len(task.references),
-            "steps": result.step,
-            "final_loss": round(sum(last := result.losses[-20:]) / len(last), 5) if result.losses else None,
-            "train_seconds": round(seconds, 2),
-            "trainable_parameters": result.trainable_parameters,
-            "artifact": os.path.relpath(result.result, partial),
-        }
-        write_json_atomic(record, partial / "prepared.json")
+        record = TrainingRecord(
+            task=task.name,
+            training=training.name,
+            kind=training.kind,
+            options=training.options,
+            instance_images=len(task.references),
+            steps=result.step,
+            final_loss=round(sum(last := result.losses[-20:]) / len(last), 5) if result.losses else None,
+            train_seconds=round(seconds, 2),
+            trainable_parameters=result.trainable_parameters,
+            artifact=os.path.relpath(result.result, partial),
+        )
+        write_json_atomic(record.to_dict(), partial / "prepared.json")
         if final.exists():  # another process finished the same training first
             shutil.rmtree(partial)
         else:
             os.replace(partial, final)
-    record = json.loads((final / "prepared.json").read_text(encoding="utf-8"))
-    return {**record, "artifact": str((final / record["artifact"]).resolve())}
+    record = TrainingRecord.from_dict(json.loads((final / "prepared.json").read_text(encoding="utf-8")))
+    return dataclasses.replace(record, artifact=str((final / record.artifact).resolve()))

@@ -10,40 +10,40 @@ from __future__ import annotations
 
 import html
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from consistent_diffusion.bench.claims import evaluate_claims
 from consistent_diffusion.bench.plots import scatter_svg
+from consistent_diffusion.bench.records import Report, Score, as_report
 
 UNVALIDATED = "†"
 
 
-def _metric_cell(score: dict[str, Any] | None, needs_validation: bool = True) -> str:
+def _metric_cell(score: Score | None, needs_validation: bool = True) -> str:
     """``0.812`` or ``0.812†`` when the metric failed validation (or, if it needs one, never had it)."""
-    if not score or score.get("aggregate") is None:
+    if score is None or score.aggregate is None:
         return "–"
-    validated = score.get("validated")
-    flag = UNVALIDATED if validated is False or (validated is None and needs_validation) else ""
-    return f"{score['aggregate']:.3f}{flag}"
+    flag = UNVALIDATED if score.unvalidated(needs_validation) else ""
+    return f"{score.aggregate:.3f}{flag}"
 
 
-def main_table_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def main_table_rows(report: Report) -> list[dict[str, Any]]:
     """One row per cell: task, kind, method, consistency, text, diversity, s/img, params."""
     rows = []
-    for record in report["cells"]:
-        scores = record["scores"]
+    for cell in report.cells:
         rows.append({
-            "cell": record["cell"],
-            "task": record["task"],
-            "kind": record["kind"],
-            "method": record["method"],
-            "consistency": _metric_cell(scores.get(record["kind"])),
-            "text": _metric_cell(scores.get("text")),
-            "diversity": _metric_cell(scores.get("diversity"), needs_validation=False),  # a guard, not a claim
-            "seconds_per_image": f"{record['cost']['seconds_per_image']:.2f}",
-            "trainable_parameters": f"{record['cost']['trainable_parameters']:,}",
-            "train_seconds": f"{record['cost'].get('train_seconds', 0):.0f}",
+            "cell": cell.id,
+            "task": cell.task,
+            "kind": cell.kind,
+            "method": cell.method,
+            "consistency": _metric_cell(cell.consistency),
+            "text": _metric_cell(cell.scores.get("text")),
+            "diversity": _metric_cell(cell.scores.get("diversity"), needs_validation=False),  # a guard, not a claim
+            "seconds_per_image": f"{cell.cost.seconds_per_image:.2f}",
+            "trainable_parameters": f"{cell.cost.trainable_parameters:,}",
+            "train_seconds": f"{cell.cost.train_seconds:.0f}",
         })
     return rows
 
@@ -53,13 +53,13 @@ COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consisten
            ("trainable_parameters", "trainable params"), ("train_seconds", "training s")]
 
 
-def render_markdown(report: dict[str, Any], claims: list[dict[str, Any]]) -> str:
-    lines = [f"# Consistency benchmark: suite `{report['suite']['name']}`", ""]
-    model = report.get("model") or {}
+def render_markdown(report: Report, claims: list[dict[str, Any]]) -> str:
+    lines = [f"# Consistency benchmark: suite `{report.suite.name}`", ""]
+    model = report.model or {}
     lines += [f"Model: `{model.get('spec', '?')}` ({model.get('pipeline_class', '?')}); "
-              f"{report['suite']['steps']} steps, guidance {report['suite']['guidance']}.", ""]
-    if not report["complete"]:
-        lines += [f"**Incomplete**: missing cells {', '.join(report['missing_cells'])}.", ""]
+              f"{report.suite.steps} steps, guidance {report.suite.guidance}.", ""]
+    if not report.complete:
+        lines += [f"**Incomplete**: missing cells {', '.join(report.missing_cells)}.", ""]
     lines += ["| " + " | ".join(title for _, title in COLUMNS) + " |",
               "|" + "---|" * len(COLUMNS)]
     for row in main_table_rows(report):
@@ -70,24 +70,24 @@ def render_markdown(report: dict[str, Any], claims: list[dict[str, Any]]) -> str
     for claim in claims:
         lines.append(f"| {claim['claim']} | **{claim['verdict']}** | {claim['evidence']} |")
     lines += ["", "## Images", ""]
-    for record in report["cells"]:
-        lines += [f"### {record['cell']}", "", f"![{record['cell']}](cells/{record['cell']}/series/contact_sheet.png)", ""]
+    for cell in report.cells:
+        lines += [f"### {cell.id}", "", f"![{cell.id}](cells/{cell.id}/series/contact_sheet.png)", ""]
     return "\n".join(lines) + "\n"
 
 
-def render_html(report: dict[str, Any], claims: list[dict[str, Any]], plots: list[str]) -> str:
+def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str]) -> str:
     esc = html.escape
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>consistent-diffusion bench</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f4f4f4}"
             ".cell{display:inline-block;margin:8px;vertical-align:top}.cell img{image-rendering:pixelated;"
             "width:320px}.held{color:#080}.not-held{color:#b00}.nm{color:#777}</style></head><body>")
-    parts = [head, f"<h1>Consistency benchmark: suite <code>{esc(report['suite']['name'])}</code></h1>"]
-    model = report.get("model") or {}
+    parts = [head, f"<h1>Consistency benchmark: suite <code>{esc(report.suite.name)}</code></h1>"]
+    model = report.model or {}
     parts.append(f"<p>Model <code>{esc(str(model.get('spec', '?')))}</code> ({esc(str(model.get('pipeline_class', '?')))}), "
-                 f"{report['suite']['steps']} steps, guidance {report['suite']['guidance']}.</p>")
-    if not report["complete"]:
-        parts.append(f"<p><b>Incomplete</b>: missing {esc(', '.join(report['missing_cells']))}</p>")
+                 f"{report.suite.steps} steps, guidance {report.suite.guidance}.</p>")
+    if not report.complete:
+        parts.append(f"<p><b>Incomplete</b>: missing {esc(', '.join(report.missing_cells))}</p>")
     parts.append("<table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in COLUMNS) + "</tr>")
     for row in main_table_rows(report):
         parts.append("<tr>" + "".join(f"<td>{esc(str(row[k]))}</td>" for k, _ in COLUMNS) + "</tr>")
@@ -100,35 +100,33 @@ def render_html(report: dict[str, Any], claims: list[dict[str, Any]], plots: lis
     parts.append("</table><h2>Trade-offs</h2>")
     parts.extend(plots)
     parts.append("<h2>Images</h2>")
-    for record in report["cells"]:
-        src = f"cells/{record['cell']}/series/contact_sheet.png"
-        parts.append(f"<div class='cell'><b>{esc(record['cell'])}</b><br><img src='{esc(src)}' alt='{esc(record['cell'])}'></div>")
+    for cell in report.cells:
+        src = f"cells/{cell.id}/series/contact_sheet.png"
+        parts.append(f"<div class='cell'><b>{esc(cell.id)}</b><br><img src='{esc(src)}' alt='{esc(cell.id)}'></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def trade_off_plots(report: dict[str, Any]) -> list[str]:
+def trade_off_plots(report: Report) -> list[str]:
     """Consistency vs diversity and vs text alignment, one point per cell (SVG)."""
     plots = []
     for other, label in (("diversity", "diversity"), ("text", "text alignment")):
         points = []
-        for record in report["cells"]:
-            scores = record["scores"]
-            x = (scores.get(other) or {}).get("aggregate")
-            y = (scores.get(record["kind"]) or {}).get("aggregate")
+        for cell in report.cells:
+            x, y = cell.aggregate(other), cell.aggregate(cell.kind)
             if x is not None and y is not None:
-                points.append((float(x), float(y), record["method"], record["kind"]))
+                points.append((float(x), float(y), cell.method, cell.kind))
         if points:
             plots.append(scatter_svg(points, x_label=label, y_label="consistency (own kind)",
                                      title=f"consistency vs {label}"))
     return plots
 
 
-def write_reports(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def write_reports(report: Report | Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write report.md and report.html (atomically) next to report.json; returns their paths."""
     from consistent_diffusion.core.outputs import write_text_atomic
 
-    out_dir = Path(out_dir)
+    report, out_dir = as_report(report), Path(out_dir)
     claims = evaluate_claims(report)
     md = write_text_atomic(render_markdown(report, claims), out_dir / "report.md")
     page = write_text_atomic(render_html(report, claims, trade_off_plots(report)), out_dir / "report.html")

@@ -16,6 +16,7 @@ aside). Under ``accelerate launch`` / ``torchrun`` the process index and count c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -25,14 +26,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from consistent_diffusion.bench.records import (
+    CellCost,
+    CellRecord,
+    Report,
+    Score,
+    SuiteSummary,
+    TaskSummary,
+    TrainingRecord,
+    summary_table,
+)
 from consistent_diffusion.bench.suite import Cell, Suite
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import get_method
 from consistent_diffusion.models.loading import model_identity
 from consistent_diffusion.series import SeriesConfig, generate_series
 
-REPORT_FORMAT = "consistent-diffusion/bench-report/v1"
-Scorer = Callable[[Cell, list, list[str]], dict[str, Any]]
+Scorer = Callable[..., dict[str, Any]]  # (cell, images, references, model=ModelIdentity) -> {metric: MetricResult dict}
 
 
 @dataclass(frozen=True)
@@ -63,7 +73,7 @@ def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> floa
     latent-space method (e.g. an exact inversion) can reach in pixel space."""
     from consistent_diffusion.core.imageops import psnr
     from consistent_diffusion.core.images import load_image, pil_to_tensor
-    from consistent_diffusion.methods.inversion import decode_latents, encode_image
+    from consistent_diffusion.models.vae import decode_latents, encode_image
 
     decoded = decode_latents(pipe, encode_image(pipe, reference, size))[0]
     original = pil_to_tensor(load_image(reference, size))
@@ -71,7 +81,7 @@ def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> floa
 
 
 def prepare_cell(suite: Suite, cell: Cell, out_dir: Path, load_train_pipe: Callable[[], Any] | None,
-                 progress: bool = False) -> list[dict[str, Any]]:
+                 progress: bool = False) -> list[TrainingRecord]:
     """The prepared trainings ``cell`` needs (trained now where not cached)."""
     from consistent_diffusion.bench.prepare import ensure_prepared
 
@@ -82,13 +92,13 @@ def prepare_cell(suite: Suite, cell: Cell, out_dir: Path, load_train_pipe: Calla
 
 
 def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8,
-             load_train_pipe: Callable[[], Any] | None = None, progress: bool = False) -> dict[str, Any]:
+             load_train_pipe: Callable[[], Any] | None = None, progress: bool = False) -> CellRecord:
     """Prepare (train what the cell needs), generate, score and write one cell atomically;
     returns its record. ``load_train_pipe`` gives a fresh float32 pipeline to fine-tune;
     ``progress`` shows a training's progress bar."""
     reference = cell.task.references[0] if cell.task.references else None
     prepared = prepare_cell(suite, cell, out_dir, load_train_pipe, progress=progress)
-    trained = {record["training"]: record["artifact"] for record in prepared}
+    trained = {training.training: training.artifact for training in prepared}
     methods = [get_method(name, **options) for name, options in cell.method.resolved(reference, trained)]
     config = SeriesConfig(
         prompts=cell.method.prompts(cell.task.prompts),
@@ -101,25 +111,27 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
         start = time.perf_counter()
         result = generate_series(pipe, config, methods, out_dir=temp / "series", progress=False)
         seconds = time.perf_counter() - start
-        record = {
-            "cell": cell.id,
-            "task": cell.task.name,
-            "kind": cell.task.kind,
-            "method": cell.method.name,
-            "stack": [dict(use) for use in cell.method.uses],  # unresolved: "{reference}", no local paths
-            "prompt_template": cell.method.prompt,
-            "trainings": [{k: v for k, v in record.items() if k != "artifact"} for record in prepared],
-            "num_images": len(result.images),
-            "scores": scorer(cell, result.images, list(cell.task.references)),
-            "reference_vae_psnr": vae_roundtrip_psnr(pipe, reference, result.images[0].size) if reference else None,
-            "cost": {
-                "seconds": round(seconds, 3),
-                "seconds_per_image": round(seconds / max(1, len(result.images)), 4),
-                "trainable_parameters": sum(record["trainable_parameters"] for record in prepared),
-                "train_seconds": round(sum(record["train_seconds"] for record in prepared), 2),
-            },
-        }
-        write_json_atomic(record, temp / "cell.json")
+        record = CellRecord(
+            id=cell.id,
+            task=cell.task.name,
+            kind=cell.task.kind,
+            method=cell.method.name,
+            stack=tuple(dict(use) for use in cell.method.uses),  # unresolved: "{reference}", no local paths
+            prompt_template=cell.method.prompt,
+            trainings=tuple(dataclasses.replace(training, artifact=None) for training in prepared),
+            num_images=len(result.images),
+            scores={name: Score.from_dict(value)
+                    for name, value in scorer(cell, result.images, list(cell.task.references),
+                                                      model=model_identity(pipe)).items()},
+            reference_vae_psnr=vae_roundtrip_psnr(pipe, reference, result.images[0].size) if reference else None,
+            cost=CellCost(
+                seconds=round(seconds, 3),
+                seconds_per_image=round(seconds / max(1, len(result.images)), 4),
+                trainable_parameters=sum(training.trainable_parameters for training in prepared),
+                train_seconds=round(sum(training.train_seconds for training in prepared), 2),
+            ),
+        )
+        write_json_atomic(record.to_dict(), temp / "cell.json")
     return record
 
 
@@ -142,6 +154,10 @@ def run_bench(
     ran: list[str] = []
     if not todo:
         return ran
+    if any(cell.method.trainings for cell in todo):
+        from consistent_diffusion.bench.prepare import check_trainings
+
+        check_trainings(suite)  # a bad training option fails now, not after the cells before it ran
     pipe = load_pipe()
     write_json_atomic({"model": model_identity(pipe).to_dict()}, out_dir / f"model.{shard.index}.json")
     with tqdm(todo, desc=f"bench {suite.name}", unit="cell", disable=not progress) as bar:
@@ -155,46 +171,31 @@ def run_bench(
     return ran
 
 
-def merge_report(suite: Suite, out_dir: str | Path) -> dict[str, Any]:
+def merge_report(suite: Suite, out_dir: str | Path) -> Report:
     """Collect every finished cell into ``report.json`` (complete only if no cell is missing)."""
     out_dir = Path(out_dir)
     records, missing = [], []
     for cell in suite.cells:
         path = cell_dir(out_dir, cell) / "cell.json"
         if path.is_file():
-            records.append(json.loads(path.read_text(encoding="utf-8")))
+            records.append(CellRecord.from_dict(json.loads(path.read_text(encoding="utf-8"))))
         else:
             missing.append(cell.id)
     models = sorted(out_dir.glob("model.*.json"))
     model = json.loads(models[0].read_text(encoding="utf-8"))["model"] if models else None
-    report = {
-        "format": REPORT_FORMAT,
-        "suite": {"name": suite.name, "source": suite.source, "steps": suite.steps, "guidance": suite.guidance,
-                  "tasks": [{"name": t.name, "kind": t.kind, "prompts": list(t.prompts), "seeds": list(t.seeds),
-                             "methods": list(t.methods), "description": t.description} for t in suite.tasks]},
-        "model": model,
-        "complete": not missing,
-        "missing_cells": missing,
-        "cells": records,
-        "table": summary_table(records),
-        "created": utc_now(),
-        "versions": library_versions(),
-    }
-    write_json_atomic(report, out_dir / "report.json")
+    report = Report(
+        suite=SuiteSummary(
+            name=suite.name, source=suite.source, steps=suite.steps, guidance=suite.guidance,
+            tasks=tuple(TaskSummary(name=t.name, kind=t.kind, prompts=t.prompts, seeds=t.seeds, methods=t.methods,
+                                    description=t.description) for t in suite.tasks),
+        ),
+        model=model,
+        complete=not missing,
+        missing_cells=tuple(missing),
+        cells=tuple(records),
+        table=summary_table(records),
+        created=utc_now(),
+        versions=library_versions(),
+    )
+    write_json_atomic(report.to_dict(), out_dir / "report.json")
     return report
-
-
-def summary_table(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """method -> kind -> mean of each aggregate score over that kind's tasks (+ cost)."""
-    table: dict[str, dict[str, dict[str, list[float]]]] = {}
-    for record in records:
-        row = table.setdefault(record["method"], {}).setdefault(record["kind"], {})
-        for metric, value in record["scores"].items():
-            aggregate = value.get("aggregate") if isinstance(value, dict) else value
-            if isinstance(aggregate, (int, float)):
-                row.setdefault(metric, []).append(float(aggregate))
-        row.setdefault("seconds_per_image", []).append(record["cost"]["seconds_per_image"])
-    return {
-        method: {kind: {metric: round(sum(v) / len(v), 4) for metric, v in metrics.items()} for kind, metrics in kinds.items()}
-        for method, kinds in sorted(table.items())
-    }

@@ -1,8 +1,9 @@
-"""Score one cell's images with the metrics its task's kind calls for.
+"""The bench's scorer: one cell's images through ``consistent_diffusion.metrics.score.score``.
 
-Every cell gets its kind's consistency metric, text alignment (where an extractor with a text
-tower is configured) and diversity, so "all images identical" never reads as success. Each
-score carries the metric's validation status from the metrics issue's table.
+Every cell gets its task kind's consistency metric, the reference scores where the task has
+references, text alignment and diversity (so "all images identical" never reads as success);
+``score`` chooses the extractors (the validated emoji defaults on the embedded model; CLIP or "not
+measured" for text elsewhere) and says whether each score's validation applies.
 """
 
 from __future__ import annotations
@@ -12,47 +13,23 @@ from typing import Any
 
 from consistent_diffusion.bench.suite import Cell
 
-KIND_METRIC = {"style": "style", "object": "object", "concept": "concept", "shape": "shape"}
 
+def make_scorer(extractors: Mapping[str, Any] | None = None, device: str = "cpu"):
+    """A scorer ``(cell, images, references, model=None) -> {metric: MetricResult dict}``.
 
-def make_scorer(extractors: Mapping[str, str | None] | None = None, device: str = "cpu"):
-    """A scorer ``(cell, images, references) -> {metric: MetricResult dict}``.
-
-    extractors: optional override per metric ("style", "object", "concept", "text", "diversity");
-    None for "text" skips text alignment. Defaults are the metrics' validated defaults.
+    extractors: optional override per axis ("style", "object", "concept", "text", "diversity");
+    None for "text" skips text alignment. model: the ``ModelIdentity`` of the pipeline that made
+    the images (None: unknown, treated as not the embedded model).
     """
-    from consistent_diffusion import metrics
+    from consistent_diffusion.metrics.score import resolve_extractors, score
 
-    chosen: dict[str, Any] = dict(metrics.DEFAULT_EXTRACTORS)
-    chosen.update(extractors or {})
+    resolve_extractors(extractors)  # unknown axes fail now, not at the first cell
 
-    def score(cell: Cell, images: list, references: list[str]) -> dict[str, Any]:
+    def scorer(cell: Cell, images: list, references: list[str], model: Any = None) -> dict[str, Any]:
         prompts = [prompt for prompt in cell.task.prompts for _ in cell.task.seeds]
-        kind = cell.task.kind
-        scores: dict[str, Any] = {}
-        if kind == "style":
-            scores["style"] = metrics.style_consistency(images, extractor=chosen["style"], device=device)
-        elif kind == "object":
-            scores["object"] = metrics.object_consistency(
-                images, references=references or None, extractor=chosen["object"], device=device
-            )
-        elif kind == "concept":
-            scores["concept"] = metrics.concept_consistency(
-                images, exemplars=references or None, text=cell.task.description or None,
-                extractor=chosen["concept"], device=device,
-            )
-        elif kind == "shape":
-            scores["shape"] = metrics.shape_consistency(images, controls=[references[0]] * len(images), resize=True)
-        if references:  # shape tasks too: "ControlNet controls shape, not identity" reads it
-            scores["reference_object"] = metrics.object_consistency(
-                images, references=references, extractor=chosen["object"], device=device
-            )
-        if references and kind != "shape":
-            fidelity = metrics.fidelity(images, sources=[references[0]], resize=True)
-            scores["reference_fidelity"], scores["reference_psnr"] = fidelity["ssim"], fidelity["psnr"]
-        if chosen.get("text"):
-            scores["text"] = metrics.text_alignment(images, prompts, extractor=chosen["text"], device=device)
-        scores["diversity"] = metrics.diversity(images, extractor=chosen.get("diversity"), device=device)
-        return {name: value.to_dict() for name, value in scores.items()}
+        results = score(images, kind=cell.task.kind, prompts=prompts, references=list(references) or None,
+                        concept_text=cell.task.description or None, extractors=extractors, model=model,
+                        device=device)
+        return {name: result.to_dict() for name, result in results.items()}
 
-    return score
+    return scorer

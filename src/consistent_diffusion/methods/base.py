@@ -59,6 +59,13 @@ class Method:
         """Modify ``ctx`` for one generation call; restore everything on exit."""
         yield ctx
 
+    def for_series(self, items: Sequence[tuple[int, str, int]], batch_size: int) -> Method:
+        """This method as it runs for a whole series: ``items`` are the series' (prompt index,
+        prompt, seed) in order, generated ``batch_size`` per call. Default: itself. A method
+        whose rule spans calls returns a configured copy (StyleAligned: one reference shared by
+        every batch); ``series.generate_series`` calls it and records the original."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable description for manifests (name + options)."""
         from dataclasses import asdict, is_dataclass

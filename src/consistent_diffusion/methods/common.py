@@ -1,4 +1,5 @@
-"""Small helpers shared by the method modules: context restore, scheduler swap, sizes."""
+"""Small helpers shared by the method modules: context restore, scheduler swap, sizes
+(the native size itself is ``models.vae.native_size``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from consistent_diffusion.methods.base import GenerationContext
+from consistent_diffusion.models.vae import native_size
 
 
 @contextlib.contextmanager
@@ -39,15 +41,9 @@ def swapped_scheduler(pipe: Any, scheduler: Any) -> Iterator[Any]:
         pipe.scheduler = previous
 
 
-def default_size(pipe: Any) -> tuple[int, int]:
-    """The pipeline's native (width, height) in pixels."""
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return size, size
-
-
 def generation_size(ctx: GenerationContext) -> tuple[int, int]:
     """(width, height) the call will generate at: ``call_kwargs`` or the pipeline default."""
-    default_w, default_h = default_size(ctx.pipe)
+    default_w, default_h = native_size(ctx.pipe)
     width = ctx.call_kwargs.get("width") or default_w
     height = ctx.call_kwargs.get("height") or default_h
     return int(width), int(height)

@@ -39,9 +39,9 @@ from consistent_diffusion.methods.controls import CONDITIONS, make_control
 
 SHIPPED_PREFIX = "embedded-"
 SHIPPED_ROOT = ASSETS_DIR / "controlnet"
-_MODELS: dict[tuple[str, str, str], Any] = {}
+_MODELS: dict[tuple, Any] = {}  # (source, its files' key, device, dtype) -> ControlNetModel
 _MAX_CACHED_MODELS = 4
-_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipe -> (key, sibling)
 
 
 def shipped_controlnet(condition: str) -> Path:
@@ -93,7 +93,7 @@ def load_controlnet(spec: Any, device: str | torch.device = "cpu", dtype: torch.
             spec = spec.to(device=device, dtype=dtype)
         return spec
     source = resolve_controlnet(os.fspath(spec))
-    key = (source, str(device), str(dtype))
+    key = (source, _files_key(source), str(device), str(dtype))
     if key not in _MODELS:
         try:
             model = ControlNetModel.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
@@ -103,6 +103,15 @@ def load_controlnet(spec: Any, device: str | torch.device = "cpu", dtype: torch.
             _MODELS.pop(next(iter(_MODELS)))
         _MODELS[key] = model.to(device)
     return _MODELS[key]
+
+
+def _files_key(source: str) -> tuple:
+    """(path, size, mtime_ns) of a ControlNet folder's files (a model retrained there is reloaded);
+    () for a hub id (a cached snapshot does not change)."""
+    from consistent_diffusion.models.identity import files_key
+
+    folder = Path(source)
+    return files_key(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else ()
 
 
 def _is_xl(pipe: Any) -> bool:
@@ -118,17 +127,18 @@ def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
     if "Img2Img" in type(pipe).__name__ or "Inpaint" in type(pipe).__name__:
         raise ConfigError(f"ControlNet works on text-to-image pipelines, not {type(pipe).__name__} "
                           "(controlnet cannot be combined with img2img here)")
-    key = tuple(id(c) for c in controlnet) if isinstance(controlnet, (list, tuple)) else (id(controlnet),)
-    cache = _SIBLINGS.setdefault(pipe, {})
-    sibling = cache.get(key)
-    if sibling is None:
+    from consistent_diffusion.models.identity import components_key, object_key
+
+    # Keyed on the objects the sibling shares (not id(): never reused), so a replaced component or
+    # ControlNet builds a new sibling; one sibling per pipe: ControlNets change rarely, memory matters.
+    models = list(controlnet) if isinstance(controlnet, (list, tuple)) else [controlnet]
+    key = (components_key(pipe), tuple(object_key(model) for model in models))
+    cached = _SIBLINGS.get(pipe)
+    if cached is None or cached[0] != key:
         cls = StableDiffusionXLControlNetPipeline if _is_xl(pipe) else StableDiffusionControlNetPipeline
-        models = list(controlnet) if isinstance(controlnet, (list, tuple)) and len(controlnet) > 1 else (
-            controlnet[0] if isinstance(controlnet, (list, tuple)) else controlnet)
-        sibling = cls.from_pipe(pipe, controlnet=models)
-        cache.clear()  # one sibling per pipe: ControlNets change rarely, memory matters
-        cache[key] = sibling
-    return follow_source(sibling, pipe)
+        sibling = cls.from_pipe(pipe, controlnet=models if len(models) > 1 else models[0])
+        _SIBLINGS[pipe] = cached = (key, sibling)
+    return follow_source(cached[1], pipe)
 
 
 def _tuple(value: Any) -> tuple:

@@ -29,7 +29,7 @@ from consistent_diffusion.methods.base import GenerationContext, Method, registe
 from consistent_diffusion.methods.common import restoring
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-_CACHE: dict[tuple[str, float], dict[str, dict[str, torch.Tensor]]] = {}
+_CACHE: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}  # files_key of the weight files -> weights
 
 
 def dreambooth_folder(path: str | os.PathLike) -> Path:
@@ -49,17 +49,25 @@ def _weight_files(component: Path) -> list[Path]:
     return plain or files
 
 
+def _component_files(folder: Path) -> dict[str, list[Path]]:
+    """component name -> its weight files, for the components that have any."""
+    found = {name: _weight_files(folder / name) if (folder / name).is_dir() else [] for name in COMPONENTS}
+    return {name: files for name, files in found.items() if files}
+
+
 def load_component_weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """component name -> state dict, read from ``folder/<component>/*.safetensors`` (cached)."""
+    """component name -> state dict, read from ``folder/<component>/*.safetensors``.
+
+    Cached on the weight files' (path, size, mtime_ns): a model retrained into the same folder,
+    even with its files rewritten in place, is read again."""
     from safetensors.torch import load_file
 
-    key = (str(folder.resolve()), (folder / "unet").stat().st_mtime)
+    from consistent_diffusion.models.identity import files_key
+
+    components = _component_files(folder)
+    key = files_key(f for files in components.values() for f in files)
     if key not in _CACHE:
-        weights = {}
-        for name in COMPONENTS:
-            files = _weight_files(folder / name) if (folder / name).is_dir() else []
-            if files:
-                weights[name] = {k: v for f in files for k, v in load_file(f).items()}
+        weights = {name: {k: v for f in files for k, v in load_file(f).items()} for name, files in components.items()}
         if "unet" not in weights:
             raise ModelNotFoundError(f"{folder / 'unet'} holds no .safetensors weights")
         _CACHE.clear()  # one DreamBooth model at a time: they are as large as the base model

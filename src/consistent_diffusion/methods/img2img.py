@@ -21,21 +21,25 @@ from consistent_diffusion.core.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import follow_source, generation_size, restoring
 
-_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SIBLINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipe -> (components_key, sibling)
 
 
 def image_to_image_pipeline(pipe: Any) -> Any:
-    """The image-to-image sibling of a text-to-image pipeline (shared components, cached per pipe)."""
+    """The image-to-image sibling of a text-to-image pipeline (shared components, cached per pipe
+    while it holds the same component objects)."""
     from diffusers import AutoPipelineForImage2Image
 
-    sibling = _SIBLINGS.get(pipe)
-    if sibling is None:
+    from consistent_diffusion.models.identity import components_key
+
+    key = components_key(pipe)  # the objects it shares: a replaced component builds a new sibling
+    cached = _SIBLINGS.get(pipe)
+    if cached is None or cached[0] != key:
         try:
             sibling = AutoPipelineForImage2Image.from_pipe(pipe)
         except (ValueError, KeyError) as error:
             raise ConfigError(f"no image-to-image variant of {type(pipe).__name__}: {error}") from error
-        _SIBLINGS[pipe] = sibling
-    return follow_source(sibling, pipe)
+        _SIBLINGS[pipe] = cached = (key, sibling)
+    return follow_source(cached[1], pipe)
 
 
 @register("img2img")

@@ -3,8 +3,12 @@
 Each adapter is loaded with diffusers' ``load_lora_weights`` (our DreamBooth LoRAs, other
 diffusers LoRAs, and kohya/A1111-format files wherever diffusers converts them) under its own
 PEFT adapter name, then ``set_adapters(names, adapter_weights=scales)`` mixes them: a layer W
-becomes W + sum_i scale_i * (alpha_i / rank_i) * B_i A_i. On exit the adapters are deleted, the
-previously active adapters (if the pipeline had its own) are re-activated, and the UNet's attention
+becomes W + sum_i scale_i * (alpha_i / rank_i) * B_i A_i (PEFT keeps scale_i * alpha_i / rank_i per
+layer and adapter in ``LoraLayer.scaling``). On exit the adapters are deleted and the pipeline's own
+adapters, if it had any, are back exactly as they were: the same active names, the same per-layer
+``scaling`` (so the user's adapter weights, also per-block ones), enabled/disabled state and
+``requires_grad`` flags, and layers only ours wrapped are unwrapped (the parameter names are as
+before). A user's switched-off adapters stay off; ours act regardless. The UNet's attention
 processors are exactly those that were installed before: loading a LoRA never drops another
 method's processors (StyleAligned's), whichever order the methods stack in.
 """
@@ -18,6 +22,8 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
@@ -39,6 +45,84 @@ def _active_adapters(pipe: Any) -> list[str]:
         return list(pipe.get_active_adapters())
     except (ValueError, AttributeError):
         return []
+
+
+def _is_tuner_layer(module: Any) -> bool:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - diffusers' LoRA loading needs peft
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
+@dataclass
+class _LayerState:
+    """One adapter layer's inference state: active names, ``scaling`` (weight * alpha / r per
+    adapter), disabled flag, and its parameters' ``requires_grad``."""
+
+    layer: Any
+    active: list[str]
+    scaling: dict[str, float]
+    disabled: bool
+    grads: list[tuple[torch.nn.Parameter, bool]]
+
+    @classmethod
+    def of(cls, layer: Any) -> _LayerState:
+        return cls(layer, list(layer.active_adapters), dict(layer.scaling), bool(layer.disable_adapters),
+                   [(p, p.requires_grad) for p in layer.parameters()])
+
+    def restore(self) -> None:
+        self.layer.set_adapter(self.active)
+        if self.disabled != bool(self.layer.disable_adapters):
+            self.layer.enable_adapters(not self.disabled)
+        for name, value in self.scaling.items():
+            if name in self.layer.scaling:
+                self.layer.scaling[name] = value
+        for param, flag in self.grads:
+            param.requires_grad_(flag)
+
+
+_ABSENT = object()
+
+
+@dataclass
+class _ComponentState:
+    """A LoRA-loadable component (UNet, text encoder) before our adapters: its adapter layers'
+    states, and whether it carried a PEFT config at all."""
+
+    model: torch.nn.Module
+    layers: list[_LayerState]
+    peft_config: Any
+    config_loaded: Any
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> _ComponentState:
+        layers = [_LayerState.of(m) for m in model.modules() if _is_tuner_layer(m)]
+        return cls(model, layers, getattr(model, "peft_config", _ABSENT),
+                   model.__dict__.get("_hf_peft_config_loaded", _ABSENT))
+
+    def restore(self) -> None:
+        """After our adapters are deleted: unwrap the layers only they had (back to the plain
+        module: same parameter names as before), then each earlier layer exactly as it was."""
+        known = {id(state.layer) for state in self.layers}
+        for name, module in list(self.model.named_modules()):
+            if _is_tuner_layer(module) and id(module) not in known and not module.scaling:
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, module.get_base_layer())
+        for state in self.layers:
+            state.restore()
+        if self.peft_config is _ABSENT and not getattr(self.model, "peft_config", None):
+            self.model.__dict__.pop("peft_config", None)
+        if self.config_loaded is _ABSENT:
+            self.model.__dict__.pop("_hf_peft_config_loaded", None)
+        else:
+            self.model._hf_peft_config_loaded = self.config_loaded
+
+
+def _lora_components(pipe: Any) -> list[torch.nn.Module]:
+    """The pipeline's LoRA-loadable components (UNet, text encoders) that are present."""
+    names = getattr(pipe, "_lora_loadable_modules", ("unet", "text_encoder", "text_encoder_2"))
+    return [model for name in names if isinstance(model := getattr(pipe, name, None), torch.nn.Module)]
 
 
 @register("lora")
@@ -88,6 +172,7 @@ def loras_loaded(pipe: Any, weights: tuple[str, ...], scales: tuple[float, ...],
         raise ConfigError(f"{type(pipe).__name__} does not load LoRAs")
     processors = dict(pipe.unet.attn_processors)
     previous = _active_adapters(pipe)
+    states = [_ComponentState.of(model) for model in _lora_components(pipe)]
     loaded: list[str] = []
     try:
         for path, name in zip(weights, names, strict=True):
@@ -101,6 +186,8 @@ def loras_loaded(pipe: Any, weights: tuple[str, ...], scales: tuple[float, ...],
                     "(is it made for this model family? kohya/A1111 files load where diffusers converts them)"
                 ) from error
             loaded.append(name)
+        if any(layer.disabled for state in states for layer in state.layers):
+            pipe.enable_lora()  # the user's adapters were switched off; ours must act
         pipe.set_adapters(loaded, adapter_weights=list(scales))
         _keep_processors(pipe, processors)
         yield pipe
@@ -108,7 +195,9 @@ def loras_loaded(pipe: Any, weights: tuple[str, ...], scales: tuple[float, ...],
         if loaded:
             pipe.delete_adapters(loaded)
         if previous:
-            pipe.set_adapters(previous)
+            pipe.set_adapters(previous)  # any layer outside the snapshot too (restore() fixes the weights)
+        for state in states:  # then exactly as before (set_adapters alone resets the weights to 1)
+            state.restore()
         _keep_processors(pipe, processors)
 
 

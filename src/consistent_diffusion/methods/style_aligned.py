@@ -9,8 +9,16 @@ changes it. It is either
 - generated in the same batch: the first prompt of the batch, or an internal entry
   (``reference_prompt`` + ``reference_seed``) prepended to the batch and not returned; or
 - a real image, brought in through edit-friendly DDPM inversion (``methods.inversion``): the
-  reference row follows the inverted trajectory x_t step by step, so the other images see the
-  real image's keys/values at every noise level.
+  reference row follows the real image's noisy latents x_t step by step (pinned in a
+  ``NoiseMapScheduler``), so the other images see the real image's keys/values at every noise
+  level. Pinning a row needs a sampler whose samples are the x_t of eq. 6: the pipeline's own
+  DDIMScheduler is kept (its config, the call's steps and eta); any other scheduler is replaced
+  by DDIM (eta 0) over the pipeline's training schedule for the call, with a warning, and
+  ``describe()["sampling"]`` records what sampled (see ``StyleAligned``).
+
+A series has one reference: ``StyleAligned.for_series`` (called by ``series.generate_series``)
+makes the series' first image the internal reference of every batch when the series spans
+several pipeline calls.
 
 Cost: the reference's keys/values are computed once per layer and step (they are part of the
 batch) and shared by concatenation: every image attends to 2n tokens instead of n in one batched
@@ -29,17 +37,27 @@ import contextlib
 import math
 import os
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from torch import nn
 
 from consistent_diffusion.core.errors import ConfigError
-from consistent_diffusion.methods.base import GenerationContext, Method, register
+from consistent_diffusion.methods.base import GenerationContext, Method, register, run
 from consistent_diffusion.methods.common import batch_size, generation_size, restoring, swapped_scheduler
+from consistent_diffusion.methods.inversion import (
+    Inversion,
+    NoiseMapScheduler,
+    inversion_reference,
+    invert,
+    match_inversion_size,
+    noise_map_scheduler,
+    sample_trajectory,
+)
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +282,15 @@ class StyleAligned(Method):
     The reference is, in order of precedence: ``reference_inversion`` (a real image already
     inverted), ``reference_image`` (a real image, inverted at first use with the generation's
     steps), ``reference_prompt`` (generated in the same batch as an internal entry), or else the
-    first image of the batch itself.
+    first image of the series (the first image of the batch when the series is one batch; an
+    internal copy of it in every batch otherwise, see ``for_series``).
+
+    A real reference is pinned to its noisy latents x_t at the call's timesteps: the inversion's
+    trajectory when the schedules agree, else x_t drawn afresh from its x0 by eq. 6 (seeded
+    with ``reference_seed``). The call keeps its steps; its size becomes the reference's. The
+    sampler is the pipeline's own DDIMScheduler or, stacked on ``ddpm_edit``, its noise-map
+    scheduler; any other scheduler is replaced by DDIM (eta 0) over the same training schedule
+    for the call (a warning says so). ``describe()["sampling"]`` records what sampled.
     """
 
     share_group_norm: bool = True  # GroupNorm statistics of each image pooled with the reference's
@@ -284,6 +310,7 @@ class StyleAligned(Method):
     reference_inversion: Any = None  # an Inversion (or its folder): a real reference already inverted
     inversion_cfg: float | None = None  # guidance of the reference's inversion (default: the batch's)
     _cache: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
+    _sampling: dict = field(default_factory=dict, repr=False, compare=False, hash=False)  # last real-reference call
 
     def __post_init__(self) -> None:
         for name in (
@@ -319,8 +346,6 @@ class StyleAligned(Method):
         if self.inversion_cfg is not None and (not _finite(self.inversion_cfg) or self.inversion_cfg < 0):
             raise ConfigError(f"inversion_cfg must be a number >= 0, got {self.inversion_cfg!r}")
         if isinstance(self.reference_inversion, (str, os.PathLike)):
-            from consistent_diffusion.methods.inversion import Inversion
-
             object.__setattr__(self, "reference_inversion", Inversion.load(self.reference_inversion))
 
     def describe(self) -> dict[str, Any]:
@@ -328,15 +353,29 @@ class StyleAligned(Method):
         options = {
             name: getattr(self, name)
             for name in self.__dataclass_fields__
-            if name not in ("_cache", "reference_inversion")
+            if not name.startswith("_") and name != "reference_inversion"
         }
         if self.reference_image is not None:
             options["reference_image"] = os.path.abspath(self.reference_image)
         if self.reference_inversion is not None:
-            from consistent_diffusion.methods.inversion import inversion_reference
-
             options["reference_inversion"] = inversion_reference(self.reference_inversion)
-        return {"name": self.name, "options": options}
+        described: dict[str, Any] = {"name": self.name, "options": options}
+        if self._sampling:  # a real reference sampled: with what (not an option; re-created by the options)
+            described["sampling"] = dict(self._sampling)
+        return described
+
+    def has_reference_source(self) -> bool:
+        """True when the reference is given (a prompt, a real image or an inversion)."""
+        return any(x is not None for x in (self.reference_prompt, self.reference_image, self.reference_inversion))
+
+    def for_series(self, items: Sequence[tuple[int, str, int]], batch_size: int) -> StyleAligned:
+        """One reference for the whole series: without a reference source, a series of ``items``
+        (prompt index, prompt, seed) that spans several batches of ``batch_size`` gets its first
+        image as an internal reference (``reference_prompt`` + ``reference_seed``) in every batch."""
+        if self.has_reference_source() or len(items) <= batch_size:
+            return self
+        _, prompt, seed = items[0]
+        return replace(self, reference_prompt=prompt, reference_seed=int(seed), _cache={}, _sampling={})
 
     # -- installation ------------------------------------------------------------------------
 
@@ -407,13 +446,17 @@ class StyleAligned(Method):
     def _prepend_reference(self, ctx: GenerationContext, prompt: str, generator: torch.Generator) -> None:
         if int(ctx.call_kwargs.get("num_images_per_prompt") or 1) != 1:
             raise ConfigError("StyleAligned with an internal reference needs num_images_per_prompt=1")
+        negative = None
+        if ctx.negative_prompts is not None:  # the series' negative prompt applies to its reference too
+            negative = ctx.negative_prompts[0] if ctx.negative_prompts else ""
         if "latents" in ctx.call_kwargs:  # a previous method fixed the starting latents: add the reference's
             latents = ctx.call_kwargs["latents"]
-            first = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-            ctx.call_kwargs["latents"] = torch.cat([first.to(latents), latents])
+            first = torch.randn((1, *latents.shape[1:]), generator=generator, dtype=torch.float32).to(latents)
+            first = _advance_to_batch_start(ctx, prompt, negative, generator, first)
+            ctx.call_kwargs["latents"] = torch.cat([first, latents])
         ctx.prompts = [prompt, *ctx.prompts]
-        if ctx.negative_prompts is not None:  # the series' negative prompt applies to its reference too
-            ctx.negative_prompts = [ctx.negative_prompts[0] if ctx.negative_prompts else "", *ctx.negative_prompts]
+        if ctx.negative_prompts is not None:
+            ctx.negative_prompts = [negative, *ctx.negative_prompts]
         ctx.generators = [generator, *ctx.generators]
         ctx.num_internal += 1
 
@@ -425,14 +468,14 @@ class StyleAligned(Method):
         if "image" in ctx.call_kwargs:
             raise ConfigError("a real StyleAligned reference cannot be combined with img2img in one call; "
                               "use reference_prompt (a generated reference) with img2img")
-        from consistent_diffusion.methods.inversion import invert
+        from consistent_diffusion.models.identity import pipeline_weights_key
 
         steps = int(ctx.call_kwargs.get("num_inference_steps") or 50)
         cfg = self.inversion_cfg
         if cfg is None:
             cfg = float(ctx.call_kwargs.get("guidance_scale", 3.5))
         size = generation_size(ctx)
-        key = (id(ctx.pipe.unet), steps, cfg, size)
+        key = (pipeline_weights_key(ctx.pipe), steps, cfg, size)  # not id(): in-place changes, reuse
         if key not in self._cache:
             self._cache.clear()
             self._cache[key] = invert(
@@ -447,14 +490,23 @@ class StyleAligned(Method):
         return self._cache[key]
 
     def _use_real_reference(self, ctx: GenerationContext, inversion: Any) -> Any:
-        """Prepend the real reference as internal row 0 that follows its inverted trajectory."""
-        from consistent_diffusion.methods.inversion import _sizes_from_ctx, noise_map_scheduler
+        """Prepend the real reference as internal row 0, pinned to its noisy latents x_t.
 
+        Returns the context that installs the sampler (the scheduler swap, or the pin on a
+        ``ddpm_edit`` scheduler already in place); records it in ``self._sampling``.
+        """
         if "image" in ctx.call_kwargs:
             raise ConfigError("a real StyleAligned reference cannot be combined with img2img in one call")
-        if ctx.call_kwargs.get("latents") is not None and not isinstance(ctx.pipe.scheduler, _noise_map_type()):
+        current = ctx.pipe.scheduler
+        composed = isinstance(current, NoiseMapScheduler)  # e.g. ddpm_edit: keep its noise maps, pin row 0
+        if ctx.call_kwargs.get("latents") is not None and not composed:
             raise ConfigError("a real StyleAligned reference needs to set the starting latents itself")
-        _sizes_from_ctx(ctx, inversion, "style_aligned")
+        match_inversion_size(ctx, inversion, "style_aligned", steps=False)  # its latent fixes the batch's size
+        steps = int(ctx.call_kwargs.get("num_inference_steps") or 50)
+        ctx.call_kwargs["num_inference_steps"] = steps
+        sampler, replaced = _sampler_for_real_reference(current)
+        timesteps = sampler.schedule(steps).cpu().long()
+        trajectory, source = reference_trajectory(inversion, sampler, timesteps, self.reference_seed)
         unet = ctx.pipe.unet
         if ctx.call_kwargs.get("latents") is None:
             width, height = inversion.size
@@ -464,34 +516,107 @@ class StyleAligned(Method):
             ctx.call_kwargs["latents"] = torch.cat(
                 [torch.randn(shape, generator=g, dtype=torch.float32) for g in ctx.generators]
             ).to(device=unet.device, dtype=unet.dtype)
-        current = ctx.pipe.scheduler
-        composed = isinstance(current, _noise_map_type())  # e.g. ddpm_edit: keep its noise maps, pin row 0
-        start = 0
-        if composed:
-            if current.nm_all_timesteps is None:
-                current.set_timesteps(inversion.steps)
-            if not torch.equal(current.nm_all_timesteps.cpu().long(), inversion.timesteps.long()):
-                raise ConfigError("the real StyleAligned reference and the edited inversion need the same "
-                                  "steps and scheduler")
-            start = current.nm_skip
+        start = sampler.skip
         latents = ctx.call_kwargs["latents"]
-        ctx.call_kwargs["latents"] = torch.cat([inversion.xs[start : start + 1].to(latents), latents])
+        ctx.call_kwargs["latents"] = torch.cat([trajectory[start : start + 1].to(latents), latents])
         ctx.prompts = [inversion.prompt, *ctx.prompts]
         if ctx.negative_prompts is not None:
             ctx.negative_prompts = [inversion.negative_prompt or "", *ctx.negative_prompts]
         ctx.generators = [_seeded(self.reference_seed), *ctx.generators]
         ctx.num_internal += 1
-        if composed:
-            current.nm_pinned = {0: inversion.xs, **{r + 1: t for r, t in current.nm_pinned.items()}}
-            return contextlib.nullcontext()
-        pinned = noise_map_scheduler(inversion.config.get("scheduler") or current).configure(pinned={0: inversion.xs})
-        return swapped_scheduler(ctx.pipe, pinned)
+        self._sampling.clear()
+        self._sampling.update(
+            sampler="ddpm_edit noise maps" if composed else "DDIMScheduler",
+            replaced=replaced,
+            steps=steps,
+            eta=float(ctx.call_kwargs.get("eta") or 0.0) if not composed else float(sampler.nm_eta),
+            timesteps=[int(t) for t in timesteps],
+            reference_trajectory=source,
+            size=list(inversion.size),
+        )
+        if replaced is not None:
+            warnings.warn(
+                f"StyleAligned: a real reference is pinned to its x_t, which needs DDIM sampling; "
+                f"{replaced} is replaced by DDIM (eta 0) over the same training schedule for this call",
+                UserWarning,
+                stacklevel=4,
+            )
+        return _pinned_first_row(ctx.pipe, sampler, trajectory, swap=not composed)
 
 
-def _noise_map_type() -> type:
-    from consistent_diffusion.methods.inversion import NoiseMapScheduler
+def _sampler_for_real_reference(current: Any) -> tuple[Any, str | None]:
+    """The NoiseMapScheduler that samples a batch with a pinned real reference, and the name of
+    the pipeline's scheduler it replaces (None when the pipeline's own is kept).
 
-    return NoiseMapScheduler
+    ``ddpm_edit``'s scheduler (already a NoiseMapScheduler) is used as is; the pipeline's
+    DDIMScheduler is kept (same config; plain DDIM steps with the call's eta); any other
+    scheduler (whose samples are not the x_t of eq. 6, or that steps several times per
+    timestep) is replaced by DDIM over its training schedule (betas, spacing, prediction type).
+    """
+    if isinstance(current, NoiseMapScheduler):
+        return current, None
+    if isinstance(current, DDIMScheduler):
+        return noise_map_scheduler(current, exact=False), None
+    return noise_map_scheduler(current), type(current).__name__
+
+
+def reference_trajectory(
+    inversion: Any, scheduler: Any, timesteps: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, str]:
+    """The real reference's x_t at ``timesteps`` (N,) of ``scheduler``: (N + 1, C, h, w), last = x0.
+
+    The inversion's own trajectory ``xs`` when it was made at these timesteps over the same
+    noise levels (alphas_cumprod); else drawn afresh from its x0 by eq. 6 (``sample_trajectory``,
+    seeded with ``seed``): the pinned row only needs x_t ~ q(x_t | x0) at each step.
+    Returns the trajectory and how it was obtained.
+    """
+    same_steps = torch.equal(timesteps.cpu().long(), inversion.timesteps.cpu().long())
+    if same_steps and inversion.scheduler_config is not None:
+        levels = noise_map_scheduler(inversion.scheduler_config).alphas_cumprod
+        same_steps = torch.equal(levels.cpu(), scheduler.alphas_cumprod.cpu())
+    if same_steps:
+        return inversion.xs, "inversion"
+    drawn = sample_trajectory(scheduler, inversion.x0, timesteps.cpu().long(), _seeded(seed))
+    return drawn, f"redrawn from x0 (eq. 6, seed {int(seed)})"
+
+
+@contextlib.contextmanager
+def _pinned_first_row(pipe: Any, sampler: Any, trajectory: torch.Tensor, swap: bool) -> Iterator[None]:
+    """Row 0 (just prepended) follows ``trajectory`` on ``sampler``; with ``swap`` the sampler
+    replaces the pipeline's scheduler. Undone on exit, even on error."""
+    sampler.shift_pins(1)
+    sampler.pin(0, trajectory)
+    try:
+        with swapped_scheduler(pipe, sampler) if swap else contextlib.nullcontext():
+            yield
+    finally:
+        sampler.unpin(0)
+        sampler.shift_pins(-1)
+
+
+def _advance_to_batch_start(
+    ctx: GenerationContext, prompt: str, negative: str | None, generator: torch.Generator, latent: torch.Tensor
+) -> torch.Tensor:
+    """A generated reference's latent at the step where the batch starts.
+
+    ``latent`` (1, C, h, w) is pure noise x_T. When the pipeline's scheduler is a noise-map
+    scheduler that skips its first ``skip`` steps (``ddpm_edit`` at ``skip > 0``), the other rows
+    start at x_{t_skip}; the reference is brought there by running those ``skip`` steps for it
+    alone (same noise maps, guidance and conditioning; ``skip`` UNet calls at batch 1), so it
+    is the image it would be at ``skip = 0``. Otherwise ``latent`` is returned unchanged.
+    """
+    scheduler = ctx.pipe.scheduler
+    if not isinstance(scheduler, NoiseMapScheduler) or scheduler.skip == 0:
+        return latent
+    head = GenerationContext(
+        pipe=ctx.pipe,
+        prompts=[prompt],
+        negative_prompts=None if negative is None else [negative],
+        generators=[generator],
+        call_kwargs={**ctx.call_kwargs, "latents": latent},
+    )
+    with swapped_scheduler(ctx.pipe, scheduler.leading_part()):
+        return run(head, [], output_type="latent")[0].unsqueeze(0).to(latent)
 
 
 def _group_norm_hook(state: _SharingState) -> Any:

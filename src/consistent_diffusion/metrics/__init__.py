@@ -19,9 +19,10 @@ from consistent_diffusion.metrics.consistency import (
     text_alignment,
     validation_status,
 )
-from consistent_diffusion.metrics.features import (
+from consistent_diffusion.metrics.extractors import (
     FeatureExtractor,
     available_features,
+    describe_features,
     load_features,
     register_features,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "as_batch",
     "available_features",
     "concept_consistency",
+    "describe_features",
     "diversity",
     "fidelity",
     "load_features",

@@ -97,6 +97,8 @@ class MetricResult:
     higher_is_better: direction; range: the values' possible interval.
     validated: True/False from the shipped validation table (AUC vs the metric's bar on held-out
     real emoji), None when this metric+extractor was never validated.
+    A metric that could not be measured (``MetricResult.not_measured``) has no values, a NaN
+    aggregate (None in JSON) and its reason in ``details["not_measured"]``.
     """
 
     name: str
@@ -108,6 +110,17 @@ class MetricResult:
     details: dict[str, Any] = field(default_factory=dict)
     validated: bool | None = None
     validation: dict[str, Any] | None = None
+
+    @classmethod
+    def not_measured(cls, name: str, reason: str, extractor: str | None = None, **kwargs: Any) -> MetricResult:
+        """A result that carries no number: the axis was not measured, for ``reason``."""
+        return cls(name=name, extractor=extractor, per_image=[], aggregate=float("nan"),
+                   details={"not_measured": reason}, **kwargs)
+
+    @property
+    def measured(self) -> bool:
+        """False for ``not_measured`` results."""
+        return "not_measured" not in self.details
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,8 @@ image (input order) and an aggregate; consistency results carry the set's divers
 ``validated`` flag from the shipped validation table (None: never validated).
 
 Images: anything ``as_batch`` accepts (tensors (N, 3, H, W) in [-1, 1], uint8 arrays, PIL, paths).
-Extractors: a name for ``load_features`` or a ``FeatureExtractor``.
+Extractors: a name for ``load_features`` or a ``FeatureExtractor``. ``diversity_with``: how the set's
+diversity beside a consistency score is measured ("pixel": 1 - SSIM, or an extractor); None skips it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.assets import ASSETS_DIR
 from consistent_diffusion.core.errors import ConfigError, ImageInputError
 from consistent_diffusion.metrics.common import (
     ImagesLike,
@@ -27,7 +29,7 @@ from consistent_diffusion.metrics.common import (
     resize_batch,
     result,
 )
-from consistent_diffusion.metrics.features import FeatureExtractor, load_features
+from consistent_diffusion.metrics.extractors import FeatureExtractor, load_features
 
 ExtractorLike = str | FeatureExtractor
 
@@ -64,10 +66,9 @@ def _name(extractor: ExtractorLike) -> str:
 
 
 @lru_cache(maxsize=1)
-def _validation_table() -> dict[tuple[str, str], dict[str, Any]]:
-    from consistent_diffusion.metrics.heads import ASSET_DIR
-
-    path = ASSET_DIR / VALIDATION_FILE
+def validation_table() -> dict[tuple[str, str], dict[str, Any]]:
+    """{(metric, extractor): primary row} of the shipped ``assets/metrics/validation.json`` ({} if absent)."""
+    path = ASSETS_DIR / "metrics" / VALIDATION_FILE
     if not path.is_file():
         return {}
     rows = json.loads(path.read_text()).get("results", [])
@@ -79,7 +80,7 @@ def validation_status(metric: str, extractor: str | None) -> tuple[bool | None, 
 
     validated: True when its AUC on held-out real emoji reached the metric's bar, False when it missed
     it, None when this pair was never validated (e.g. CLIP or DINO, whose weights are not here)."""
-    record = _validation_table().get((metric, extractor or ""))
+    record = validation_table().get((metric, extractor or ""))
     if record is None:
         return None, None
     return bool(record["passed"]), {k: record[k] for k in ("auc", "bar", "protocol") if k in record}
@@ -162,7 +163,8 @@ def diversity(images: ImagesLike, extractor: ExtractorLike | None = None, device
 
 
 def _diversity_value(batch: torch.Tensor, guard: ExtractorLike | None) -> float | None:
-    if guard is False:
+    """The set's diversity with ``guard`` ("pixel" or an extractor); None (or False) skips it."""
+    if guard is None or guard is False:
         return None
     return diversity(batch, guard).aggregate
 

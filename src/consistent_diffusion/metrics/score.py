@@ -1,25 +1,343 @@
-"""Score a series folder (``consistent-diffusion score DIR``): read its manifest and images, run the
-chosen metrics, write ``scores.json`` beside the manifest (atomically)."""
+"""One score dispatcher: ``score(images, ...) -> {name: MetricResult}`` for the library, the bench
+and ``consistent-diffusion score DIR``.
+
+    from consistent_diffusion import score
+
+    results = score(images, metrics=("style", "text"), prompts=prompts, model=pipe)
+    results = score(images, kind="object", references=refs, prompts=prompts, model=pipe)  # a bench cell
+
+Extractors are chosen in one place (``resolve_extractors``): the validated emoji defaults
+(``DEFAULT_EXTRACTORS``) on the embedded model; on any other model text alignment uses CLIP unless
+the caller configures another extractor, and the emoji-trained text head is never used. An axis whose
+extractor is unavailable (e.g. CLIP not in the local cache) comes back ``MetricResult.not_measured``
+with the reason, never as a number from a model of another domain. Off the embedded model no score is
+``validated``: the validation table was measured on held-out real emoji only.
+
+``score_series`` reads a series folder, runs ``score`` and writes ``scores.json`` beside the manifest.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from consistent_diffusion.core.errors import ConfigError, ImageInputError, ModelNotFoundError
 from consistent_diffusion.core.images import IMAGE_SUFFIXES, list_images, load_image
 from consistent_diffusion.metrics import consistency as m
-from consistent_diffusion.metrics.common import MetricResult, as_batch
+from consistent_diffusion.metrics.common import ImagesLike, MetricResult, as_batch
+from consistent_diffusion.metrics.consistency import DEFAULT_EXTRACTORS, ExtractorLike
 
 SCORES_FORMAT = "consistent-diffusion/scores/v1"
 METRIC_NAMES = ("style", "object", "text", "diversity", "shape", "fidelity", "concept")
 DEFAULT_METRICS = ("style", "object", "text", "diversity")
+TASK_KINDS = ("style", "object", "concept", "shape")  # the bench's task kinds (``score(kind=...)``)
+EXTRACTOR_AXES = ("style", "object", "concept", "text", "diversity")  # what ``extractors`` may override
+EMBEDDED = "embedded"  # ModelIdentity.kind of the embedded model, whose world (emoji) the defaults fit
+OFF_EMBEDDED_TEXT = "clip"  # text alignment off the embedded model (CLIP-T)
+RESULT_NAMES = {"style": "style_consistency", "object": "object_consistency", "text": "text_alignment",
+                "diversity": "diversity", "shape": "shape_consistency", "concept": "concept_consistency",
+                "fidelity": "fidelity"}
+OUT_OF_DOMAIN = "validated on held-out real emoji (the embedded model's images) only, not on this model's"
+
+
+# ----------------------------------------------------------------------------- extractor choice
+
+
+def model_kind(model: Any) -> str | None:
+    """The kind ("embedded", "folder", "single_file", "hub", "in_memory") of ``model``: a
+    ``ModelIdentity``, a manifest's model record (a mapping with "kind"), a kind string, a pipeline
+    (its recorded identity), or None (unknown)."""
+    if model is None or isinstance(model, str):
+        return model
+    if isinstance(model, Mapping):
+        return model.get("kind")
+    if hasattr(model, "kind") and hasattr(model, "spec"):  # a ModelIdentity
+        return model.kind
+    from consistent_diffusion.models.loading import model_identity
+
+    return model_identity(model).kind
+
+
+def resolve_extractors(overrides: Mapping[str, ExtractorLike | None] | None = None, model: Any = None
+                       ) -> dict[str, ExtractorLike | None]:
+    """The extractor of each axis in ``EXTRACTOR_AXES``: ``DEFAULT_EXTRACTORS``, with text alignment
+    on CLIP off the embedded model (``model`` as ``model_kind`` takes it; None counts as not
+    embedded), then ``overrides``. A None "text" skips text alignment; a None "diversity" is pixel."""
+    unknown = sorted(set(overrides or {}) - set(EXTRACTOR_AXES))
+    if unknown:
+        raise ConfigError(f"unknown extractor axes {unknown}; accepted: {', '.join(EXTRACTOR_AXES)}")
+    chosen: dict[str, ExtractorLike | None] = dict(DEFAULT_EXTRACTORS)
+    if model_kind(model) != EMBEDDED:
+        chosen["text"] = OFF_EMBEDDED_TEXT
+    chosen.update(overrides or {})
+    return chosen
+
+
+# ----------------------------------------------------------------------------- one axis each
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the axes read: images (N, 3, H, W) in [-1, 1] and their counterparts, as given."""
+
+    images: torch.Tensor
+    prompts: Sequence[str] | None
+    references: ImagesLike | None
+    controls: ImagesLike | None
+    concept_text: str | None
+    extractors: dict[str, ExtractorLike | None]
+    default_text: ExtractorLike  # the model's own text extractor (concept's text part when "text" is None)
+    device: str
+    shape_mode: str
+    control_kind: str
+    strict: bool  # raise ModelNotFoundError instead of returning not-measured results
+
+
+def _count(images: ImagesLike) -> int:
+    return images.shape[0] if hasattr(images, "shape") else len(images)
+
+
+def _image_set(images: ImagesLike | None) -> ImagesLike | None:
+    """One image (PIL, path, (3, H, W) tensor, (H, W, 3) array) as a set of one; an empty set as None."""
+    if images is None:
+        return None
+    if isinstance(images, (Image.Image, str, os.PathLike)):
+        return [images]
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 3:
+        return images[None]
+    return images if _count(images) else None
+
+
+def _first(images: ImagesLike, n: int = 1) -> ImagesLike:
+    """The set's first image, ``n`` times (a list for lists, a batch for tensors and arrays)."""
+    if isinstance(images, torch.Tensor):
+        return images[:1].expand(n, *images.shape[1:])
+    if isinstance(images, np.ndarray):
+        return np.repeat(images[:1], n, axis=0)
+    return [images[0]] * n
+
+
+def _style(inp: _Inputs, to_reference: bool = True) -> dict[str, MetricResult]:
+    reference = inp.references if to_reference else None
+    return {"style": m.style_consistency(inp.images, inp.extractors["style"], reference=reference,
+                                         device=inp.device)}
+
+
+def _object(inp: _Inputs) -> dict[str, MetricResult]:
+    return {"object": m.object_consistency(inp.images, inp.references, inp.extractors["object"],
+                                           device=inp.device)}
+
+
+def _text(inp: _Inputs) -> dict[str, MetricResult]:
+    if inp.extractors["text"] is None:
+        return {}
+    if inp.prompts is None:
+        raise ConfigError("text alignment needs the images' prompts (prompts=, one per image)")
+    return {"text": m.text_alignment(inp.images, inp.prompts, inp.extractors["text"], device=inp.device)}
+
+
+def _diversity(inp: _Inputs) -> dict[str, MetricResult]:
+    return {"diversity": m.diversity(inp.images, extractor=inp.extractors["diversity"], device=inp.device)}
+
+
+def _shape(inp: _Inputs) -> dict[str, MetricResult]:
+    controls = inp.controls if inp.controls is not None else inp.references
+    if controls is None:
+        raise ConfigError("the shape metric needs a control image: give controls (CLI: --control) or references")
+    if _count(controls) not in (1, inp.images.shape[0]):
+        raise ConfigError(f"give one control image or one per series image ({inp.images.shape[0]}), "
+                          f"got {_count(controls)}")
+    return {"shape": m.shape_consistency(inp.images, controls, mode=inp.shape_mode, control_kind=inp.control_kind,
+                                         resize=True)}
+
+
+def _fidelity(inp: _Inputs, features: bool = True) -> dict[str, MetricResult]:
+    """PSNR, SSIM and (``features``) the object extractor's feature distance to the source images."""
+    if inp.references is None:
+        raise ConfigError("the fidelity metric needs its source image: give references (CLI: --reference)")
+    if _count(inp.references) not in (1, inp.images.shape[0]):
+        raise ConfigError(f"fidelity: give one source image or one per series image ({inp.images.shape[0]})")
+    extractor = inp.extractors["object"] if features else None
+    try:
+        results = m.fidelity(inp.images, inp.references, extractor, resize=True, device=inp.device)
+    except ModelNotFoundError as error:
+        if inp.strict:
+            raise
+        results = m.fidelity(inp.images, inp.references, None, resize=True, device=inp.device)
+        results["feature_distance"] = MetricResult.not_measured("fidelity_feature_distance", str(error),
+                                                                _extractor_name(extractor))
+    return {f"fidelity_{key}": value for key, value in results.items()}
+
+
+def _concept(inp: _Inputs) -> dict[str, MetricResult]:
+    """Concept consistency; its text part uses the text extractor (the model's own when "text" is
+    None) and is left out, noted in ``details["text_not_measured"]``, where that extractor is missing
+    and exemplars define the concept."""
+    if inp.references is None and not inp.concept_text:
+        raise ConfigError("the concept metric needs the concept: exemplar references and/or concept_text")
+    text_extractor = inp.extractors["text"] if inp.extractors["text"] is not None else inp.default_text
+    text, missing = inp.concept_text, None
+    if text and inp.references is not None:
+        try:
+            m.get_extractor(text_extractor, inp.device)
+        except ModelNotFoundError as error:
+            if inp.strict:
+                raise
+            text, missing = None, str(error)
+    result = m.concept_consistency(inp.images, inp.references, text, inp.extractors["concept"], text_extractor,
+                                   device=inp.device)
+    if missing is not None:
+        result.details["text_not_measured"] = missing
+    return {"concept": result}
+
+
+AXES: dict[str, Callable[[_Inputs], dict[str, MetricResult]]] = {
+    "style": _style, "object": _object, "text": _text, "diversity": _diversity, "shape": _shape,
+    "fidelity": _fidelity, "concept": _concept,
+}
+
+
+def _extractor_name(extractor: ExtractorLike | None) -> str | None:
+    return extractor if extractor is None or isinstance(extractor, str) else extractor.name
+
+
+def _measure(axis: str, run: Callable[[], dict[str, MetricResult]], inputs: _Inputs) -> dict[str, MetricResult]:
+    """``run()``, or {axis: not measured} when its extractor's weights are missing (unless strict)."""
+    extractor = inputs.extractors.get("object" if axis == "fidelity" else axis)
+    try:
+        return run()
+    except ModelNotFoundError as error:
+        if inputs.strict:
+            raise
+        return {axis: MetricResult.not_measured(RESULT_NAMES[axis], str(error), _extractor_name(extractor))}
+
+
+# ----------------------------------------------------------------------------- the dispatcher
+
+
+def score(
+    images: ImagesLike,
+    *,
+    metrics: Sequence[str] | None = None,
+    kind: str | None = None,
+    prompts: Sequence[str] | None = None,
+    references: ImagesLike | None = None,
+    controls: ImagesLike | None = None,
+    concept_text: str | None = None,
+    extractors: Mapping[str, ExtractorLike | None] | None = None,
+    model: Any = None,
+    device: str = "cpu",
+    shape_mode: str = "edges",
+    control_kind: str = "image",
+    strict: bool = False,
+) -> dict[str, MetricResult]:
+    """Score a set of images on the chosen axes; {name: MetricResult}, in a fixed order.
+
+    images: anything ``as_batch`` takes (N images of one size). Choose the axes with either
+    ``metrics`` (any of ``METRIC_NAMES``; default ``DEFAULT_METRICS``) or a bench task ``kind``
+    (``TASK_KINDS``), which scores that kind's consistency, "reference_object" (and, except for
+    shape, "reference_fidelity" = SSIM and "reference_psnr" to the first reference) when there are
+    references, "text" and "diversity".
+
+    prompts: one per image (text alignment). references: style / object references, fidelity
+    sources, concept exemplars (with ``kind``, style is scored within the set and shape's control
+    is the first reference). controls: the shape metric's control images (default: references);
+    ``control_kind`` "image" (edges/silhouette are extracted) or "map"; ``shape_mode`` edges |
+    silhouette. concept_text: the concept as text.
+    extractors: overrides per axis of ``EXTRACTOR_AXES`` (names or ``FeatureExtractor``s; see
+    ``resolve_extractors``). model: what made the images (``ModelIdentity``, a manifest's model
+    record, its kind, or the pipeline): it picks the defaults and whether validation applies.
+    strict: raise ``ModelNotFoundError`` where an extractor is missing instead of returning that
+    axis ``MetricResult.not_measured`` (its reason in ``details["not_measured"]``).
+    Output names: style, object, text, diversity, shape, fidelity_psnr, fidelity_ssim,
+    fidelity_feature_distance, concept (and the ``kind`` names above).
+    """
+    if metrics is not None and kind is not None:
+        raise ConfigError("give metrics or a task kind, not both")
+    if kind is not None and kind not in TASK_KINDS:
+        raise ConfigError(f"unknown task kind {kind!r}; accepted: {', '.join(TASK_KINDS)}")
+    chosen = tuple(DEFAULT_METRICS if metrics is None and kind is None else metrics or ())
+    unknown = [name for name in chosen if name not in METRIC_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown metrics {unknown}; accepted: {', '.join(METRIC_NAMES)}")
+    if kind is None and not chosen:
+        raise ConfigError("no metrics chosen")
+    if shape_mode not in ("edges", "silhouette"):
+        raise ConfigError(f"shape mode must be edges or silhouette, got {shape_mode!r}")
+    inputs = _Inputs(
+        images=as_batch(images), prompts=None if prompts is None else list(prompts),
+        references=_image_set(references), controls=_image_set(controls), concept_text=concept_text or None,
+        extractors=resolve_extractors(extractors, model), default_text=resolve_extractors(None, model)["text"],
+        device=str(device), shape_mode=shape_mode, control_kind=control_kind, strict=strict,
+    )
+    results = _score_kind(kind, inputs) if kind is not None else _score_metrics(chosen, inputs)
+    if model_kind(model) != EMBEDDED:
+        for result in results.values():
+            _outside_validation(result)
+    return results
+
+
+def _score_metrics(metrics: Sequence[str], inputs: _Inputs) -> dict[str, MetricResult]:
+    results: dict[str, MetricResult] = {}
+    for axis in metrics:
+        results.update(_measure(axis, lambda axis=axis: AXES[axis](inputs), inputs))
+    return results
+
+
+def _score_kind(kind: str, inputs: _Inputs) -> dict[str, MetricResult]:
+    """A bench cell's scores: its kind's consistency, then the reference scores, text, diversity."""
+    references = inputs.references
+    if kind == "shape" and references is None and inputs.controls is None:
+        raise ConfigError("a shape task needs a reference image (its control)")
+    results = _measure(kind, lambda: _kind_consistency(kind, inputs), inputs)
+    if references is not None:  # shape tasks too: "ControlNet controls shape, not identity" reads it
+        if kind == "object":  # the same measurement as the kind's own
+            results["reference_object"] = _copy(results["object"])
+        else:
+            results["reference_object"] = _measure("object", lambda: _object(inputs), inputs)["object"]
+        if kind != "shape":
+            fidelity = _fidelity(dataclasses.replace(inputs, references=_first(references)), features=False)
+            results["reference_fidelity"] = fidelity["fidelity_ssim"]
+            results["reference_psnr"] = fidelity["fidelity_psnr"]
+    results.update(_measure("text", lambda: _text(inputs), inputs))
+    results.update(_measure("diversity", lambda: _diversity(inputs), inputs))
+    return results
+
+
+def _kind_consistency(kind: str, inputs: _Inputs) -> dict[str, MetricResult]:
+    """Style: within the set (a style task's series agrees with itself); shape: against the first
+    reference (the task's control) unless controls are given; object, concept: as ``metrics``."""
+    if kind == "style":
+        return _style(inputs, to_reference=False)
+    if kind == "shape":
+        controls = inputs.controls
+        if controls is None:
+            controls = _first(inputs.references, inputs.images.shape[0])
+        return _shape(dataclasses.replace(inputs, controls=controls))
+    return AXES[kind](inputs)
+
+
+def _copy(result: MetricResult) -> MetricResult:
+    return dataclasses.replace(result, per_image=list(result.per_image), details=dict(result.details))
+
+
+def _outside_validation(result: MetricResult) -> None:
+    """Off the embedded model a score is not validated: the table's record stays, marked as not applying."""
+    if result.validation is not None:
+        result.validation = {**result.validation, "applies": False, "note": OUT_OF_DOMAIN}
+    result.validated = None
+
+
+# ----------------------------------------------------------------------------- series folders
 
 
 @dataclass
@@ -92,33 +410,34 @@ def read_reference(path: Path, size: tuple[int, int]) -> torch.Tensor:
 
 
 def score_series(config: ScoreConfig, log=print) -> dict[str, Any]:
-    """Run the metrics on a series; returns the scores document (also written as scores.json)."""
+    """Run the metrics on a series; returns the scores document (also written as scores.json).
+
+    Axes that could not be measured (missing weights) are listed under "skipped" with the reason,
+    unless ``config.skip_unavailable`` is False (then the error is raised)."""
     from consistent_diffusion.core.outputs import library_versions, utc_now, write_json_atomic
 
     manifest, records, images = read_series(config.series)
     size = (images.shape[-1], images.shape[-2])
     reference = read_reference(config.reference, size) if config.reference else None
     control = read_reference(config.control, size) if config.control else reference
-    prompts = [str(r.get("prompt", "")) for r in records]
-    kind = (manifest.get("model") or {}).get("kind")
-    extractors = {**m.DEFAULT_EXTRACTORS, "text": "emoji-text" if kind == "embedded" else "clip",
-                  **config.extractors}
-    results: dict[str, MetricResult] = {}
-    skipped: dict[str, str] = {}
-    diversity_value = m.diversity(images)
-    for name in config.metrics:
-        try:
-            _score_one(name, config, images, prompts, reference, control, extractors, results, diversity_value)
-        except ModelNotFoundError as error:
-            if not config.skip_unavailable:
-                raise
-            skipped[name] = str(error)
-            log(f"skipped {name}: {error}")
-            continue
-        log(f"scored {name}")
+    results = score(
+        images, metrics=config.metrics, prompts=[str(r.get("prompt", "")) for r in records], references=reference,
+        controls=control, concept_text=config.concept_text, extractors=config.extractors,
+        model=manifest.get("model") or {}, device=config.device, shape_mode=config.shape_mode,
+        control_kind=config.control_kind, strict=not config.skip_unavailable,
+    )
+    skipped = {key: res.details["not_measured"] for key, res in results.items() if not res.measured}
+    results = {key: res for key, res in results.items() if res.measured}
+    for key in results:
+        log(f"scored {key}")
+    for key, reason in skipped.items():
+        log(f"skipped {key}: {reason}")
+    pixel_diversity = results.get("diversity")
+    if pixel_diversity is None or pixel_diversity.extractor != "pixel":
+        pixel_diversity = m.diversity(images)
     for res in results.values():
         if res.name != "diversity" and "diversity" not in res.details:
-            res.details["diversity"] = diversity_value.aggregate
+            res.details["diversity"] = pixel_diversity.aggregate
     document = {
         "format": SCORES_FORMAT,
         "series": str(config.series.name),
@@ -134,44 +453,6 @@ def score_series(config: ScoreConfig, log=print) -> dict[str, Any]:
     return document
 
 
-def _score_one(name: str, config: ScoreConfig, images: torch.Tensor, prompts: list[str],
-               reference: torch.Tensor | None, control: torch.Tensor | None, extractors: dict[str, str],
-               results: dict[str, MetricResult], diversity_value: MetricResult) -> None:
-    """Run one metric into ``results`` (raises ConfigError for missing inputs)."""
-    if name == "style":
-        results["style"] = m.style_consistency(images, extractors["style"], reference=reference,
-                                               device=config.device)
-    elif name == "object":
-        results["object"] = m.object_consistency(images, reference, extractors["object"], device=config.device)
-    elif name == "text":
-        results["text"] = m.text_alignment(images, prompts, extractors["text"], device=config.device)
-    elif name == "diversity":
-        results["diversity"] = diversity_value
-        if extractors.get("diversity") not in (None, "pixel"):
-            results["diversity_features"] = m.diversity(images, extractors["diversity"], config.device)
-    elif name == "shape":
-        if control is None:
-            raise ConfigError("the shape metric needs a control image: pass --control IMG (or --reference)")
-        if control.shape[0] not in (1, images.shape[0]):
-            raise ConfigError(f"give one control image or one per series image ({images.shape[0]}), "
-                              f"got {control.shape[0]}")
-        results["shape"] = m.shape_consistency(images, control, mode=config.shape_mode,
-                                               control_kind=config.control_kind)
-    elif name == "fidelity":
-        if reference is None:
-            raise ConfigError("the fidelity metric needs its source image: pass --reference IMG")
-        if reference.shape[0] not in (1, images.shape[0]):
-            raise ConfigError(f"fidelity: give one source image or one per series image ({images.shape[0]})")
-        for key, value in m.fidelity(images, reference, extractors["object"], device=config.device).items():
-            results[f"fidelity_{key}"] = value
-    elif name == "concept":
-        if reference is None and not config.concept_text:
-            raise ConfigError("the concept metric needs the concept: --reference exemplars and/or --concept-text")
-        results["concept"] = m.concept_consistency(
-            images, reference, config.concept_text, extractors["concept"], extractors["text"],
-            device=config.device)
-
-
 def format_table(document: dict[str, Any]) -> str:
     """Short text table: metric, extractor, aggregate, diversity beside it, validation status."""
     rows = [("metric", "extractor", "score", "diversity", "status")]
@@ -182,6 +463,8 @@ def format_table(document: dict[str, Any]) -> str:
             status = f"validated (AUC {res['validation']['auc']:.2f})"
         elif res["validated"] is False:
             status = f"validated: false (AUC {res['validation']['auc']:.2f} < {res['validation']['bar']:.2f})"
+        elif (res["validation"] or {}).get("applies") is False:
+            status = "not validated on this model (validated on emoji only)"
         else:
             status = "not validated"
         guard = res["details"].get("guard")

@@ -33,7 +33,7 @@ from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.metrics.common import cosine_matrix, roc_auc
 from consistent_diffusion.metrics.consistency import foreground_crop, shape_consistency
-from consistent_diffusion.metrics.features import available_features, load_features
+from consistent_diffusion.metrics.extractors import available_features, load_features
 
 BARS = {"style": 0.95, "object": 0.90, "text": 0.90, "shape": 0.95}
 STYLE_EXTRACTORS = ("emoji-style", "style-stats", "palette", "efficientnet-lite0-stats", "efficientnet-lite0")
@@ -52,7 +52,7 @@ class ValidationConfig:
     set_size: int = 4
     seed: int = 0
     device: str = "cpu"
-    include_probes: bool = True  # validate probe-* extractors when consistent_diffusion.metrics.probes exists
+    include_probes: bool = True  # validate the probe-* extractors too
     concept: bool = True  # run the (unbarred) concept protocol; costs extra feature passes
 
     def __post_init__(self) -> None:
@@ -259,14 +259,14 @@ def validate_metrics(config: ValidationConfig, log=print) -> dict[str, Any]:
                  for c in rng.choice(len(identities), size=config.negatives_per_positive, replace=False)
                  if identities[c] != identity_of[i]]
     for mode in ("edges", "silhouette"):
-        pos = shape_consistency(outputs_pos, controls_pos, mode=mode, diversity_with=False).per_image
-        neg = shape_consistency(outputs_neg, controls_neg, mode=mode, diversity_with=False).per_image
+        pos = shape_consistency(outputs_pos, controls_pos, mode=mode, diversity_with=None).per_image
+        neg = shape_consistency(outputs_neg, controls_neg, mode=mode, diversity_with=None).per_image
         results.append(_row("shape", mode, "appearance-changed copy of the same image vs of another emoji",
                             pos, neg))
         cp = shape_consistency(images[[j for _, j in cross_pos]], images[[i for i, _ in cross_pos]], mode=mode,
-                               diversity_with=False).per_image
+                               diversity_with=None).per_image
         cn = shape_consistency(images[[j for _, j in cross_neg]], images[[i for i, _ in cross_neg]], mode=mode,
-                               diversity_with=False).per_image
+                               diversity_with=None).per_image
         results.append(_row("shape", mode, "same emoji drawn by the other vendor vs another emoji", cp, cn,
                             primary=False))
 

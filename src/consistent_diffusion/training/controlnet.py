@@ -33,20 +33,16 @@ from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.core.outputs import write_json_atomic
 from consistent_diffusion.methods.controls import CONDITIONS, make_control
 from consistent_diffusion.training.data import load_captioned_images
-from consistent_diffusion.training.loop import (
-    LoopConfig,
-    Task,
-    TrainResult,
+from consistent_diffusion.training.diffusion import (
     added_cond_kwargs,
-    check_out_folder,
     encode_images,
     encode_text,
     model_size,
     noise_and_target,
     per_example_mse,
-    run_training,
     training_scheduler,
 )
+from consistent_diffusion.training.loop import LoopConfig, Task, TrainResult, check_out_folder, run_training
 
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # ControlNet paper / diffusers default, for VAE factor 8
 CONTROL_META = "control.json"
@@ -175,21 +171,18 @@ class ControlNetTask(Task):
         return loss, {"dropped_captions": float(drop.float().mean())}
 
     def validate(self, step: int, folder: Path) -> None:
+        """Validation row i (its control image and caption) with seed i, through ``methods.run``
+        with the ControlNet method on the ControlNet being trained."""
         from consistent_diffusion.core.images import contact_sheet, save_png_atomic
-        from consistent_diffusion.methods.controlnet import controlnet_pipeline
 
         if not self.validation_controls:
             return
         self.controlnet.eval()
         try:
-            sibling = controlnet_pipeline(self.pipe, self.controlnet)
             images = []
             for index, (control, caption) in enumerate(zip(self.validation_controls, self.validation_captions, strict=True)):
-                images += sibling(
-                    prompt=caption, image=control, generator=torch.Generator("cpu").manual_seed(index),
-                    num_inference_steps=self.config.validation_steps, height=self.size, width=self.size,
-                    output_type="pil",
-                ).images
+                images += _generate(self.pipe, caption, index, self.size, control=control, controlnet=self.controlnet,
+                                    num_inference_steps=self.config.validation_steps)
         finally:
             self.controlnet.train()
         folder.mkdir(parents=True, exist_ok=True)
@@ -240,6 +233,20 @@ def initial_controlnet(config: ControlNetTrainConfig, pipe: Any) -> Any | None:
 # ----------------------------------------------------------------------------- measure and ship
 
 
+def _generate(pipe: Any, caption: str, seed: int, size: int, control: Any = None, controlnet: Any = None,
+              scale: float = 1.0, **call_kwargs: Any) -> list[Any]:
+    """One ``size`` x ``size`` image of ``caption`` with seed ``seed`` through ``methods.run``:
+    plain, or steered by ``controlnet`` (an in-memory ControlNetModel) on ``control`` at ``scale``."""
+    from consistent_diffusion.methods.base import GenerationContext, run
+    from consistent_diffusion.methods.controlnet import ControlNet
+
+    ctx = GenerationContext(pipe=pipe, prompts=[caption], negative_prompts=None,
+                            generators=[torch.Generator("cpu").manual_seed(seed)],
+                            call_kwargs={**call_kwargs, "height": size, "width": size})
+    methods = () if controlnet is None else (ControlNet(controlnets=(controlnet,), images=(control,), scales=(scale,)),)
+    return run(ctx, methods)
+
+
 def shape_scores(outputs: list[Any], controls: list[Any], condition: str) -> list[float]:
     """Per image: how well an output follows its control image (``metrics.shape_consistency`` on the
     control *maps*): canny/scribble -> edge F1 (2-pixel tolerance), silhouette -> IoU."""
@@ -265,21 +272,16 @@ def measure_shape_control(
     """Shape adherence with and without ``controlnet``: mean canny F1 (or silhouette IoU) of the
     outputs against their control images, same prompts and seeds. Returns
     ``{"with": mean, "without": mean, "ratio": with / without, "per_image": {...}, "n": count}``."""
-    from consistent_diffusion.methods.controlnet import controlnet_pipeline
-
     size = model_size(pipe, None)
-    sibling = controlnet_pipeline(pipe, controlnet)
     results: dict[str, list[float]] = {"with": [], "without": []}
     for control, caption in zip(controls, captions, strict=True):
         control = control.resize((size, size))
         for seed in seeds:
-            common = dict(prompt=caption, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          height=size, width=size, output_type="pil")
-            plain = pipe(generator=torch.Generator("cpu").manual_seed(seed), **common).images[0]
-            steered = sibling(generator=torch.Generator("cpu").manual_seed(seed), image=control,
-                              controlnet_conditioning_scale=scale, **common).images[0]
-            results["without"] += shape_scores([plain], [control], condition)
-            results["with"] += shape_scores([steered], [control], condition)
+            common = dict(num_inference_steps=steps, guidance_scale=guidance_scale)
+            plain = _generate(pipe, caption, seed, size, **common)
+            steered = _generate(pipe, caption, seed, size, control=control, controlnet=controlnet, scale=scale, **common)
+            results["without"] += shape_scores(plain, [control], condition)
+            results["with"] += shape_scores(steered, [control], condition)
     with_mean = float(np.mean(results["with"]))
     without_mean = float(np.mean(results["without"]))
     return {"condition": condition, "with": with_mean, "without": without_mean,

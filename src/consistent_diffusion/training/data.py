@@ -82,10 +82,13 @@ def ensure_class_images(
 ) -> list[Image.Image]:
     """Class images for prior preservation, generated with the *base* model and cached on disk.
 
-    Image i is ``class_{i:04d}.png``, generated with seed ``seed + i``; files already present
-    (from an earlier or interrupted run) are reused, only the missing ones are generated.
+    Image i is ``class_{i:04d}.png``, generated with seed ``seed + i`` through ``methods.run`` (no
+    method stacked); files already present (from an earlier or interrupted run) are reused, only
+    the missing ones are generated.
     """
     from tqdm.auto import tqdm
+
+    from consistent_diffusion.methods.base import GenerationContext, run
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,17 +99,16 @@ def ensure_class_images(
     with tqdm(total=len(missing), desc="class images", unit="img", disable=not progress or not missing) as bar:
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
+            ctx = GenerationContext(
+                pipe=pipe,
+                prompts=[prompt] * len(chunk),
+                negative_prompts=None,
+                generators=[torch.Generator("cpu").manual_seed(seed + i) for i in chunk],
+                call_kwargs={"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size},
+            )
             with torch.no_grad():
-                out = pipe(
-                    prompt=[prompt] * len(chunk),
-                    generator=[torch.Generator("cpu").manual_seed(seed + i) for i in chunk],
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=size,
-                    width=size,
-                    output_type="pil",
-                )
-            for i, image in zip(chunk, out.images, strict=True):
+                images = run(ctx)
+            for i, image in zip(chunk, images, strict=True):
                 save_png_atomic(image, paths[i])
             bar.update(len(chunk))
     return load_image_set(paths, size, what="class").images

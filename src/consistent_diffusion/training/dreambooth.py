@@ -28,19 +28,21 @@ from consistent_diffusion.training.data import (
     ensure_class_images,
     load_image_set,
 )
-from consistent_diffusion.training.loop import (
-    LoopConfig,
-    Task,
-    TrainResult,
+from consistent_diffusion.training.diffusion import (
     added_cond_kwargs,
-    check_out_folder,
     encode_images,
     encode_text,
     model_size,
     noise_and_target,
     per_example_mse,
-    run_training,
     training_scheduler,
+)
+from consistent_diffusion.training.loop import (
+    LoopConfig,
+    Task,
+    TrainResult,
+    check_out_folder,
+    run_training,
     write_validation_images,
 )
 
@@ -180,19 +182,22 @@ class DreamBoothTask(Task):
     # -- validation and result ------------------------------------------------------------------
 
     def validate(self, step: int, folder: Path) -> None:
+        """Validation prompt i with seed i, the pipeline's default guidance, through ``methods.run``."""
+        from consistent_diffusion.methods.base import GenerationContext, run
+
         prompts = list(self.config.validation_prompts)
         if not prompts:
             return
         was_training = {name: module.training for name, module in self.modules.items()}
         for module in self.modules.values():
             module.eval()
+        ctx = GenerationContext(
+            pipe=self.pipe, prompts=prompts, negative_prompts=None,
+            generators=[torch.Generator("cpu").manual_seed(index) for index in range(len(prompts))],
+            call_kwargs={"num_inference_steps": self.config.validation_steps, "height": self.size, "width": self.size},
+        )
         try:
-            images = self.pipe(
-                prompt=prompts,
-                generator=[torch.Generator("cpu").manual_seed(index) for index in range(len(prompts))],
-                num_inference_steps=self.config.validation_steps,
-                height=self.size, width=self.size, output_type="pil",
-            ).images
+            images = run(ctx)
         finally:
             for name, module in self.modules.items():
                 module.train(was_training[name])

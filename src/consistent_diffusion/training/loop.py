@@ -1,4 +1,5 @@
-"""One training loop on ``accelerate`` for DreamBooth, LoRA DreamBooth and ControlNet.
+"""One training loop on ``accelerate`` for every task: DreamBooth, LoRA DreamBooth, ControlNet and
+the embedded model's own stages (``recipes.embedded``: VAE, UNet, decoder).
 
 The same code runs on this CPU (``Accelerator(cpu=True)``), on one GPU, and under
 ``accelerate launch --multi_gpu`` / ``torchrun`` on several GPUs or machines: modules and the
@@ -12,12 +13,20 @@ step's result depends only on the weights and optimizer state before it. A check
 weights, optimizer and learning-rate scheduler state, the global RNG states and the step;
 resuming from it after a kill continues at the next step and ends with the same weights as an
 uninterrupted run (bit-for-bit on CPU). SIGINT/SIGTERM finish the current step, write a checkpoint
-and stop cleanly.
+and stop cleanly; so does ``stop_after_steps`` (a planned pause).
+
+Budget and schedule. A run ends at ``steps`` or, when ``max_minutes`` is set, once its training
+steps have taken that much wall time (summed over resumes), whichever comes first. The learning
+rate at step s is ``learning_rate * lr_factor(lr_schedule, s, progress, lr_warmup_steps)``, where
+``progress`` in [0, 1] is the larger of the step share and the time share of the budget. With
+``ema_decay`` > 0 the loop keeps an exponential moving average of the trainable weights (in the
+checkpoints too) and the exported result holds the averaged weights.
 
 Run folder (``out``)::
 
     train_config.json   the config, base model identity, library versions (checked on resume)
-    log.jsonl           one record per logged step: step, loss, lr, seconds
+    log.jsonl           one record per logged step: step, loss, lr, seconds, elapsed_s (+ the task's
+                        own values), and one {"step", "val": {...}} per validation that measured something
     checkpoints/        step_NNNNNN.pt (the last ``keep_checkpoints``)
     validation/         step_NNNNNN/ images generated at each checkpoint
     class_images/       prior-preservation images (DreamBooth), reused on resume
@@ -40,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
@@ -50,7 +58,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 CHECKPOINT_PATTERN = "step_{:06d}.pt"
 # Fields that may change when resuming a run (everything else must match the first run).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "progress", "resume", "validation_prompts",
-                     "validation_steps", "validation_count", "log_every", "threads"}
+                     "validation_steps", "validation_count", "log_every", "threads", "max_minutes",
+                     "checkpoint_minutes", "stop_after_steps"}
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(kw_only=True)
@@ -60,11 +70,16 @@ class LoopConfig:
     out: Path  # run folder (created; see the module docstring for its layout)
     steps: int = 400  # optimisation steps in total (a resumed run continues up to this)
     batch_size: int = 1  # examples per step and process
-    learning_rate: float = 5e-6
-    lr_warmup_steps: int = 0  # linear warm-up, then constant
+    learning_rate: float = 5e-6  # peak learning rate
+    lr_warmup_steps: int = 0  # linear warm-up over this many steps
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine (to 10% of the peak over the budget)
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # gradient clipping (0 disables)
     checkpoint_every: int = 100  # steps between checkpoints (and validation images)
+    checkpoint_minutes: float | None = None  # also checkpoint once this much wall time passed since the last
+    max_minutes: float | None = None  # wall-time budget of the training steps (None: steps only)
+    stop_after_steps: int | None = None  # pause (checkpoint, return stopped) after this many steps this session
+    ema_decay: float = 0.0  # EMA of the trainable weights, exported instead of them (0: no EMA)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # makes the run reproducible on CPU
     device: str = "cpu"  # "cpu" forces the CPU; anything else lets accelerate choose its GPU
@@ -82,9 +97,19 @@ class LoopConfig:
         self.out = Path(self.out)
         self.validation_prompts = tuple(self.validation_prompts)
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "validation_steps", "log_every"):
-            _check_int(self, name, minimum=1)
-        _check_int(self, "lr_warmup_steps", minimum=0)
-        _check_int(self, "seed", minimum=0)
+            check_int(self, name, minimum=1)
+        check_int(self, "lr_warmup_steps", minimum=0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        for name in ("checkpoint_minutes", "max_minutes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ConfigError(f"{name} must be a number > 0 or unset, got {value!r}")
+        if self.stop_after_steps is not None:
+            check_int(self, "stop_after_steps", minimum=1)
+        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        check_int(self, "seed", minimum=0)
         for name in ("learning_rate", "adam_weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -94,9 +119,9 @@ class LoopConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.resolution is not None:
-            _check_int(self, "resolution", minimum=8)
+            check_int(self, "resolution", minimum=8)
         if self.threads is not None:
-            _check_int(self, "threads", minimum=1)
+            check_int(self, "threads", minimum=1)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -108,18 +133,39 @@ class LoopConfig:
         return data
 
 
-def _check_int(config: Any, name: str, minimum: int) -> None:
+def check_int(config: Any, name: str, minimum: int) -> None:
+    """ConfigError unless ``config.name`` is an integer >= ``minimum``."""
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_positive(config: Any, *names: str) -> None:
+    """ConfigError unless each ``config.name`` is a finite number > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
+            raise ConfigError(f"{type(config).__name__}.{name} must be a number > 0, got {value!r}")
+
+
 # ----------------------------------------------------------------------------- randomness
 
 
-def step_generator(seed: int, step: int, process: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
-    """The generator for everything random in one step of one process."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+def step_generator(
+    seed: int, step: int, process: int = 0, device: str | torch.device = "cpu", stream: int = 0
+) -> torch.Generator:
+    """The generator for everything random in one step of one process; ``stream`` separates tasks
+    trained with the same seed (``Task.seed_stream``)."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1_009 + process + stream * 100_000_007)
+
+
+def lr_factor(schedule: str, step: int, progress: float, warmup: int) -> float:
+    """Learning-rate multiplier at 0-based ``step``: linear warm-up min(1, (step + 1) / warmup), times 1
+    (``constant``) or a cosine from 1 to 0.1 as ``progress`` goes 0 -> 1 (``cosine``)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def rng_states() -> dict[str, Any]:
@@ -137,124 +183,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-# ----------------------------------------------------------------------------- diffusion helpers
-
-
-def encode_text(
-    pipe: Any, prompts: Sequence[str], encoders: Sequence[Any] | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings exactly as the pipeline's ``encode_prompt`` makes them (no guidance,
-    no clip skip), but through ``encoders`` (default: the pipeline's text encoders, possibly
-    wrapped by accelerate) so that gradients flow when a text encoder is trained.
-
-    Returns (embeddings (B, tokens, dim), pooled (B, dim) for SDXL-shaped pipelines else None).
-    """
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) is not None else [])
-    if encoders is None:
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(tokenizers) == 2 else [])
-    device = next(_unwrap(encoders[-1]).parameters()).device
-    if len(tokenizers) == 1:
-        tokens = tokenizers[0](list(prompts), padding="max_length", max_length=tokenizers[0].model_max_length,
-                               truncation=True, return_tensors="pt")
-        config = _unwrap(encoders[0]).config
-        mask = tokens.attention_mask.to(device) if getattr(config, "use_attention_mask", False) else None
-        return encoders[0](tokens.input_ids.to(device), attention_mask=mask)[0], None
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
-        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
-        if output[0].ndim == 2:
-            pooled = output[0]
-        hidden.append(output.hidden_states[-2])
-    return torch.cat(hidden, dim=-1), pooled
-
-
-def sdxl_time_ids(pipe: Any, size: int, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-    """SDXL ``time_ids`` (original size, crop top-left, target size) for square ``size`` images;
-    None for pipelines without ``text_time`` conditioning."""
-    if getattr(pipe.unet.config, "addition_embed_type", None) != "text_time":
-        return None
-    ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=device)
-    return ids.repeat(batch, 1)
-
-
-def added_cond_kwargs(pipe: Any, pooled: torch.Tensor | None, size: int) -> dict[str, Any] | None:
-    if pooled is None:
-        return None
-    return {"text_embeds": pooled, "time_ids": sdxl_time_ids(pipe, size, pooled.shape[0], pooled.device, pooled.dtype)}
-
-
-@dataclass
-class LatentCache:
-    """VAE posterior of each training image: mean and std (N, C, h, w); sampled per step."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    scaling_factor: float
-
-    def sample(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        mean, std = self.mean[rows], self.std[rows]
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
-        return (mean + std * noise) * self.scaling_factor
-
-
-@torch.no_grad()
-def encode_images(pipe: Any, images: Sequence[Any], batch: int = 16) -> LatentCache:
-    """Encode RGB PIL images (all the same size) with the pipeline's VAE, once."""
-    from consistent_diffusion.core.images import pil_to_tensor
-
-    vae = pipe.vae
-    device, dtype = vae.device, vae.dtype
-    means, stds = [], []
-    for start in range(0, len(images), batch):
-        pixels = torch.cat([pil_to_tensor(image) for image in images[start : start + batch]])
-        posterior = vae.encode(pixels.to(device=device, dtype=dtype)).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
-
-
-def training_scheduler(pipe: Any) -> Any:
-    """A DDPM scheduler with the pipeline's noise schedule (for ``add_noise`` and velocity targets)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(pipe.scheduler.config)
-
-
-def noise_and_target(
-    scheduler: Any, latents: torch.Tensor, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, timesteps (B,), target) for the scheduler's prediction type (DDPM training)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    timesteps = torch.randint(0, int(scheduler.config.num_train_timesteps), (latents.shape[0],), generator=generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    elif kind == "sample":
-        target = latents
-    else:
-        raise ConsistentDiffusionError(f"unsupported prediction_type {kind!r}")
-    return noisy, timesteps, target
-
-
-def per_example_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per example (B,), in float32."""
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
-
-
-def model_size(pipe: Any, resolution: int | None) -> int:
-    """Training image side: ``resolution`` or the model's native size, checked against the VAE factor."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
-    size = resolution or int(pipe.unet.config.sample_size) * factor
-    if size % factor:
-        raise ConfigError(f"resolution {size} is not divisible by this model's VAE factor {factor}")
-    return size
-
-
 # ----------------------------------------------------------------------------- the task interface
 
 
@@ -264,10 +192,12 @@ class Task:
     ``run``) and implement ``loss``, ``validate`` and ``export``."""
 
     result_name = "model"  # folder of the final result inside ``out``
+    seed_stream = 0  # separates the random streams of tasks that share a seed (see ``step_generator``)
 
     def __init__(self) -> None:
         self.modules: dict[str, torch.nn.Module] = {}
         self.run: dict[str, Any] = {}  # prepared (possibly DDP-wrapped) modules, for forward passes
+        self.progress = 0.0  # share of the budget spent before the current step (set by the loop), in [0, 1]
 
     def forward_module(self, name: str) -> Any:
         """The module to run forward passes through: prepared by accelerate if training, else raw."""
@@ -303,8 +233,10 @@ class Task:
     def loss(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def validate(self, step: int, folder: Path) -> None:  # noqa: B027 - optional hook
-        """Write validation images for the current weights into ``folder`` (nothing if there is nothing to show)."""
+    def validate(self, step: int, folder: Path) -> dict[str, float] | None:
+        """At each checkpoint: write validation images for the current weights into ``folder``
+        and/or return validation numbers (logged as ``{"step", "val": ...}``); None for nothing."""
+        return None
 
     def export(self, folder: Path) -> None:
         raise NotImplementedError
@@ -337,6 +269,49 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - report any unreadable checkpoint by name
         raise ConsistentDiffusionError(f"checkpoint {path} is unreadable ({error}); delete it to resume from an older one") from error
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+class EMA:
+    """Exponential moving average of a task's trainable weights, with the usual warm-up: after
+    0-based step t, shadow <- shadow + (1 - d_t) (weights - shadow), d_t = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, task: Task, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+                       for name, module in task.modules.items()}
+
+    def _pairs(self, task: Task) -> Iterator[tuple[torch.Tensor, torch.nn.Parameter]]:
+        for name, module in task.modules.items():
+            shadow = self.shadow[name]
+            for key, param in module.named_parameters():
+                if key in shadow:
+                    yield shadow[key], param
+
+    @torch.no_grad()
+    def update(self, task: Task, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for shadow, param in self._pairs(task):
+            shadow.lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, task: Task) -> None:
+        """Overwrite the trainable weights with their averages (before export)."""
+        for shadow, param in self._pairs(task):
+            param.copy_(shadow)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.detach().cpu().clone() for k, v in shadow.items()} for name, shadow in self.shadow.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for name, shadow in self.shadow.items():
+            if set(state.get(name, {})) != set(shadow):
+                raise ConsistentDiffusionError(f"checkpoint EMA does not match module {name!r}")
+            for key, value in shadow.items():
+                value.copy_(state[name][key].to(value.device, value.dtype))
 
 
 # ----------------------------------------------------------------------------- stop signals
@@ -438,73 +413,95 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     if not params:
         raise ConsistentDiffusionError("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
-    warmup = config.lr_warmup_steps
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     names = list(task.modules)
-    prepared = accelerator.prepare(*task.modules.values(), optimizer, lr_schedule)
+    prepared = accelerator.prepare(*task.modules.values(), optimizer)
     task.run = dict(zip(names, prepared[: len(names)], strict=True))
-    optimizer, lr_schedule = prepared[len(names)], prepared[len(names) + 1]
+    optimizer = prepared[len(names)]
+    ema = EMA(task, config.ema_decay) if config.ema_decay > 0 else None
 
-    start = 0
+    start, elapsed = 0, 0.0
     checkpoints = list_checkpoints(config.out)
     if config.resume and checkpoints:
         state = load_checkpoint(checkpoints[-1][1])
         task.load_trainable_state(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
-        start = int(state["step"])
+        start, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
         accelerator.print(f"resuming {config.out} at step {start}")
     if accelerator.is_main_process:
         write_json_atomic(record, config.out / "train_config.json")
+    log_path = config.out / "log.jsonl"
 
-    def save_checkpoint(step: int) -> None:
+    def log(entry: dict[str, Any]) -> None:
+        with open(log_path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(entry) + "\n")
+
+    def save_checkpoint(step: int, elapsed: float) -> None:
         if accelerator.is_main_process:
-            state = {"step": step, "trainable": task.trainable_state(), "optimizer": optimizer.state_dict(),
-                     "lr_schedule": lr_schedule.state_dict(), "rng": rng_states(), "kind": kind}
+            state = {"step": step, "elapsed_s": elapsed, "trainable": task.trainable_state(),
+                     "optimizer": optimizer.state_dict(), "rng": rng_states(), "kind": kind}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             atomic_torch_save(state, checkpoint_dir(config.out) / CHECKPOINT_PATTERN.format(step))
             for _, old in list_checkpoints(config.out)[: -config.keep_checkpoints]:
                 old.unlink(missing_ok=True)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                task.validate(step, config.out / "validation" / f"step_{step:06d}")
+                values = task.validate(step, config.out / "validation" / f"step_{step:06d}")
+            if values:
+                log({"step": step, "elapsed_s": round(elapsed, 3), "val": values})
         accelerator.wait_for_everyone()
+
+    budget_s = config.max_minutes * 60.0 if config.max_minutes is not None else math.inf
+
+    def spent(step: int, elapsed: float) -> bool:
+        return step >= config.steps or elapsed >= budget_s
 
     for module in task.run.values():
         module.train()
     losses: list[float] = []
     stopped = False
     step = start
-    log_path = config.out / "log.jsonl"
+    last_save = time.monotonic()
     with _StopFlag().installed() as flag, tqdm(
         total=config.steps, initial=start, desc=f"train {kind}", unit="step",
         disable=not config.progress or not accelerator.is_main_process,
     ) as bar:
-        while step < config.steps:
+        while not spent(step, elapsed):
             began = time.perf_counter()
-            generator = step_generator(config.seed, step, accelerator.process_index)
+            task.progress = max(step / config.steps, elapsed / budget_s)
+            lr = config.learning_rate * lr_factor(config.lr_schedule, step, task.progress, config.lr_warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            generator = step_generator(config.seed, step, accelerator.process_index, stream=task.seed_stream)
             with accelerator.autocast():
                 loss, logs = task.loss(step, generator, device)
             accelerator.backward(loss)
             if config.max_grad_norm > 0 and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(task, step)
             step += 1
             value = float(accelerator.gather(loss.detach().float().reshape(1)).mean())
+            seconds = time.perf_counter() - began
+            elapsed += seconds
             losses.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
-            if accelerator.is_main_process and (step % config.log_every == 0 or step == config.steps):
-                entry = {"step": step, "loss": value, "lr": lr_schedule.get_last_lr()[0],
-                         "seconds": round(time.perf_counter() - began, 4), **logs}
-                with open(log_path, "a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(entry) + "\n")
+            if accelerator.is_main_process and (step % config.log_every == 0 or spent(step, elapsed)):
+                log({"step": step, "loss": value, "lr": lr, "seconds": round(seconds, 4),
+                     "elapsed_s": round(elapsed, 3), **logs})
             if on_step_end is not None:
                 on_step_end(step, value)
-            if step % config.checkpoint_every == 0 or step == config.steps or flag.requested:
-                save_checkpoint(step)
-            if flag.requested and step < config.steps:
+            paused = flag.requested or (config.stop_after_steps is not None and len(losses) >= config.stop_after_steps)
+            due = config.checkpoint_minutes is not None and time.monotonic() - last_save > config.checkpoint_minutes * 60
+            if step % config.checkpoint_every == 0 or spent(step, elapsed) or paused or due:
+                save_checkpoint(step, elapsed)
+                last_save = time.monotonic()
+            if paused and not spent(step, elapsed):
                 stopped = True
                 accelerator.print(f"stopped at step {step}; continue with --resume")
                 break
@@ -515,18 +512,17 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
 
         for module in task.run.values():
             module.eval()
+        if ema is not None:
+            ema.copy_to(task)
         result = config.out / task.result_name
         with atomic_output_dir(result, overwrite=True) as temp:
             task.export(temp)
-            write_json_atomic({**record, "steps_done": step, "finished": utc_now()}, temp / "training.json")
+            write_json_atomic({**record, "steps_done": step, "elapsed_s": round(elapsed, 3), "finished": utc_now()},
+                              temp / "training.json")
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return TrainResult(out=config.out, result=result, step=step, losses=losses, stopped=stopped,
                        trainable_parameters=sum(p.numel() for p in params))
-
-
-def _unwrap(module: Any) -> Any:
-    return getattr(module, "module", module)
 
 
 def write_validation_images(images: Sequence[Any], prompts: Sequence[str], folder: Path) -> None:

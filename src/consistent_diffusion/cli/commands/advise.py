@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from consistent_diffusion.core.assets import ASSETS_DIR
@@ -32,12 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.bench.advisor import advise, format_advice, parse_needs
+    from consistent_diffusion.bench.records import load_report
     from consistent_diffusion.core.errors import ConfigError
 
     path = Path(args.report) / "report.json" if args.report else REFERENCE_REPORT
     if not path.is_file():
         raise ConfigError(f"no bench report at {path}; run `consistent-diffusion bench --out DIR` and pass --report DIR")
-    report = json.loads(path.read_text(encoding="utf-8"))
+    report = load_report(path)
     needs = parse_needs(args.need)
     print(f"from {path}:")
     print(format_advice(advise(report, needs, have=args.have, allow_training=not args.no_training, top=args.top), needs))

@@ -11,8 +11,9 @@ from consistent_diffusion.cli.options.model import add_model_arguments, load_mod
 
 EXAMPLES = """examples:
   consistent-diffusion bench --out runs/bench                      # quick suite, embedded model
-  consistent-diffusion bench --suite full --model path/to/sd15 --device cuda --out runs/bench-sd15
-  accelerate launch -m consistent_diffusion bench --suite full --device cuda --out runs/bench   # multi-GPU
+  consistent-diffusion bench --suite new-subject --out runs/new-subject   # the fine-tuning study
+  consistent-diffusion bench --suite my_suite.toml --model path/to/sd15 --device cuda --out runs/bench-sd15
+  accelerate launch -m consistent_diffusion bench --device cuda --out runs/bench               # multi-GPU
   torchrun --nproc_per_node 2 -m consistent_diffusion bench --out runs/bench                   # 2 CPU processes
 A killed run continues where it stopped when re-run with the same --out.
 Cells that need fine-tuning (DreamBooth, LoRA DreamBooth) train first on the task's reference
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--suite", default="quick", help="built-in suite name (quick, full) or a .toml file (default: quick)")
+    parser.add_argument("--suite", default="quick", help="built-in suite name (quick, new-subject) or a .toml file (default: quick)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -91,6 +92,6 @@ def run(args: argparse.Namespace) -> int:
     if shard.index == 0:
         report = merge_report(suite, out)
         md, page = write_reports(report, out)
-        status = "complete" if report["complete"] else f"incomplete ({len(report['missing_cells'])} cells missing)"
+        status = "complete" if report.complete else f"incomplete ({len(report.missing_cells)} cells missing)"
         print(f"report {status}: {page} (also {md.name}, report.json)")
     return 0

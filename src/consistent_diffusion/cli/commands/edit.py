@@ -41,15 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.core.images import contact_sheet, save_png_atomic
-    from consistent_diffusion.core.outputs import (
-        atomic_output_dir,
-        library_versions,
-        utc_now,
-        write_json_atomic,
-    )
-    from consistent_diffusion.methods.inversion import DdpmEdit, Inversion, edit
-    from consistent_diffusion.models.loading import model_identity
+    from consistent_diffusion.methods.inversion import DdpmEdit, Inversion, edit_to_folder
 
     inversion = Inversion.load(args.inversion)
     DdpmEdit(inversion=inversion, skip=args.skip)  # validates skip before the model loads
@@ -59,33 +51,9 @@ def run(args: argparse.Namespace) -> int:
     if recorded and args.model != recorded:
         print(f"warning: the inversion was made with model {recorded!r}, editing with {args.model!r}")
     pipe = load_model_from_args(args)
-    prompts = args.prompt or [inversion.prompt]
     cfg = inversion.cfg if args.cfg is None else args.cfg
-    images = edit(pipe, inversion, prompts, cfg_tar=cfg, skip=args.skip, negative_prompt=args.negative_prompt)
-    files = [f"edit_p{index:02d}.png" for index in range(len(prompts))]
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
-        for name, image in zip(files, images, strict=True):
-            save_png_atomic(image, temp / name)
-        save_png_atomic(contact_sheet(list(images), columns=len(images)), temp / "contact_sheet.png")
-        write_json_atomic(
-            {
-                "format": "consistent-diffusion/edit",
-                "created": utc_now(),
-                "command": "edit",
-                "inversion": os.path.abspath(args.inversion),
-                "source_prompt": inversion.prompt,
-                "source_cfg": inversion.cfg,
-                "prompts": prompts,
-                "negative_prompt": args.negative_prompt,
-                "skip": args.skip,
-                "cfg": cfg,
-                "seed": args.seed,
-                "images": [{"file": f, "prompt": p} for f, p in zip(files, prompts, strict=True)],
-                "model": model_identity(pipe).to_dict(),
-                "runtime": {"device": args.device, "dtype": args.dtype},
-                "versions": library_versions(),
-            },
-            temp / "manifest.json",
-        )
+    images = edit_to_folder(pipe, inversion, args.out, args.prompt or None, cfg=cfg, skip=args.skip,
+                            negative_prompt=args.negative_prompt, seed=args.seed, overwrite=args.overwrite,
+                            runtime={"device": args.device, "dtype": args.dtype})
     print(f"wrote {len(images)} edit(s) of {args.inversion} (skip {args.skip}, cfg {cfg}) to {args.out}")
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from consistent_diffusion.cli.options import methods as method_options
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.models.loading import SCHEDULERS
 from consistent_diffusion.series import (
@@ -22,13 +22,6 @@ EXAMPLES = """examples:
   consistent-diffusion generate --model path/to/sd15 --prompt "a red fox, watercolor" --steps 25 --out runs/fox
   consistent-diffusion generate --from-manifest runs/faces/manifest.json --out runs/faces-again
 """
-
-
-def _method_options_module():
-    try:
-        return importlib.import_module("consistent_diffusion.cli.options.methods")
-    except ImportError:
-        return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,9 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
-    options = _method_options_module()
-    if options is not None:
-        options.add_method_arguments(parser)
+    method_options.add_method_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -84,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
             scheduler=args.scheduler,
             batch_size=args.batch_size,
         )
-        options = _method_options_module()
-        methods = options.methods_from_args(args) if options is not None else []
+        methods = method_options.methods_from_args(args)
         pipe = load_model_from_args(args)
     result = generate_series(pipe, config, methods, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {len(result.images)} images, contact_sheet.png and manifest.json to {result.out_dir}")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.core.errors import ConfigError
 
@@ -44,65 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.core.images import load_image, save_png_atomic
-    from consistent_diffusion.core.outputs import (
-        atomic_output_dir,
-        library_versions,
-        utc_now,
-        write_json_atomic,
-    )
-    from consistent_diffusion.methods.common import default_size
-    from consistent_diffusion.methods.inversion import decode_latents, invert, reconstruct
-    from consistent_diffusion.models.loading import model_identity
+    from consistent_diffusion.core.images import load_image
+    from consistent_diffusion.methods.inversion import invert_to_folder
 
     load_image(args.image)  # bad input fails before the model loads
     if os.path.exists(args.out) and not args.overwrite:
         raise ConfigError(f"output folder {args.out} already exists; choose another --out or pass --overwrite")
     pipe = load_model_from_args(args)
-    default_w, default_h = default_size(pipe)
-    size = (args.width or default_w, args.height or default_h)
-    factor = int(pipe.vae_scale_factor)
-    if size[0] % factor or size[1] % factor:
-        raise ConfigError(f"width and height must be multiples of {factor} for this model, got {size[0]}x{size[1]}")
-    generator = torch.Generator().manual_seed(args.seed)
-    inversion = invert(
+    done = invert_to_folder(
         pipe,
         args.image,
+        args.out,
         args.prompt,
         steps=args.steps,
         cfg=args.cfg,
         eta=args.eta,
         negative_prompt=args.negative_prompt,
-        generator=generator,
-        size=size,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
         model=args.model,
+        overwrite=args.overwrite,
+        runtime={"device": args.device, "dtype": args.dtype},
     )
-    latent = reconstruct(pipe, inversion).float().cpu()
-    error = float((latent - inversion.x0).abs().max())
-    with atomic_output_dir(args.out, overwrite=args.overwrite) as temp:
-        inversion.save(temp)
-        save_png_atomic(load_image(args.image, size), temp / "input.png")
-        save_png_atomic(decode_latents(pipe, latent)[0], temp / "reconstruction.png")
-        manifest = {
-            "format": "consistent-diffusion/inversion",
-            "created": utc_now(),
-            "command": "invert",
-            "image": os.path.abspath(args.image),
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "steps": args.steps,
-            "cfg": args.cfg,
-            "eta": args.eta,
-            "seed": args.seed,
-            "width": size[0],
-            "height": size[1],
-            "model": model_identity(pipe).to_dict(),
-            "runtime": {"device": args.device, "dtype": args.dtype},
-            "reconstruction_max_abs_error_latent": error,
-            "files": ["inversion.safetensors", "inversion.json", "input.png", "reconstruction.png"],
-            "versions": library_versions(),
-        }
-        write_json_atomic(manifest, temp / "manifest.json")
-    inversion.path = os.path.abspath(args.out)
-    print(f"inverted {args.image} in {args.steps} steps; reconstruction max |error| {error:.2e} (latent); wrote {args.out}")
+    print(f"inverted {args.image} in {args.steps} steps; reconstruction max |error| "
+          f"{done.reconstruction_error:.2e} (latent); wrote {args.out}")
     return 0

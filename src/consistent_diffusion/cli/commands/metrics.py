@@ -49,13 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from consistent_diffusion.metrics.consistency import _validation_table
-    from consistent_diffusion.metrics.features import describe_features
+    from consistent_diffusion.metrics.consistency import validation_table
+    from consistent_diffusion.metrics.extractors import describe_features
 
     print("feature extractors:")
     for name, description in describe_features().items():
         print(f"  {name:26s} {description}")
-    table = _validation_table()
+    table = validation_table()
     print("\nvalidated metric/extractor pairs (held-out real emoji):")
     if not table:
         print("  none shipped (run: consistent-diffusion metrics validate)")
@@ -93,8 +93,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_train_heads(args: argparse.Namespace) -> int:
-    from consistent_diffusion.metrics.heads import (
-        HEAD_IMAGE_SIZE,
+    from consistent_diffusion.metrics.extractors.heads import HEAD_IMAGE_SIZE
+    from consistent_diffusion.training.recipes.heads import (
         HeadTrainingConfig,
         dataset_head_inputs,
         save_heads,

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--style-features", default=None, help="extractor for style (default emoji-style)")
     parser.add_argument("--object-features", default=None, help="extractor for object (default efficientnet-lite0)")
     parser.add_argument("--text-features", default=None,
-                        help="extractor for text alignment (default: emoji-text for the embedded model, else clip)")
+                        help="extractor for text alignment (default: emoji-text for the embedded model, else clip; "
+                             "skipped, with the reason, where its weights are not available)")
     parser.add_argument("--device", default="cpu")
     parser.set_defaults(func=run)
 

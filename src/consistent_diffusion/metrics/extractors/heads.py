@@ -1,0 +1,199 @@
+"""Small trained heads on frozen features, shipped in ``assets/metrics/emoji_heads.safetensors``.
+
+Both heads read frozen ImageNet EfficientNet-Lite0 features at 128 px (``HEAD_IMAGE_SIZE``) and are
+trained on the *train* split of the emoji dataset only (val and holdout identities are never seen):
+
+- ``style``: CSD-like style descriptor. Input: mean/std statistics of EfficientNet-Lite0 block maps
+  plus the palette+stroke ``style_statistics``; a 2-layer MLP to 64-d, trained with a supervised
+  contrastive loss on house-style labels where every batch holds each of its emoji in *every* style,
+  so the same emoji in another style is always a negative: the descriptor must ignore content.
+- ``text``: an image encoder aligned to frozen all-MiniLM-L6-v2 sentence embeddings (mean-pooled,
+  L2-normalised, 384-d) of the captions ``"<name>, <style> style"`` with a symmetric InfoNCE loss
+  (CLIP's): a linear map of pooled features + block statistics, with input dropout and strong weight
+  decay. Image-text cosine similarity in that space is the embedded world's CLIP-T.
+
+Inference only: the heads' training (losses, loop, dataset features, writer) lives in
+``consistent_diffusion.training.recipes.heads``. Registers ``emoji-style``, ``emoji-text`` and
+``style-stats`` (the pixel statistics standardised with the heads file's train-split statistics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from consistent_diffusion.core import imageops as pixel
+from consistent_diffusion.core.assets import ASSETS_DIR
+from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
+from consistent_diffusion.metrics.common import as_batch, normalize
+from consistent_diffusion.metrics.extractors.pixel import PixelExtractor
+from consistent_diffusion.metrics.extractors.pretrained import EfficientNetLite0, channel_statistics
+from consistent_diffusion.metrics.extractors.registry import FeatureExtractor, register_features
+
+HEAD_IMAGE_SIZE = 128
+ASSET_DIR = ASSETS_DIR / "metrics"
+HEADS_FILE = ASSET_DIR / "emoji_heads.safetensors"
+
+
+class MLPHead(nn.Module):
+    """Standardise -> Linear -> GELU -> Dropout -> Linear (``hidden`` 0: Dropout -> Linear, a linear
+    probe with input dropout); output L2-normalised."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden, out_dim))
+        else:
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(self.net((x - self.mean) / self.std))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def head_inputs(images, backbone: EfficientNetLite0, pixel_stats: bool = True, batch_size: int = 64
+                ) -> dict[str, torch.Tensor]:
+    """Frozen inputs of both heads: {"pooled": (N, 1280), "maps": (N, 1152), "pixel": (N, 36)}."""
+    batch = as_batch(images)
+    pooled, maps, pixels = [], [], []
+    with torch.inference_mode():
+        for start in range(0, batch.shape[0], batch_size):
+            chunk = batch[start: start + batch_size]
+            p, m = backbone._run(chunk)
+            pooled.append(p.float().cpu())
+            maps.append(channel_statistics(m).float().cpu())
+            if pixel_stats:
+                pixels.append(pixel.style_statistics(chunk))
+    out = {"pooled": torch.cat(pooled), "maps": torch.cat(maps)}
+    if pixel_stats:
+        out["pixel"] = torch.cat(pixels)
+    return out
+
+
+def style_input(inputs: dict[str, torch.Tensor], pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
+    return torch.cat([inputs["maps"], (inputs["pixel"] - pixel_mean) / pixel_std], dim=1)
+
+
+def text_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([inputs["pooled"], inputs["maps"]], dim=1)
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+
+@lru_cache(maxsize=2)
+def _minilm(device: str = "cpu"):
+    from transformers import AutoTokenizer, BertModel
+
+    from consistent_diffusion.models.embedded import default_text_encoder_path
+
+    path = default_text_encoder_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval().requires_grad_(False).to(device)
+    return tokenizer, model
+
+
+@torch.inference_mode()
+def minilm_sentence_embeddings(texts: Sequence[str], device: str = "cpu", batch: int = 256) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings (N, 384): mean of token states over the attention mask,
+    L2-normalised (sentence-transformers' recipe for this model)."""
+    tokenizer, model = _minilm(str(device))
+    out = []
+    texts = list(texts)
+    for start in range(0, len(texts), batch):
+        tokens = tokenizer(texts[start: start + batch], padding=True, truncation=True, max_length=64,
+                           return_tensors="pt").to(device)
+        states = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0]
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        out.append(normalize((states * mask).sum(1) / mask.sum(1).clamp_min(1e-9)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+# ----------------------------------------------------------------------------- shipped heads
+
+
+@dataclass
+class Heads:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def head(self, kind: str) -> MLPHead:
+        config = self.meta["heads"][kind]
+        head = MLPHead(config["in_dim"], config["hidden"], config["out_dim"], dropout=0.0)
+        state = {k[len(kind) + 1:]: v.float() for k, v in self.tensors.items() if k.startswith(kind + ".")}
+        head.load_state_dict(state)
+        return head.eval().requires_grad_(False)
+
+
+def load_heads(path: str | os.PathLike | None = None) -> Heads:
+    """Read the heads file (default: the one shipped in the package) and its JSON metadata."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path else HEADS_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"metric heads not found: {path}; train them with `consistent-diffusion metrics train-heads "
+            "--data EMOJI_DATASET --out FILE`"
+        )
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return Heads(tensors=load_file(str(path)), meta=meta)
+
+
+class HeadExtractor(FeatureExtractor):
+    """``emoji-style`` / ``emoji-text``: EfficientNet-Lite0 (frozen, 128 px) + a shipped head."""
+
+    def __init__(self, kind: str, device="cpu", dtype=torch.float32, heads: str | os.PathLike | None = None) -> None:
+        super().__init__(device, dtype)
+        if kind not in ("style", "text"):
+            raise ConfigError(f"unknown head {kind!r}")
+        self.kind = kind
+        self.heads = load_heads(heads)
+        self.head = self.heads.head(kind).to(self.device)
+        self.backbone = EfficientNetLite0(device, dtype, image_size=self.heads.meta.get("image_size", HEAD_IMAGE_SIZE))
+        self.has_text = kind == "text"
+
+    def _embed(self, batch):
+        inputs = head_inputs(batch, self.backbone, pixel_stats=self.kind == "style")
+        if self.kind == "style":
+            x = style_input(inputs, self.heads.tensors["pixel_mean"], self.heads.tensors["pixel_std"])
+        else:
+            x = text_input(inputs)
+        return self.head(x.to(self.device))
+
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.kind != "text":
+            raise NotImplementedError("emoji-style has no text tower")
+        return minilm_sentence_embeddings(texts)
+
+
+@register_features("style-stats", "palette + stroke statistics, standardised with train-split statistics")
+def _style_stats(device="cpu", dtype=torch.float32, **options):
+    statistics = options.pop("statistics", None)
+    if statistics is None:
+        heads = load_heads(options.pop("heads", None))
+        statistics = {"mean": heads.tensors["pixel_mean"], "std": heads.tensors["pixel_std"]}
+    return PixelExtractor("style-stats", statistics=statistics, **options)
+
+
+@register_features("emoji-style", "style descriptor trained contrastively, content varied (shipped head)")
+def _emoji_style(device="cpu", dtype=torch.float32, **options):
+    return HeadExtractor("style", device=device, dtype=dtype, **options)
+
+
+@register_features("emoji-text", "image encoder aligned to frozen MiniLM captions (shipped head)")
+def _emoji_text(device="cpu", dtype=torch.float32, **options):
+    return HeadExtractor("text", device=device, dtype=dtype, **options)
