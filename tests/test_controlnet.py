@@ -199,7 +199,9 @@ def test_style_aligned_controlnet_and_lora_stack(tmp_path):
     ]
     config = SeriesConfig(prompts=("a red circle", "a blue square"), seeds=(0, 1), steps=2, batch_size=4)
 
-    class Spy:
+    from consistent_diffusion.methods.base import Method
+
+    class Spy(Method):
         name = "spy"
 
         def applied(self, ctx):

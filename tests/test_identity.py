@@ -138,3 +138,17 @@ def test_style_aligned_reference_cache_misses_after_in_place_weight_change(tiny_
         for param in tiny_sd.text_encoder.parameters():
             param.mul_(1.01)
     assert method._reference_inversion(_ctx(tiny_sd)) is not first, "the text encoder's weights count too"
+
+
+def test_ddpm_edit_inversion_cache_misses_after_a_scheduler_change(tiny_sd):
+    from diffusers import DDIMScheduler
+
+    from consistent_diffusion.methods.inversion import DdpmEdit
+
+    method = DdpmEdit(image=_image(), source_prompt="a square")
+    first = method.inversion_for(_ctx(tiny_sd))
+    assert method.inversion_for(_ctx(tiny_sd)) is first
+    tiny_sd.scheduler = DDIMScheduler.from_config(tiny_sd.scheduler.config, timestep_spacing="trailing")
+    second = method.inversion_for(_ctx(tiny_sd))
+    assert second is not first, "the trajectory depends on the timestep spacing"
+    assert not torch.equal(second.timesteps, first.timesteps)

@@ -188,8 +188,7 @@ def generate_series(
         set_scheduler(pipe, config.scheduler)
     resolve_size(pipe, config)  # fail before any work
     items = config.items
-    # Rules that span batches (``Method.for_series``; duck-typed methods without it run as given).
-    running = [m.for_series(items, config.batch_size) if hasattr(m, "for_series") else m for m in methods]
+    running = [method.for_series(items, config.batch_size) for method in methods]  # rules that span batches
     images: list[Image.Image] = []
     with tqdm(total=len(items), desc="generating", unit="img", disable=not progress) as bar:
         for batch in _batches(items, config.batch_size):

@@ -468,14 +468,14 @@ class StyleAligned(Method):
         if "image" in ctx.call_kwargs:
             raise ConfigError("a real StyleAligned reference cannot be combined with img2img in one call; "
                               "use reference_prompt (a generated reference) with img2img")
-        from consistent_diffusion.models.identity import pipeline_weights_key
+        from consistent_diffusion.models.identity import sampling_key
 
         steps = int(ctx.call_kwargs.get("num_inference_steps") or 50)
         cfg = self.inversion_cfg
         if cfg is None:
             cfg = float(ctx.call_kwargs.get("guidance_scale", 3.5))
         size = generation_size(ctx)
-        key = (pipeline_weights_key(ctx.pipe), steps, cfg, size)  # not id(): in-place changes, reuse
+        key = (sampling_key(ctx.pipe), steps, cfg, size)  # weights + scheduler, not id()
         if key not in self._cache:
             self._cache.clear()
             self._cache[key] = invert(

@@ -99,6 +99,14 @@ def pipeline_weights_key(pipe: Any) -> tuple:
     )
 
 
+def sampling_key(pipe: Any) -> tuple:
+    """What a sampled trajectory depends on: the weights (``pipeline_weights_key``) and the
+    scheduler's class and config (timestep spacing, prediction type, betas)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    config = dict(getattr(scheduler, "config", {}) or {})
+    return pipeline_weights_key(pipe), type(scheduler).__name__, repr(sorted(config.items()))
+
+
 def components_key(pipe: Any, skip: Iterable[str] = ("scheduler",)) -> tuple:
     """Which objects ``pipe`` holds: ``object_key`` per component (plain values as they are)."""
     skipped = set(skip)

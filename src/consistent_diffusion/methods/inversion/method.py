@@ -216,9 +216,9 @@ class DdpmEdit(Method):
             return self.inversion
         steps = int(ctx.call_kwargs.get("num_inference_steps") or 50)
         size = generation_size(ctx)
-        from consistent_diffusion.models.identity import pipeline_weights_key
+        from consistent_diffusion.models.identity import sampling_key
 
-        key = (pipeline_weights_key(ctx.pipe), steps, size)  # not id(): in-place changes, reuse
+        key = (sampling_key(ctx.pipe), steps, size)  # weights + scheduler, not id()
         if key not in self._cache:
             self._cache.clear()
             self._cache[key] = invert(ctx.pipe, self.image, self.source_prompt, steps=steps, cfg=self.source_cfg,
