@@ -112,7 +112,7 @@ def test_full_attention_share_attends_to_every_image():
 
 
 def test_shared_keys_grow_linearly_not_with_the_batch(monkeypatch):
-    import consistent_diffusion.methods.style_aligned as sa
+    import consistent_diffusion.methods.style_aligned.attention as sa
 
     shapes = []
     real = F.scaled_dot_product_attention

@@ -1,7 +1,7 @@
 """Load a diffusers pipeline from one spec string, offline by default.
 
 Specs, tried in this order:
-- ``"embedded"``: the small model shipped inside this package (see ``embedded.py``).
+- ``"embedded"``: the small model shipped inside this package (see ``models/embedded.py``).
 - a local diffusers folder (has ``model_index.json``): SD 1.x/2.x, SDXL or any pipeline
   class named there.
 - a single checkpoint file (``.safetensors`` / ``.ckpt``) in the original (LDM) layout, loaded
