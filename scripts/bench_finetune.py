@@ -64,6 +64,7 @@ def child(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from consistent_diffusion.models.vae import native_size
     from consistent_diffusion.testing import load_pipeline_or_tiny
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
     from consistent_diffusion.training.loop import run_training
@@ -72,7 +73,7 @@ def child(args: argparse.Namespace) -> dict:
     pipe = load_pipeline_or_tiny(args.model)  # on the CPU in float32; training moves it to --device
     device = args.device
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-", dir=args.work))
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = native_size(pipe)[0]
     instance = Path(args.instance_dir) if args.instance_dir else _instance_images(work / "instance", size)
     common = dict(out=work / "run", instance_dir=instance, instance_prompt=args.prompt, steps=args.warmup + args.steps,
                   checkpoint_every=10**6, batch_size=args.batch_size, progress=False, device=device, seed=0)

@@ -127,27 +127,22 @@ def _models(names: list[str], device: str) -> list[tuple[str, Callable[[], Any]]
 
 def _generate(pipe: Any, methods: list[Any], prompts: list[str], seeds: list[int], steps: int, cfg: float,
               size: int) -> Any:
-    import contextlib
-
-    from consistent_diffusion.methods import GenerationContext
+    from consistent_diffusion.methods import GenerationContext, run
 
     ctx = GenerationContext(pipe, list(prompts), None, [torch.Generator().manual_seed(s) for s in seeds],
                             {"num_inference_steps": steps, "guidance_scale": cfg, "height": size, "width": size})
-    with contextlib.ExitStack() as stack:
-        for method in methods:
-            stack.enter_context(method.applied(ctx))
-        return ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts, generator=ctx.generators,
-                        output_type="latent", **ctx.call_kwargs).images
+    return run(ctx, methods, output_type="latent")
 
 
 def bench_model(name: str, pipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     from consistent_diffusion.methods.img2img import Img2Img
     from consistent_diffusion.methods.inversion import edit, invert
     from consistent_diffusion.methods.style_aligned import StyleAligned
+    from consistent_diffusion.models.vae import native_size
 
     if args.device != "cpu":
         pipe = pipe.to(args.device)
-    size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    size = native_size(pipe)[0]
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
     prompts = [f"a {word}" for word in ("cat", "rocket", "heart", "tree", "car", "moon", "fish", "cake")]

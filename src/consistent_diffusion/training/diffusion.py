@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.models.vae import native_size, vae_factor
 
 
 def encode_text(
@@ -150,8 +151,8 @@ def min_snr_mse(
 
 def model_size(pipe: Any, resolution: int | None) -> int:
     """Training image side: ``resolution`` or the model's native size, checked against the VAE factor."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
-    size = resolution or int(pipe.unet.config.sample_size) * factor
+    factor = vae_factor(pipe)
+    size = resolution or native_size(pipe)[0]
     if size % factor:
         raise ConfigError(f"resolution {size} is not divisible by this model's VAE factor {factor}")
     return size
