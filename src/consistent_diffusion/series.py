@@ -47,6 +47,11 @@ class SeriesConfig:
     width: int | None = None
     scheduler: str | None = None  # None keeps the model's scheduler; else a name in models.SCHEDULERS
     batch_size: int = 8  # images per pipeline call (does not change the images)
+    # Rescales the guided prediction toward the conditional one's std (Lin et al. 2024, eq. 16;
+    # ~0.7 for zero-terminal-SNR models), in [0, 1]. None: not passed (the pipeline's default, 0),
+    # and not written to the manifest. Pipelines without the argument (diffusers' SD img2img and
+    # ControlNet) ignore it with a warning (``methods.run``).
+    guidance_rescale: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -75,6 +80,10 @@ class SeriesConfig:
             raise ConfigError(f"unknown scheduler {self.scheduler!r}; accepted: {', '.join(SCHEDULERS)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        rescale = self.guidance_rescale
+        if rescale is not None and (isinstance(rescale, bool) or not isinstance(rescale, (int, float))
+                                    or not 0 <= rescale <= 1):
+            raise ConfigError(f"guidance_rescale must be a number in [0, 1] or unset, got {rescale!r}")
 
     @property
     def items(self) -> list[tuple[int, str, int]]:
@@ -84,6 +93,8 @@ class SeriesConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["prompts"], data["seeds"] = list(self.prompts), list(self.seeds)
+        if data["guidance_rescale"] is None:  # unset: manifests stay as they were before the field
+            del data["guidance_rescale"]
         return data
 
     @classmethod
@@ -149,6 +160,8 @@ def generate_batch(
             "width": width,
         },
     )
+    if config.guidance_rescale is not None:
+        ctx.call_kwargs["guidance_rescale"] = float(config.guidance_rescale)
     return run(ctx, methods)
 
 

@@ -89,7 +89,17 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
-def _tiny_scheduler() -> DDIMScheduler:
+# Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): zero terminal
+# SNR (alpha_bar_T = 0 exactly), v-prediction and trailing timestep spacing, as SD 2.x-style
+# models trained that way are sampled.
+ZERO_SNR_SCHEDULER_CONFIG = {
+    "rescale_betas_zero_snr": True,
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "trailing",
+}
+
+
+def _tiny_scheduler(zero_snr: bool = False) -> DDIMScheduler:
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -97,11 +107,15 @@ def _tiny_scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        **(ZERO_SNR_SCHEDULER_CONFIG if zero_snr else {}),
     )
 
 
-def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A random-init SD-1.x-shaped pipeline (32-d CLIP text encoder, 2-level UNet). ~0.3M params."""
+def tiny_sd_pipeline(seed: int = 0, zero_snr: bool = False) -> StableDiffusionPipeline:
+    """A random-init SD-1.x-shaped pipeline (32-d CLIP text encoder, 2-level UNet). ~0.3M params.
+
+    ``zero_snr``: a DDIM scheduler with zero terminal SNR, v-prediction and trailing spacing
+    (``ZERO_SNR_SCHEDULER_CONFIG``), as an SD 2.x-style model; the weights are the same."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
@@ -122,7 +136,7 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tiny_clip_tokenizer(),
-        scheduler=_tiny_scheduler(),
+        scheduler=_tiny_scheduler(zero_snr),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -131,8 +145,10 @@ def tiny_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
-def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """A random-init SDXL-shaped pipeline: two text encoders, ``text_time`` added conditioning."""
+def tiny_sdxl_pipeline(seed: int = 0, zero_snr: bool = False) -> StableDiffusionXLPipeline:
+    """A random-init SDXL-shaped pipeline: two text encoders, ``text_time`` added conditioning.
+
+    ``zero_snr``: as for ``tiny_sd_pipeline``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32),
@@ -161,7 +177,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         ),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
-        scheduler=_tiny_scheduler(),
+        scheduler=_tiny_scheduler(zero_snr),
         force_zeros_for_empty_prompt=True,
     )
     pipe.set_progress_bar_config(disable=True)

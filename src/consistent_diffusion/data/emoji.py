@@ -1,20 +1,36 @@
 """The emoji dataset: the same concepts drawn in several house styles, with known labels.
 
-Sources are the npm packages ``emoji-datasource-<vendor>`` (one per house style): each holds
-``emoji.json`` (names, category, subcategory, skin-tone variations) and ``img/<vendor>/64/*.png``
-(64x64 RGBA). We keep the base emoji that every chosen vendor draws, composite them on white and
-store them as one uint8 array ``images.npy`` of shape (N, 64, 64, 3), plus ``labels.json`` (one
-record per row: style, identity, name, category, subcategory, caption, split) and
-``DATASET_CARD.md``.
+Seven house styles come from npm packages (see ``data.styles.STYLES``): google (Noto) and twitter
+(Twemoji) as 64 px PNGs from ``emoji-datasource-<vendor>``, openmoji (colour) and openmoji-line
+(black line art) as SVG from ``openmoji``, fluent-flat and fluent-contrast (monochrome) as SVG from
+``fluentui-emoji``, fluent-3d as WebP from ``@lobehub/fluent-emoji-3d``. Identities, names and
+categories come from ``emoji.json`` (emoji-data) of an emoji-datasource package; every style's
+files are matched to them (by code point, or by normalised name, see ``data.styles``). SVG is
+rasterised with resvg; everything is composited on white at 64x64 and stored as one uint8 array
+``images.npy`` of shape (N, 64, 64, 3), plus ``labels.json`` (one record per row: style,
+identity, name, category, subcategory, caption, split, style_split) and ``DATASET_CARD.md``.
+An identity is kept when at least ``min_styles`` of the chosen styles draw it (with google and
+twitter only: when both do, the rule this dataset has always had).
 
 Skin-tone variants are dropped: each is the same identity and caption as its base emoji with a
 different skin colour, so keeping them would add 5 near-duplicates for ~400 people emoji only,
 skew category counts towards "People & Body" and give captions that cannot tell them apart.
 The "Component" category (bare skin-tone swatches and hair parts) is dropped for the same reason.
 
-The split is by identity (whole emoji, in every style), deterministic (a hash of the code point):
-``holdout`` identities never enter any training (they are the "new subjects" for DreamBooth and
+The split is by identity (whole emoji, in every style) and a deterministic function of its code
+point: ``holdout`` identities (a hash of the code point below ``holdout_fraction``, among the
+subject categories) never enter any training (they are the "new subjects" for DreamBooth and
 novel-concept tests), ``val`` identities are for measuring generalisation, the rest is ``train``.
+The default ``holdout_fraction`` is pinned so that today's 40 holdout identities of the
+google + twitter dataset stay exactly the holdout identities (the bench's references).
+
+Held-out styles (``style_split == "heldout"``, default openmoji-line and fluent-contrast) are in
+the dataset to measure unseen-style transfer only: training code selects rows with
+``EmojiDataset.trainable`` / ``trainable_rows`` (train split AND a trained style).
+
+Captions are ``"<name>, <style> style"``; for a deterministic ``unstyled_caption_fraction`` of the
+training rows (a hash of identity and style) just ``"<name>"``, so the model learns to draw a good
+emoji from a prompt without a style word.
 """
 
 from __future__ import annotations
@@ -26,32 +42,46 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.core.images import to_rgb
 from consistent_diffusion.core.outputs import atomic_output_dir
+from consistent_diffusion.data.raster import IMAGE_SIZE, read_artwork
+from consistent_diffusion.data.styles import (
+    DATASOURCE_PREFIX,
+    EXTRA_VENDORS,
+    HELDOUT_STYLES,
+    STYLES,
+    StyleMatch,
+    cldr_names,
+    match_style,
+    spec_of,
+    styles_of_package,
+)
 
-DEFAULT_VENDORS = ("google", "twitter")
-DEFAULT_NPM_VERSION = "16.0.0"
-IMAGE_SIZE = 64
+DEFAULT_VENDORS = ("google", "twitter")  # the styles a config builds by default (today's dataset)
+DEFAULT_STYLES = DEFAULT_VENDORS
+DEFAULT_NPM_VERSION = "16.0.0"  # emoji-datasource version; the other packages' versions are in STYLES
 SPLITS = ("train", "val", "holdout")
 DROPPED_CATEGORIES = ("Component",)
 # Categories holdout identities are drawn from: recognisable subjects, not flags or symbols.
 HOLDOUT_CATEGORIES = ("Smileys & Emotion", "Animals & Nature", "Food & Drink", "Objects",
                       "Travel & Places", "Activities", "People & Body")
+# An identity of HOLDOUT_CATEGORIES is holdout when its hash is below this. Pinned between the
+# 40th (0.027395) and 41st (0.027689) hash of today's google + twitter dataset (emoji-datasource
+# 16.0.0, 1412 candidates): those 40 identities stay holdout, in every build.
+HOLDOUT_FRACTION = 0.0275
+UNSTYLED_CAPTION_FRACTION = 0.25
+TRAINED, HELDOUT = "trained", "heldout"
 
-# What each vendor's artwork is and how it is licensed (emoji.json itself is MIT, emoji-data).
+# What each vendor's artwork is and how it is licensed (kept for callers of the two-style era).
 VENDOR_INFO: dict[str, dict[str, str]] = {
-    "google": {"artwork": "Noto Emoji (Google)", "licence": "Apache-2.0"},
-    "twitter": {"artwork": "Twemoji (Twitter, Inc. and other contributors)", "licence": "CC-BY-4.0"},
-    "facebook": {"artwork": "Facebook emoji", "licence": "proprietary: check before redistributing"},
-    "apple": {"artwork": "Apple Color Emoji", "licence": "proprietary: check before redistributing"},
+    **{s: {"artwork": spec_of(s).artwork, "licence": spec_of(s).licence} for s in (*STYLES, *EXTRA_VENDORS)},
 }
 
 
@@ -61,24 +91,47 @@ class EmojiDatasetConfig:
 
     out: Path  # output folder (written atomically: temp folder + rename)
     sources: list[Path] = field(default_factory=list)  # extracted package folders; empty: npm pack
-    vendors: tuple[str, ...] = DEFAULT_VENDORS  # used when sources is empty
-    npm_version: str = DEFAULT_NPM_VERSION  # package version to npm pack
+    styles: tuple[str, ...] | None = None  # None: every style of ``sources``, or DEFAULT_STYLES via npm
+    npm_version: str = DEFAULT_NPM_VERSION  # emoji-datasource version to npm pack
     cache: Path | None = None  # where npm tarballs and extracted packages go
-    holdout_identities: int = 40  # whole emoji kept out of all training
+    holdout_fraction: float = HOLDOUT_FRACTION  # hash threshold of holdout identities (subject categories)
     val_fraction: float = 0.05  # fraction of remaining identities used for validation
-    seed: str = "consistent-diffusion-emoji-v1"  # salt of the split hash
+    heldout_styles: tuple[str, ...] = HELDOUT_STYLES  # styles no training may use
+    unstyled_caption_fraction: float = UNSTYLED_CAPTION_FRACTION  # training rows captioned "<name>" only
+    min_styles: int = 2  # keep identities drawn by at least this many of the chosen styles
+    seed: str = "consistent-diffusion-emoji-v1"  # salt of the split and caption hashes
     overwrite: bool = False  # replace an existing output folder
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.sources = [Path(s) for s in self.sources]
-        self.vendors = tuple(self.vendors)
-        if not self.sources and not self.vendors:
-            raise ConfigError("give at least one vendor or one --from package folder")
-        if self.holdout_identities < 0:
-            raise ConfigError(f"holdout_identities must be >= 0, got {self.holdout_identities}")
+        self.styles = tuple(self.styles) if self.styles is not None else None
+        self.heldout_styles = tuple(self.heldout_styles)
+        if self.styles is not None and not self.styles:
+            raise ConfigError("give at least one style or one --from package folder")
+        for style in (*(self.styles or ()), *self.heldout_styles):
+            if style not in STYLES and style not in EXTRA_VENDORS:
+                raise ConfigError(f"unknown style {style!r}; known: {', '.join((*STYLES, *EXTRA_VENDORS))}")
+        if self.styles is not None and len(set(self.styles)) != len(self.styles):
+            raise ConfigError(f"each style may be given once, got {list(self.styles)}")
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            raise ConfigError(f"holdout_fraction must be in [0, 0.5), got {self.holdout_fraction}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if not 0.0 <= self.unstyled_caption_fraction <= 1.0:
+            raise ConfigError(f"unstyled_caption_fraction must be in [0, 1], got {self.unstyled_caption_fraction}")
+        if self.min_styles < 1:
+            raise ConfigError(f"min_styles must be >= 1, got {self.min_styles}")
+
+
+def is_trainable(record: dict, split: str = "train") -> bool:
+    """Whether a row may be used to train anything: its identity split AND a trained style."""
+    return record["split"] == split and record.get("style_split", TRAINED) == TRAINED
+
+
+def trainable_rows(records: list[dict], split: str = "train") -> np.ndarray:
+    """Row indices of ``split`` in trained styles: what the VAE, UNet, probes and heads train on."""
+    return np.asarray([i for i, r in enumerate(records) if is_trainable(r, split)], dtype=np.int64)
 
 
 @dataclass
@@ -90,16 +143,28 @@ class EmojiDataset:
     meta: dict
 
     def indices(self, split: str | None = None, style: str | None = None) -> np.ndarray:
-        """Row indices of one split and/or style (None: any)."""
+        """Row indices of one split and/or style (None: any), held-out styles included."""
         keep = [
             i for i, r in enumerate(self.records)
             if (split is None or r["split"] == split) and (style is None or r["style"] == style)
         ]
         return np.asarray(keep, dtype=np.int64)
 
+    def trainable(self, split: str = "train") -> np.ndarray:
+        """Row indices of ``split`` in trained styles (never a held-out style): the rows to train on."""
+        return trainable_rows(self.records, split)
+
     @property
     def styles(self) -> list[str]:
         return list(self.meta["styles"])
+
+    @property
+    def trained_styles(self) -> list[str]:
+        return [s for s in self.styles if s not in self.heldout_styles]
+
+    @property
+    def heldout_styles(self) -> list[str]:
+        return list(self.meta.get("heldout_styles", []))
 
     @property
     def categories(self) -> list[str]:
@@ -107,7 +172,7 @@ class EmojiDataset:
 
 
 def load_emoji_dataset(folder: str | os.PathLike) -> EmojiDataset:
-    """Read a folder written by ``build_emoji_dataset``."""
+    """Read a folder written by ``build_emoji_dataset`` (older folders: every style is trained)."""
     folder = Path(folder)
     if not (folder / "images.npy").is_file() or not (folder / "labels.json").is_file():
         raise ConsistentDiffusionError(
@@ -116,10 +181,18 @@ def load_emoji_dataset(folder: str | os.PathLike) -> EmojiDataset:
         )
     images = np.load(folder / "images.npy", mmap_mode=None)
     labels = json.loads((folder / "labels.json").read_text())
+    heldout = set(labels["meta"].get("heldout_styles", []))
+    for record in labels["records"]:
+        record.setdefault("style_split", HELDOUT if record["style"] in heldout else TRAINED)
     return EmojiDataset(images=images, records=labels["records"], meta=labels["meta"])
 
 
 # ----------------------------------------------------------------------------- sources
+
+
+def package_slug(package: str) -> str:
+    """npm's tarball stem of a package: '@lobehub/fluent-emoji-3d' -> 'lobehub-fluent-emoji-3d'."""
+    return package.lstrip("@").replace("/", "-")
 
 
 def npm_pack(package: str, version: str, cache: Path) -> Path:
@@ -127,17 +200,18 @@ def npm_pack(package: str, version: str, cache: Path) -> Path:
 
     The folder returned is the package root (holding ``package.json``). Reuses earlier downloads.
     """
-    target = cache / f"{package}-{version}"
+    slug = package_slug(package)
+    target = cache / f"{slug}-{version}"
     if (target / "package" / "package.json").is_file():
         return target / "package"
     if shutil.which("npm") is None:
         raise ConsistentDiffusionError(
             "npm is not installed, so the emoji packages cannot be fetched. Either install Node.js/npm, "
             f"or fetch and extract them elsewhere (npm pack {package}@{version}; tar xzf the .tgz) and "
-            "pass the extracted 'package' folders with --from DIR (once per vendor)."
+            "pass the extracted 'package' folders with --from DIR (once per package)."
         )
     cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"{package}-{version}.tgz"
+    tarball = cache / f"{slug}-{version}.tgz"
     if not tarball.is_file():
         result = subprocess.run(
             ["npm", "pack", f"{package}@{version}", "--pack-destination", str(cache)],
@@ -158,37 +232,44 @@ def npm_pack(package: str, version: str, cache: Path) -> Path:
     return target / "package"
 
 
+def describe_sources(folder: Path) -> list[dict]:
+    """One source description per style an extracted package folder draws."""
+    root, info, specs = styles_of_package(Path(folder))
+    version = str(info.get("version", "?"))
+    return [{"root": root, "style": s.style, "vendor": s.style, "package": str(info.get("name")),
+             "version": version, "folder": s.folder} for s in specs]
+
+
 def describe_source(folder: Path) -> dict:
     """Vendor, package name and version of an extracted ``emoji-datasource-<vendor>`` folder."""
-    root = folder / "package" if (folder / "package" / "package.json").is_file() else folder
-    manifest = root / "package.json"
-    if not manifest.is_file() or not (root / "emoji.json").is_file():
-        raise ConsistentDiffusionError(
-            f"{folder} is not an extracted emoji-datasource package (needs package.json and emoji.json)"
-        )
-    info = json.loads(manifest.read_text())
-    name = str(info.get("name", ""))
-    prefix = "emoji-datasource-"
-    if not name.startswith(prefix):
-        raise ConsistentDiffusionError(f"{folder}: package {name!r} is not an emoji-datasource-<vendor> package")
-    vendor = name[len(prefix):]
-    if not (root / "img" / vendor / "64").is_dir():
-        raise ConsistentDiffusionError(f"{folder}: no 64 px images under img/{vendor}/64")
-    return {"root": root, "vendor": vendor, "package": name, "version": str(info.get("version", "?"))}
+    sources = describe_sources(folder)
+    if not sources[0]["package"].startswith(DATASOURCE_PREFIX):
+        raise ConsistentDiffusionError(f"{folder} is not an emoji-datasource-<vendor> package")
+    return sources[0]
 
 
 def resolve_sources(config: EmojiDatasetConfig) -> list[dict]:
-    """Source descriptions, from ``--from`` folders or from npm packs into the cache."""
+    """Source descriptions (one per style, in the order asked), from ``--from`` folders or npm packs."""
     if config.sources:
-        folders = config.sources
+        found = [s for folder in config.sources for s in describe_sources(folder)]
     else:
-        cache = config.cache or Path.home() / ".cache" / "consistent-diffusion" / "npm"
-        folders = [npm_pack(f"emoji-datasource-{v}", config.npm_version, Path(cache)) for v in config.vendors]
-    sources = [describe_source(Path(f)) for f in folders]
-    vendors = [s["vendor"] for s in sources]
-    if len(set(vendors)) != len(vendors):
-        raise ConfigError(f"each vendor may be given once, got {vendors}")
-    return sources
+        cache = Path(config.cache or Path.home() / ".cache" / "consistent-diffusion" / "npm")
+        packages: dict[str, str] = {}
+        for style in config.styles or DEFAULT_STYLES:
+            spec = spec_of(style)
+            version = config.npm_version if spec.package.startswith(DATASOURCE_PREFIX) else spec.version
+            packages.setdefault(spec.package, version)
+        found = [s for p, v in packages.items() for s in describe_sources(npm_pack(p, v, cache))]
+    styles = [s["style"] for s in found]
+    if len(set(styles)) != len(styles):
+        raise ConfigError(f"each style may be given once, got {styles}")
+    if config.styles is None:
+        return found
+    missing = [s for s in config.styles if s not in styles]
+    if missing:
+        raise ConfigError(f"no source draws the style(s) {missing}; sources draw {styles}")
+    by_style = {s["style"]: s for s in found}
+    return [by_style[s] for s in config.styles]
 
 
 # ----------------------------------------------------------------------------- records
@@ -208,83 +289,144 @@ def _hash01(text: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def identity_split(entry: dict, config: EmojiDatasetConfig) -> str:
+    """'holdout' / 'val' / 'train' of one emoji.json entry: a function of its code point (and category)."""
+    code = entry["unified"]
+    if entry["category"] in HOLDOUT_CATEGORIES and _hash01(code, config.seed + ":holdout") < config.holdout_fraction:
+        return "holdout"
+    return "val" if _hash01(code, config.seed + ":val") < config.val_fraction else "train"
+
+
 def choose_splits(entries: list[dict], config: EmojiDatasetConfig) -> tuple[set[str], set[str]]:
     """Deterministic (holdout, val) identity sets: the hash of each code point decides."""
-    ranked = sorted(entries, key=lambda e: _hash01(e["unified"], config.seed + ":holdout"))
-    candidates = [e["unified"] for e in ranked if e["category"] in HOLDOUT_CATEGORIES]
-    holdout = set(candidates[: config.holdout_identities])
-    val = {
-        e["unified"] for e in entries
-        if e["unified"] not in holdout and _hash01(e["unified"], config.seed + ":val") < config.val_fraction
-    }
-    return holdout, val
+    splits = {e["unified"]: identity_split(e, config) for e in entries}
+    return {c for c, s in splits.items() if s == "holdout"}, {c for c, s in splits.items() if s == "val"}
 
 
-def common_entries(sources: list[dict]) -> list[dict]:
-    """Base emoji (no skin-tone variants, no components) that every source draws, in sort order."""
-    table = json.loads((sources[0]["root"] / "emoji.json").read_text())
-    keep = []
-    for entry in sorted(table, key=lambda e: e.get("sort_order", 0)):
-        if entry.get("category") in DROPPED_CATEGORIES or not entry.get("name"):
-            continue
-        if all(
-            entry.get(f"has_img_{s['vendor']}")
-            and (s["root"] / "img" / s["vendor"] / "64" / entry["image"]).is_file()
-            for s in sources
-        ):
-            keep.append(entry)
+def caption_of(name: str, style: str, identity: str, trained_row: bool, config: EmojiDatasetConfig) -> str:
+    """'<name>, <style> style', or '<name>' for a hashed ``unstyled_caption_fraction`` of training rows."""
+    if trained_row and _hash01(f"{identity}|{style}", config.seed + ":caption") < config.unstyled_caption_fraction:
+        return name
+    return f"{name}, {style} style"
+
+
+def identity_table(sources: list[dict]) -> list[dict]:
+    """Base emoji of emoji.json (no skin-tone variants, no components), in sort order."""
+    tables = [s["root"] / "emoji.json" for s in sources if s["package"].startswith(DATASOURCE_PREFIX)]
+    if not tables:
+        raise ConfigError("names and categories come from emoji.json: include an emoji-datasource style "
+                          "(google or twitter) in the build")
+    table = json.loads(tables[0].read_text())
+    return [
+        e for e in sorted(table, key=lambda e: e.get("sort_order", 0))
+        if e.get("category") not in DROPPED_CATEGORIES and e.get("name")
+    ]
+
+
+def match_sources(sources: list[dict], entries: list[dict]) -> list[StyleMatch]:
+    """Each source's files matched to the emoji.json entries (OpenMoji's CLDR names help name matching)."""
+    cldr = cldr_names([s["root"] for s in sources])
+    return [match_style(spec_of(s["style"]), s["root"], entries, cldr) for s in sources]
+
+
+def common_entries(sources: list[dict], matches: list[StyleMatch] | None = None, min_styles: int = 0) -> list[dict]:
+    """Entries drawn by at least ``min_styles`` sources (0: by every source), in sort order."""
+    entries = identity_table(sources)
+    matches = matches if matches is not None else match_sources(sources, entries)
+    need = len(sources) if min_styles <= 0 else min(min_styles, len(sources))
+    keep = [e for e in entries if sum(e["unified"] in m.files for m in matches) >= need]
     if not keep:
-        raise ConsistentDiffusionError("no emoji is drawn by every given source")
+        raise ConsistentDiffusionError(f"no emoji is drawn by {need} of the given sources")
     return keep
 
 
 def read_png(path: Path) -> np.ndarray:
     """A 64 px PNG -> (64, 64, 3) uint8 RGB on white."""
-    with Image.open(path) as opened:
-        image = to_rgb(opened)
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
+    return read_artwork(path, IMAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------- build
 
 
-def build_emoji_dataset(config: EmojiDatasetConfig) -> Path:
+def make_record(entry: dict, style: str, split: str, style_split: str, config: EmojiDatasetConfig) -> dict:
+    name = clean_name(entry["name"])
+    trained_row = split == "train" and style_split == TRAINED
+    return {
+        "style": style,
+        "identity": entry["unified"].lower(),
+        "name": name,
+        "short_name": entry.get("short_name", ""),
+        "category": entry["category"],
+        "subcategory": entry.get("subcategory", ""),
+        "caption": caption_of(name, style, entry["unified"], trained_row, config),
+        "split": split,
+        "style_split": style_split,
+    }
+
+
+def matching_summary(table: list[dict], matches: list[StyleMatch]) -> dict:
+    """How many identities of emoji.json have 1..K of the styles (those with fewer than ``min_styles``
+    are dropped), and each style's drawn / unmatched file counts."""
+    per_identity = Counter(sum(e["unified"] in m.files for m in matches) for e in table)
+    return {
+        "identities_by_style_count": {str(k): per_identity[k] for k in range(1, len(matches) + 1)},
+        "drawn": {m.style: len(m.files) for m in matches},
+        "unmatched_files": {m.style: len(m.unmatched) for m in matches},
+        "unmatched_examples": {m.style: m.unmatched[:12] for m in matches if m.unmatched},
+    }
+
+
+def build_emoji_dataset(config: EmojiDatasetConfig, log=None) -> Path:
     """Build the dataset folder (images.npy, labels.json, DATASET_CARD.md) atomically."""
     if config.out.exists() and not config.overwrite:
         raise ConfigError(f"{config.out} already exists; remove it or pass --overwrite")
+    start = time.perf_counter()
     sources = resolve_sources(config)
-    entries = common_entries(sources)
-    holdout, val = choose_splits(entries, config)
+    table = identity_table(sources)
+    matches = match_sources(sources, table)
+    entries = common_entries(sources, matches, config.min_styles)
+    styles = [s["style"] for s in sources]
+    heldout = [s for s in styles if s in config.heldout_styles]
     images, records = [], []
-    for source in sources:
-        vendor = source["vendor"]
+    for source, match in zip(sources, matches, strict=True):
+        style = source["style"]
+        style_split = HELDOUT if style in heldout else TRAINED
         for entry in entries:
-            images.append(read_png(source["root"] / "img" / vendor / "64" / entry["image"]))
-            name = clean_name(entry["name"])
-            records.append({
-                "style": vendor,
-                "identity": entry["unified"].lower(),
-                "name": name,
-                "short_name": entry.get("short_name", ""),
-                "category": entry["category"],
-                "subcategory": entry.get("subcategory", ""),
-                "caption": f"{name}, {vendor} style",
-                "split": split_of(entry["unified"], holdout, val),
-            })
+            if entry["unified"] in match.files:
+                images.append(read_artwork(match.files[entry["unified"]], IMAGE_SIZE))
+                records.append(make_record(entry, style, identity_split(entry, config), style_split, config))
     meta = {
-        "format": "consistent-diffusion emoji dataset v1",
+        "format": "consistent-diffusion emoji dataset v2",
         "image_size": IMAGE_SIZE,
-        "styles": [s["vendor"] for s in sources],
+        "styles": styles,
+        "heldout_styles": heldout,
         "categories": sorted({r["category"] for r in records}),
         "sources": [{k: v for k, v in s.items() if k != "root"} for s in sources],
         "split_seed": config.seed,
-        "holdout_identities": config.holdout_identities,
+        "holdout_fraction": config.holdout_fraction,
         "val_fraction": config.val_fraction,
+        "unstyled_caption_fraction": config.unstyled_caption_fraction,
+        "min_styles": config.min_styles,
+        "matching": matching_summary(table, matches),
+        "licences": licence_texts(sources),
     }
     write_dataset(config.out, np.stack(images), records, meta, config.overwrite)
+    meta["build_seconds"] = round(time.perf_counter() - start, 1)
+    if log is not None:
+        log(build_summary(records, meta))
     return config.out
+
+
+def licence_texts(sources: list[dict]) -> dict[str, str]:
+    """{package: licence file text} for every package of the build (quoted in the dataset card)."""
+    texts: dict[str, str] = {}
+    for source in sources:
+        spec = spec_of(source["style"])
+        for name in spec.licence_files:
+            path = source["root"] / name
+            if path.is_file() and source["package"] not in texts:
+                texts[source["package"]] = path.read_text(encoding="utf-8", errors="replace").strip()
+    return texts
 
 
 def write_dataset(out: Path, images: np.ndarray, records: list[dict], meta: dict, overwrite: bool) -> None:
@@ -293,6 +435,9 @@ def write_dataset(out: Path, images: np.ndarray, records: list[dict], meta: dict
         np.save(temp / "images.npy", images)
         (temp / "labels.json").write_text(json.dumps({"meta": meta, "records": records}, indent=0))
         (temp / "DATASET_CARD.md").write_text(dataset_card(records, meta))
+
+
+# ----------------------------------------------------------------------------- reports
 
 
 def count_table(records: list[dict], key: str) -> str:
@@ -306,15 +451,57 @@ def count_table(records: list[dict], key: str) -> str:
     return "\n".join(lines)
 
 
-def dataset_card(records: list[dict], meta: dict) -> str:
-    """The dataset card: sources, versions, licences, decisions, counts per style/category/split."""
-    source_lines = [
-        f"- `{s['package']}` {s['version']}: {VENDOR_INFO.get(s['vendor'], {}).get('artwork', s['vendor'])} "
-        f"artwork, licence {VENDOR_INFO.get(s['vendor'], {}).get('licence', 'unknown: check the package')}"
-        for s in meta["sources"]
+def matching_lines(meta: dict) -> list[str]:
+    """Markdown lines: identities per number of styles, unmatched files per style."""
+    matching = meta.get("matching")
+    if not matching:
+        return []
+    by_count = matching["identities_by_style_count"]
+    lines = ["| styles drawing it | identities |", "|---:|---:|"]
+    lines += [f"| {k} | {n} |" for k, n in by_count.items()]
+    lines += ["", "| style | identities drawn | files that matched no identity |", "|---|---:|---:|"]
+    lines += [f"| {s} | {matching['drawn'][s]} | {matching['unmatched_files'][s]} |" for s in matching["drawn"]]
+    for style, examples in matching.get("unmatched_examples", {}).items():
+        lines.append(f"- {style}, unmatched examples: {', '.join(examples)}")
+    return lines
+
+
+def build_summary(records: list[dict], meta: dict) -> str:
+    """The build's printed summary: matching, rows per style and split, held-out styles."""
+    matching = meta.get("matching", {})
+    by_count = matching.get("identities_by_style_count", {})
+    lines = [
+        f"{len(records)} images, styles {', '.join(meta['styles'])} (held out: "
+        f"{', '.join(meta.get('heldout_styles', [])) or 'none'}), built in {meta.get('build_seconds', '?')} s",
+        "identities by number of styles: " + ", ".join(f"{k}: {n}" for k, n in by_count.items()),
+        "files matching no identity: " + ", ".join(f"{s} {n}" for s, n in matching.get("unmatched_files", {}).items()),
+        "rows per style and split:",
+        count_table(records, "style"),
     ]
-    identities = Counter(r["split"] for r in records if r["style"] == meta["styles"][0])
+    return "\n".join(lines)
+
+
+def source_line(source: dict) -> str:
+    spec = spec_of(source.get("style", source.get("vendor", "")))
+    return (f"- {spec.style}: `{source['package']}` {source['version']} (`{source.get('folder', spec.folder)}`), "
+            f"{spec.artwork}, artwork licence {spec.licence}")
+
+
+def licence_section(meta: dict) -> list[str]:
+    texts = meta.get("licences", {})
+    lines = []
+    for package, text in texts.items():
+        lines += [f"### `{package}`", "", "```text", text, "```", ""]
+    return lines
+
+
+def dataset_card(records: list[dict], meta: dict) -> str:
+    """The dataset card: sources, versions, licences, decisions, matching, counts per style/category/split."""
+    styles = meta["styles"]
+    heldout = meta.get("heldout_styles", [])
+    identities = Counter(r["split"] for r in {r["identity"]: r for r in records}.values())
     holdout_names = sorted({r["name"] for r in records if r["split"] == "holdout"})
+    fraction = meta.get("unstyled_caption_fraction", 0.0)
     return "\n".join([
         "# Emoji dataset card",
         "",
@@ -322,25 +509,52 @@ def dataset_card(records: list[dict], meta: dict) -> str:
         "so style and identity are labels we know.",
         "",
         "## Sources and licences",
-        *source_lines,
-        "- names, categories and subcategories: `emoji.json` from the same packages "
-        "(emoji-data by Cal Henderson, MIT).",
-        "Attribution for CC-BY-4.0 artwork (Twemoji): Copyright Twitter, Inc. and other contributors, "
-        "https://creativecommons.org/licenses/by/4.0/. Noto Emoji: Copyright Google, Apache-2.0.",
+        *[source_line(s) for s in meta.get("sources", [])],
+        "- names, categories and subcategories: `emoji.json` from the emoji-datasource packages "
+        "(emoji-data by Cal Henderson, MIT); OpenMoji's `data/openmoji.json` (CLDR names) helps match "
+        "the name-only Fluent files.",
+        "- attribution: Noto Emoji, Copyright Google, Apache-2.0. Twemoji: Copyright Twitter, Inc. and other "
+        "contributors, CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/). OpenMoji: the open-source "
+        "emoji and icon project of HfG Schwaebisch Gmuend, CC-BY-SA-4.0 "
+        "(https://creativecommons.org/licenses/by-sa/4.0/): images derived from it, the openmoji and "
+        "openmoji-line rows, must be shared under the same licence. Fluent Emoji: Copyright Microsoft "
+        "Corporation, MIT (https://github.com/microsoft/fluentui-emoji); the npm packages that carry it are "
+        "MIT too (`@lobehub/fluent-emoji-3d` ships no licence file; its package.json and README say MIT).",
+        "- the emoji-datasource packages' own LICENSE file is emoji-data's MIT licence; their README gives the "
+        "artwork licences above.",
         "",
         "## Content",
-        f"- {len(records)} images, {meta['image_size']}x{meta['image_size']} RGB composited on white, "
-        f"styles: {', '.join(meta['styles'])}; {identities.total()} identities per style.",
-        "- captions: `<emoji name in lower case>, <style> style`, e.g. `grinning face, twitter style`.",
-        "- labels per image: style, identity (code point), name, short name, category, subcategory, split.",
+        f"- {len(records)} images, {meta['image_size']}x{meta['image_size']} RGB composited on white "
+        "(SVG rasterised with resvg at 64x64, WebP resized with Lanczos), "
+        f"styles: {', '.join(styles)}; {identities.total()} identities.",
+        "- captions: `<emoji name in lower case>, <style> style`, e.g. `grinning face, twitter style`; for "
+        f"{fraction:.0%} of the training rows (a hash of identity and style) just `<name>`.",
+        "- labels per image: style, identity (code point), name, short name, category, subcategory, split, "
+        "style_split.",
         "- skin-tone variants dropped: they repeat an identity and caption with another skin colour, "
         "would add five near-duplicates to each of ~400 people emoji (skewing counts towards People & Body) "
         "and their captions cannot tell them apart. The `Component` category (bare skin-tone swatches, hair "
         "parts) is dropped too.",
         "",
+        "## Held-out styles",
+        f"- {', '.join(heldout) or 'none'}: `style_split = heldout`. Never used to train the VAE, the UNet, the "
+        "probes or the metric heads (training selects rows with `trainable_rows`: train split and a trained "
+        "style); they test whether a method carries a style the model never saw, and whether the style "
+        "metric works on unseen styles.",
+        "",
+        "## Matching identities across packages",
+        "- by code point where the package names files by code point (emoji-datasource, OpenMoji, Fluent 3D; "
+        "U+FE0F and U+E007F ignored), by normalised name otherwise (fluentui-emoji: a hand-checked alias table "
+        "for the ~30 Fluent names that are no CLDR, Unicode or short name, then CLDR name, then Unicode name, "
+        "then short names, each pass over all identities). Identities drawn by fewer than "
+        f"{meta.get('min_styles', len(styles))} styles are dropped.",
+        "- files that matched no identity are not emoji of emoji.json (OpenMoji's extras: regional indicator "
+        "letters, symbols, its own pictograms; skin-tone variants are not counted).",
+        "",
+        *matching_lines(meta),
+        "",
         "## Split (by identity, every style together; deterministic hash of the code point)",
-        f"- train {identities['train']}, val {identities['val']}, holdout {identities['holdout']} identities "
-        "per style.",
+        f"- train {identities['train']}, val {identities['val']}, holdout {identities['holdout']} identities.",
         "- holdout identities never enter any training (base model, probes); they serve as new subjects "
         "for DreamBooth and novel concepts. Holdout emoji: " + ", ".join(holdout_names) + ".",
         "",
@@ -350,4 +564,7 @@ def dataset_card(records: list[dict], meta: dict) -> str:
         "## Counts per category",
         count_table(records, "category"),
         "",
+        "## Licence files of the packages",
+        "",
+        *licence_section(meta),
     ])

@@ -20,6 +20,8 @@ What a method may do inside ``applied`` (and must undo on exit, even on error):
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -99,9 +101,28 @@ def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str
             negative_prompt=ctx.negative_prompts,
             generator=ctx.generators,
             output_type=output_type,
-            **ctx.call_kwargs,
+            **supported_call_kwargs(ctx.pipe, ctx.call_kwargs),
         )
     return list(output.images[ctx.num_internal :])
+
+
+# Call arguments that some diffusers pipelines lack and would swallow silently in their
+# ``**kwargs`` (the SD img2img and ControlNet pipelines have no ``guidance_rescale``).
+OPTIONAL_CALL_KWARGS = ("guidance_rescale",)
+
+
+def supported_call_kwargs(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``call_kwargs`` without the ``OPTIONAL_CALL_KWARGS`` that ``pipe.__call__`` does not name,
+    each dropped with a warning (the images are made without it); the dict itself is unchanged."""
+    present = [name for name in OPTIONAL_CALL_KWARGS if name in call_kwargs]
+    if not present:
+        return call_kwargs
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    dropped = [name for name in present if name not in accepted]
+    for name in dropped:
+        warnings.warn(f"{type(pipe).__name__} has no `{name}` argument: this call runs without it",
+                      UserWarning, stacklevel=3)
+    return {key: value for key, value in call_kwargs.items() if key not in dropped}
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}

@@ -10,7 +10,8 @@ prompt, from step ``skip``, edits the image while keeping its structure (section
 
 The package:
 
-- ``math``: the sampler formulas (``ddim_step``, the one helper with the scheduler arithmetic;
+- ``math``: the sampler formulas (``ddim_step``, the one helper with the scheduler arithmetic,
+  well-defined at zero terminal SNR too (``direction_coefficient``);
   ``ddpm_mean``/``ddpm_std``/``ddpm_step``, ``noise_map`` (eq. 5), ``sample_trajectory`` (eq. 6)).
 - ``scheduler``: ``NoiseMapScheduler``, a DDIMScheduler swapped into the pipeline's own loop for
   one call that records or replays the noise maps, with a public pin API
@@ -29,6 +30,7 @@ from consistent_diffusion.methods.inversion.math import (
     ddpm_mean,
     ddpm_std,
     ddpm_step,
+    direction_coefficient,
     next_timestep,
     noise_map,
     sample_trajectory,
@@ -61,6 +63,7 @@ __all__ = [
     "ddpm_mean",
     "ddpm_std",
     "ddpm_step",
+    "direction_coefficient",
     "edit",
     "edit_to_folder",
     "invert",

@@ -11,8 +11,12 @@ to the schedule's *next* timestep ``t'`` (``t' < t``; past the last step, the sc
 
 ``ddim_step`` is the one place that evaluates these; everything else calls it. It is
 DDIMScheduler.step's own arithmetic, operation for operation (so it gives the same bits), with
-one difference: DDIMScheduler derives ``t'`` as ``t - T // N``, which is the schedule's next
-timestep only for ``leading`` spacing or when N divides T; here ``t'`` is given.
+two differences: DDIMScheduler derives ``t'`` as ``t - T // N``, which is the schedule's next
+timestep only for ``leading`` spacing or when N divides T; here ``t'`` is given. And at
+``abar_t = 0`` (zero terminal SNR, Lin et al. 2024: the first step of a ``trailing`` schedule)
+DDIM's ``sqrt(1 - abar_t' - sigma_t^2)`` can be the root of a rounding below 0, NaN; here it is
+the exact value (``direction_coefficient``). A zero-SNR schedule needs ``v_prediction`` (or
+``sample``): eps-prediction cannot give x0_hat at abar_t = 0.
 
 Tensors: ``x_t``/``eps`` are (B, C, h, w) latents (what the UNet sees); ``t`` is a timestep of
 the schedule (int or 0-d tensor).
@@ -70,11 +74,30 @@ def ddim_step(
     beta_prod_t_prev = 1 - alpha_prod_t_prev
     variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
     std_dev_t = eta * variance ** (0.5)
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
+    pred_sample_direction = direction_coefficient(alpha_prod_t, alpha_prod_t_prev, std_dev_t, eta) * pred_epsilon
     prev_sample = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
     if eta > 0:
         prev_sample = prev_sample + std_dev_t * noise
     return prev_sample
+
+
+def direction_coefficient(
+    alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, std_dev_t: torch.Tensor, eta: float
+) -> torch.Tensor:
+    """sqrt(1 - abar_t' - sigma_t^2), the weight of eps_hat in mu_t (DDIM eq. 12), a 0-d tensor.
+
+    Mathematically ``1 - abar_t' - sigma_t^2 = (1 - abar_t') (1 - eta^2 (1 - abar_t / abar_t') / (1 - abar_t))``
+    >= 0, and 0 for eta = 1 at abar_t = 0 (the first step of a zero-terminal-SNR schedule, Lin et
+    al. 2024). DDIM's rounding there (sigma_t^2 = (sqrt(1 - abar_t'))^2) can land a few ulps below 0,
+    and its square root is NaN. So at abar_t = 0 the exact value ``(1 - abar_t')(1 - eta^2)`` is
+    used, and the term is clamped at 0; wherever it is already >= 0 (every step of a schedule
+    with abar_t > 0) the bits are DDIMScheduler.step's.
+    """
+    variance_left = 1 - alpha_prod_t_prev - std_dev_t**2
+    # (``final_alpha_cumprod`` stays on the CPU when ``alphas_cumprod`` moved: align before ``where``.)
+    exact = ((1 - alpha_prod_t_prev) * (1 - eta**2)).to(variance_left)
+    at_zero = (alpha_prod_t == 0).to(variance_left.device)
+    return torch.where(at_zero, exact, variance_left).clamp(min=0) ** (0.5)
 
 
 def ddpm_mean(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
+from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.inversion.math import ddpm_step, next_timestep, noise_map
 
 
@@ -104,6 +105,11 @@ class NoiseMapScheduler(DDIMScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         super().set_timesteps(num_inference_steps, device=device)
+        if self.config.prediction_type == "epsilon" and bool((self.alphas_cumprod.cpu()[self.timesteps.cpu()] == 0).any()):
+            raise ConfigError(
+                "this schedule reaches alpha_bar_t = 0 (zero terminal SNR), where an epsilon-predicting model "
+                "cannot give x0: use prediction_type='v_prediction' (Lin et al. 2024) or another timestep_spacing"
+            )
         self.full_timesteps = self.timesteps.clone()
         self.timesteps = self.timesteps[self.nm_skip : self.nm_stop]
 

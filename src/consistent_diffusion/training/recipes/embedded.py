@@ -296,7 +296,7 @@ def load_train_val(config: BaseTrainConfig) -> tuple[np.ndarray, list[dict], np.
     from consistent_diffusion.data.emoji import load_emoji_dataset
 
     dataset = load_emoji_dataset(config.data)
-    train, val = dataset.indices(split="train"), dataset.indices(split="val")
+    train, val = dataset.trainable("train"), dataset.trainable("val")  # never a held-out style
     if len(train) == 0:
         raise ConsistentDiffusionError(f"{config.data} has no training images")
     return dataset.images, dataset.records, train, val

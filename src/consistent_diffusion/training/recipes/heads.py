@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.data.emoji import trainable_rows
 from consistent_diffusion.metrics.common import normalize
 from consistent_diffusion.metrics.extractors.heads import (
     HEAD_IMAGE_SIZE,
@@ -82,7 +83,7 @@ def train_heads(inputs: dict[str, torch.Tensor], records: list[dict], config: He
     return (tensors, metadata)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    train = np.array([i for i, r in enumerate(records) if r["split"] == "train"])
+    train = trainable_rows(records)  # train split, never a held-out style
     styles = sorted({r["style"] for r in records})
     style_ids = torch.tensor([styles.index(r["style"]) for r in records])
 
