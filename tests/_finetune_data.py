@@ -104,3 +104,18 @@ def tiny_embedded_like_pipeline(seed: int = 0):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def random_controlnet(pipe, seed: int = 0):
+    """A ControlNet for ``pipe`` whose zero convolutions are perturbed (so it does something)."""
+    import torch
+
+    from consistent_diffusion.training.controlnet import controlnet_from_unet
+
+    model = controlnet_from_unet(pipe)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "zero_conv" in name or "controlnet_mid_block" in name or "controlnet_down_blocks" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from _finetune_data import COLOURS, captioned_folder, instance_folder, one_thread, shape_image
+from _finetune_data import (
+    COLOURS,
+    captioned_folder,
+    instance_folder,
+    one_thread,
+    random_controlnet,
+    shape_image,
+)
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.methods.base import GenerationContext, get_method
 from consistent_diffusion.methods.controlnet import ControlNet, controlnet_pipeline
@@ -38,17 +45,6 @@ def with_method(pipe, method) -> np.ndarray:
                             generators=[torch.Generator().manual_seed(0)], call_kwargs={"num_inference_steps": 2})
     with method.applied(ctx) as c:
         return c.pipe(prompt=c.prompts, generator=c.generators, output_type="np", **c.call_kwargs).images
-
-
-def random_controlnet(pipe, seed: int = 0):
-    """A ControlNet for ``pipe`` whose zero convolutions are perturbed (so it does something)."""
-    model = controlnet_from_unet(pipe)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "zero_conv" in name or "controlnet_mid_block" in name or "controlnet_down_blocks" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")

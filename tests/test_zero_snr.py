@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _finetune_data import COLOURS, instance_folder, one_thread, shape_image
+from _finetune_data import COLOURS, instance_folder, one_thread, random_controlnet, shape_image
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, available_methods, run
 from consistent_diffusion.methods.controlnet import ControlNet
@@ -136,19 +136,6 @@ def test_an_epsilon_model_on_a_zero_snr_schedule_is_refused(image):
 # -- every method --------------------------------------------------------------------------------
 
 
-def _random_controlnet(pipe, seed: int = 0):
-    """A ControlNet for ``pipe`` whose zero convolutions are perturbed, so it acts."""
-    from consistent_diffusion.training.controlnet import controlnet_from_unet
-
-    model = controlnet_from_unet(pipe)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "zero_conv" in name or "controlnet_mid_block" in name or "controlnet_down_blocks" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, image):
     """A LoRA and a DreamBooth run trained for 2 steps on the zero-SNR pipeline (v-prediction
@@ -169,7 +156,7 @@ def assets(tmp_path_factory, image):
                                   tiny_sd_pipeline(zero_snr=True)).out
     image.save(root / "reference.png")
     torch.set_num_threads(previous)
-    return {"lora": lora, "dreambooth": dreambooth, "controlnet": _random_controlnet(tiny_sd_pipeline()),
+    return {"lora": lora, "dreambooth": dreambooth, "controlnet": random_controlnet(tiny_sd_pipeline()),
             "image": root / "reference.png"}
 
 
