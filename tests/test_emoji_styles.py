@@ -75,6 +75,19 @@ def test_seven_styles_matched_by_code_point_and_name(tmp_path: Path, seven_packa
     assert first["caption"] in (first["name"], f"{first['name']}, {first['style']} style")
 
 
+def test_captions_use_cldr_names_where_openmoji_gives_one(tmp_path: Path, seven_packages: list[Path]) -> None:
+    """U+2764's Unicode name is HEAVY BLACK HEART; its CLDR name, the one people type, is red heart."""
+    dataset = load_emoji_dataset(build_seven(tmp_path, seven_packages, unstyled_caption_fraction=0.0))
+    heart = [r for r in dataset.records if r["identity"] == "2764-fe0f"]
+    assert len(heart) == 7 and {r["name"] for r in heart} == {"red heart"}
+    assert {r["unicode_name"] for r in heart} == {"heavy black heart"}
+    assert {r["caption"] for r in heart} == {f"red heart, {style} style" for style in SEVEN}
+    pizza = next(r for r in dataset.records if r["identity"] == "1f355")
+    assert (pizza["name"], pizza["unicode_name"]) == ("pizza", "slice of pizza")
+    assert dataset.meta["caption_names"] == {"cldr": 48, "unicode": 0}
+    assert "`red heart`" in (tmp_path / "seven" / "DATASET_CARD.md").read_text()
+
+
 def test_heldout_styles_never_trainable(tmp_path: Path, seven_packages: list[Path]) -> None:
     dataset = load_emoji_dataset(build_seven(tmp_path, seven_packages))
     assert dataset.heldout_styles == ["openmoji-line", "fluent-contrast"]

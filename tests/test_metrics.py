@@ -280,10 +280,14 @@ def test_heads_train_save_load_roundtrip(tmp_path):
     n = 12
     records = [{"style": ["google", "twitter"][i % 2], "identity": f"id{i // 2}", "caption": f"thing {i // 2}",
                 "split": "train" if i < 8 else "val"} for i in range(n)]
+    records += [{"style": "line", "identity": f"id{i}", "caption": f"thing {i}", "split": "train",
+                 "style_split": "heldout"} for i in range(4)]  # a held-out style: never a class, never trained on
+    n = len(records)
     inputs = {"pooled": torch.randn(n, 1280), "maps": torch.randn(n, 1152), "pixel": torch.randn(n, 36)}
     config = HeadTrainingConfig(style_steps=2, text_steps=2, identities_per_batch=2, text_batch=4, hidden=8,
                                 style_dim=4)
     tensors, meta = train_heads(inputs, records, config, log=lambda message: None)
+    assert meta["styles"] == ["google", "twitter"] and meta["training"]["train_images"] == 8
     path = save_heads(tensors, meta, tmp_path / "heads.safetensors")
     heads = load_heads(path)
     assert heads.meta["heads"]["style"]["out_dim"] == 4

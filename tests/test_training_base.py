@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from consistent_diffusion.training.recipes.embedded import (
     VAEConfig,
     export_embedded,
     preset,
+    run_recipe,
     stage_dir,
     train_base,
 )
@@ -110,6 +112,33 @@ def test_killed_run_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
     assert not torch.equal(final[name], first["trainable"]["unet"][name])
 
 
+def test_a_unet_stage_moves_to_another_machine_through_a_handoff(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """Session 1 trains the VAE and pauses the UNet, writing a hand-off; session 2, with only the committed
+    VAE folder and hand-off (no checkpoints), continues the step count and finishes."""
+    from consistent_diffusion.cli.main import main
+
+    first, second = tmp_path / "machine-1", tmp_path / "machine-2"
+    base = ["train", "base", "--data", str(tiny_data), "--preset", "tiny"]
+    assert main([*base, "--out", str(first), "--stage", "vae"]) == 0
+    handoff = tmp_path / "commit" / "unet.handoff.pt"
+    code = main([*base, "--out", str(first), "--stage", "unet", "--pause-after-minutes", "1e-9", "--handoff", str(handoff)])
+    assert code == 3 and "paused" in capsys.readouterr().out  # a planned pause: status 3, checkpoint and hand-off
+    assert torch.load(handoff, weights_only=True)["step"] == 1
+    committed_vae = tmp_path / "commit" / "vae"
+    shutil.copytree(stage_dir(first, "vae") / "vae", committed_vae)
+    assert main([*base, "--out", str(second), "--stage", "unet", "--vae-from", str(committed_vae),
+                 "--warm-start", str(handoff)]) == 0
+    assert not (stage_dir(second, "vae")).exists()  # the VAE was not trained again
+    log = stage_log(second, "unet")
+    assert [r["step"] for r in log if "loss" in r][0] == 2  # continued after the hand-off's step 1
+    recipe = json.loads((second / "pipeline" / "training.json").read_text())
+    assert recipe["warm_start"] == str(handoff) and (second / "pipeline" / "unet" / "config.json").is_file()
+    exported = run_recipe(second / "pipeline")
+    assert exported["stages"]["unet"]["warm_start"] == "unet.handoff.pt" and exported["stages"]["unet"]["pretrained_vae"] == "vae"
+    with pytest.raises(ConfigError, match="vae-from"):
+        tiny(tiny_data, tmp_path / "x", stage="vae", pretrained_vae=committed_vae)
+
+
 def test_configs_validate() -> None:
     with pytest.raises(ConfigError):
         VAEConfig(channels=(32, 64))
@@ -140,6 +169,19 @@ def test_probe_trains_saves_and_loads(tiny_data: Path, tmp_path: Path) -> None:
     assert probs.shape == (3, 2) and torch.allclose(probs.sum(1), torch.ones(3))
     with pytest.raises(ModelNotFoundError):
         load_probe("content", tmp_path)
+
+
+def test_a_held_out_style_is_never_a_probe_class(tiny_data: Path, tmp_path: Path) -> None:
+    from consistent_diffusion.data.emoji import load_emoji_dataset
+
+    dataset = load_emoji_dataset(tiny_data)
+    line = [dict(r, style="line", caption=f"{r['name']}, line style", style_split="heldout") for r in dataset.records[:12]]
+    meta = dict(dataset.meta, styles=["google", "line", "twitter"], heldout_styles=["line"])
+    data = tmp_path / "with-line"
+    write_dataset(data, np.concatenate([dataset.images, 255 - dataset.images[:12]]), dataset.records + line, meta,
+                  overwrite=False)
+    _, style_meta = train_probe(ProbeTrainConfig("style", epochs=1, batch=8, width=8, embed_dim=8), data, progress=False)
+    assert style_meta["labels"] == ["google", "twitter"] and style_meta["val"]["images"] == 2  # val: 1 identity x 2 trained styles
 
 
 def test_frechet_distance_by_hand() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _finetune_data import instance_folder, one_thread
+from consistent_diffusion.core.errors import ConsistentDiffusionError
 from consistent_diffusion.training.diffusion import (
     encode_text,
     min_snr_mse,
@@ -146,7 +147,36 @@ def test_caption_dropout_by_hand():
     assert 30 < int((dropped == 0).sum()) < 90 and torch.equal(ids, torch.arange(1, 201))  # input untouched
 
 
-def test_unet_stage_loss_is_min_snr_epsilon_mse_by_hand(tmp_path):
+def zero_snr_alphas_cumprod() -> torch.Tensor:
+    """abar_t of that schedule rescaled to zero terminal SNR, by hand (Lin et al. 2024, Algorithm 1):
+    shift sqrt(abar) so its last value is 0, scale it so its first value is unchanged."""
+    root = sd_alphas_cumprod().sqrt().double()
+    first, last = root[0].clone(), root[-1].clone()
+    return (((root - last) * first / (first - last)) ** 2).float()
+
+
+def test_min_snr_weights_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    t = torch.tensor([0, 500, 990, 999])
+    for kind in ("epsilon", "v_prediction", "sample"):
+        scheduler = DDPMScheduler(num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  prediction_type=kind, rescale_betas_zero_snr=True)
+        torch.testing.assert_close(scheduler.alphas_cumprod, zero_snr_alphas_cumprod(), atol=1e-6, rtol=1e-4)
+        weights = min_snr_weights(scheduler, t, 5.0)
+        assert torch.isfinite(weights).all(), kind
+        abar = scheduler.alphas_cumprod[t]
+        snr = abar / (1 - abar)
+        expected = {"epsilon": torch.clamp(snr, max=5.0) / snr.clamp(min=1e-30),
+                    "v_prediction": torch.clamp(snr + 1, max=6.0) / (snr + 1),
+                    "sample": torch.clamp(snr, max=5.0)}[kind]
+        expected[snr == 0] = {"epsilon": 1.0, "v_prediction": 1.0, "sample": 0.0}[kind]
+        torch.testing.assert_close(weights, expected)
+        if kind == "v_prediction":  # the terminal step, where the text alone sets layout and colour, is trained
+            assert float(weights[-1]) == 1.0
+
+
+def test_unet_stage_loss_is_min_snr_v_mse_at_zero_terminal_snr_by_hand(tmp_path):
     from consistent_diffusion.training.recipes.embedded import UNetConfig, UNetTask, preset
 
     cache = tmp_path / "cache"
@@ -168,13 +198,13 @@ def test_unet_stage_loss_is_min_snr_epsilon_mse_by_hand(tmp_path):
         eps, t = torch.randn(z0.shape, generator=draws), torch.randint(0, T, (3,), generator=draws)
         ids = task.caption_ids[rows].clone()
         ids[torch.rand(3, generator=draws) < 0.5] = 2
-        abar = sd_alphas_cumprod()[t]
-        pred = unet(abar.sqrt().view(3, 1, 1, 1) * z0 + (1 - abar).sqrt().view(3, 1, 1, 1) * eps, t,
-                    encoder_hidden_states=task.states[ids]).sample
-        snr = abar / (1 - abar)
-        expected = (((pred - eps) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / snr).mean()
+        abar = zero_snr_alphas_cumprod()[t].view(3, 1, 1, 1)
+        pred = unet(abar.sqrt() * z0 + (1 - abar).sqrt() * eps, t, encoder_hidden_states=task.states[ids]).sample
+        v = abar.sqrt() * eps - (1 - abar).sqrt() * z0  # Salimans & Ho 2022, sec. 4
+        snr = (abar / (1 - abar)).flatten()
+        expected = (((pred - v) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr + 1, max=6.0) / (snr + 1)).mean()
     torch.testing.assert_close(task.latents, torch.load(cache / "latents.pt")["latents"] * 0.5)  # scaled latents
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- the loop's options on a toy task
@@ -230,6 +260,45 @@ def test_loop_ema_pause_resume_budget_and_validation(tmp_path):
 
     timed = run_training(LineTask(), line_config(tmp_path, "timed", max_minutes=1e-9), "line")
     assert timed.step == 1 and not timed.stopped and timed.result is not None  # the wall-time budget ended it
+
+
+def test_a_handoff_carries_step_weights_and_ema_in_float16_and_restarts_the_warm_up(tmp_path):
+    from consistent_diffusion.training.loop import load_handoff, write_handoff
+
+    first = run_training(LineTask(), line_config(tmp_path, "first", ema_decay=0.5, stop_after_steps=3), "line")
+    assert first.stopped and first.step == 3
+    checkpoint = load_checkpoint(list_checkpoints(tmp_path / "first")[-1][1])
+    path = write_handoff(tmp_path / "first", tmp_path / "moved" / "line.handoff.pt")
+    handoff = load_handoff(path, "line")
+    assert handoff["step"] == 3 and "optimizer" not in handoff
+    for part in ("trainable", "ema"):
+        saved = handoff[part]["line"]["weight"]
+        assert saved.dtype == torch.float16
+        torch.testing.assert_close(saved.float(), checkpoint[part]["line"]["weight"], atol=1e-3, rtol=1e-3)
+    with pytest.raises(ConsistentDiffusionError, match="not 'other'"):
+        load_handoff(path, "other")
+    (tmp_path / "junk.pt").write_bytes(b"not a file torch wrote")
+    with pytest.raises(ConsistentDiffusionError, match="unreadable"):
+        load_handoff(tmp_path / "junk.pt", "line")
+
+    task = LineTask()
+    second = run_training(task, line_config(tmp_path, "second", ema_decay=0.5, warm_start=path), "line")
+    assert second.step == 6 and len(second.losses) == 3 and task.seen_progress == pytest.approx([3 / 6, 4 / 6, 5 / 6])
+    log = [json.loads(line) for line in (tmp_path / "second" / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in log if "lr" in r]  # warm-up restarts at the hand-off step; the cosine goes on
+    expected = [0.1 * min(1.0, (s - 3 + 1) / 2) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / 6))) for s in (3, 4, 5)]
+    assert lrs == pytest.approx(expected)
+    straight = run_training(LineTask(), line_config(tmp_path, "straight", ema_decay=0.5), "line")
+    done, reference = torch.load(second.result / "line.pt")["weight"], torch.load(straight.result / "line.pt")["weight"]
+    assert not torch.equal(done, reference)  # a warm restart, not a resume (fresh AdamW moments)...
+    assert abs(float(done) - float(reference)) < 0.5  # ...that still ends near the uninterrupted run
+
+
+def test_pause_after_minutes_pauses_the_session_and_resume_finishes(tmp_path):
+    paused = run_training(LineTask(), line_config(tmp_path, "run", pause_after_minutes=1e-9), "line")
+    assert paused.stopped and paused.step == 1 and paused.result is None
+    resumed = run_training(LineTask(), line_config(tmp_path, "run", resume=True), "line")
+    assert resumed.step == 6 and resumed.result is not None
 
 
 def test_ema_update_by_hand():

@@ -236,8 +236,23 @@ def test_guidance_rescale_passes_through_the_series_and_its_manifest(zsnr):
     assert "guidance_rescale" not in unset.manifest["config"]  # unset: manifests as before the field
     assert rescaled.manifest["config"]["guidance_rescale"] == 0.7
     assert SeriesConfig.from_dict(rescaled.manifest["config"]) == rescaled.config
-    assert np.array_equal(np.asarray(unset.images[0]), np.asarray(zero.images[0]))  # 0 = off (diffusers)
-    assert np.abs(np.asarray(rescaled.images[0], float) - np.asarray(unset.images[0], float)).max() > 0
+    # unset: the model's default, 0.7 on a zero-terminal-SNR model (Lin et al. 2024, sec. 3.4)
+    assert np.array_equal(np.asarray(unset.images[0]), np.asarray(rescaled.images[0]))
+    assert np.abs(np.asarray(zero.images[0], float) - np.asarray(rescaled.images[0], float)).max() > 0
+
+
+def test_the_default_guidance_rescale_is_0_7_only_at_zero_terminal_snr(zsnr):
+    from consistent_diffusion.methods.base import default_guidance_rescale
+
+    assert default_guidance_rescale(zsnr) == 0.7
+    plain = tiny_sd_pipeline()
+    assert default_guidance_rescale(plain) is None  # not passed: the series is made as before the option
+
+    def first_image(pipe, **options):
+        config = SeriesConfig(prompts=PROMPTS[:1], seeds=(0,), steps=3, guidance_scale=5.0, **options)
+        return np.asarray(generate_series(pipe, config, progress=False).images[0])
+
+    assert np.array_equal(first_image(plain), first_image(plain, guidance_rescale=0.0))
 
 
 def test_guidance_rescale_is_dropped_with_a_warning_where_the_pipeline_lacks_it(zsnr, assets):

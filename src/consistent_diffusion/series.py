@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.core.images import contact_sheet, save_png_atomic
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
-from consistent_diffusion.methods.base import GenerationContext, Method, get_method, run
+from consistent_diffusion.methods.base import (
+    GenerationContext,
+    Method,
+    default_guidance_rescale,
+    get_method,
+    run,
+)
 from consistent_diffusion.models.loading import SCHEDULERS, model_identity, set_scheduler
 from consistent_diffusion.models.vae import native_size, vae_factor
 
@@ -47,10 +53,10 @@ class SeriesConfig:
     width: int | None = None
     scheduler: str | None = None  # None keeps the model's scheduler; else a name in models.SCHEDULERS
     batch_size: int = 8  # images per pipeline call (does not change the images)
-    # Rescales the guided prediction toward the conditional one's std (Lin et al. 2024, eq. 16;
-    # ~0.7 for zero-terminal-SNR models), in [0, 1]. None: not passed (the pipeline's default, 0),
-    # and not written to the manifest. Pipelines without the argument (diffusers' SD img2img and
-    # ControlNet) ignore it with a warning (``methods.run``).
+    # Rescales the guided prediction toward the conditional one's std (Lin et al. 2024, eq. 16),
+    # in [0, 1]. None: the model's default (``methods.base.default_guidance_rescale``: 0.7 for a
+    # zero-terminal-SNR model, else not passed), and not written to the manifest. Pipelines without
+    # the argument (diffusers' SD img2img and ControlNet) ignore it with a warning (``methods.run``).
     guidance_rescale: float | None = None
 
     def __post_init__(self) -> None:
@@ -160,8 +166,9 @@ def generate_batch(
             "width": width,
         },
     )
-    if config.guidance_rescale is not None:
-        ctx.call_kwargs["guidance_rescale"] = float(config.guidance_rescale)
+    rescale = config.guidance_rescale if config.guidance_rescale is not None else default_guidance_rescale(pipe)
+    if rescale is not None:
+        ctx.call_kwargs["guidance_rescale"] = float(rescale)
     return run(ctx, methods)
 
 

@@ -50,13 +50,14 @@ def tiny_clip_tokenizer(max_length: int = TINY_TOKENIZER_MAX_LENGTH) -> CLIPToke
     symbols = list(_bytes_to_unicode().values())
     vocab_list = ["<|startoftext|>", "<|endoftext|>"] + symbols + [s + "</w>" for s in symbols]
     vocab = {token: index for index, token in enumerate(vocab_list)}
-    folder = Path(tempfile.mkdtemp(prefix="cd-tiny-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": max_length, "pad_token": "<|endoftext|>"}), encoding="utf-8"
-    )
-    return CLIPTokenizer.from_pretrained(str(folder))
+    with tempfile.TemporaryDirectory(prefix="cd-tiny-tokenizer-") as name:  # read at load time, then removed
+        folder = Path(name)
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({"model_max_length": max_length, "pad_token": "<|endoftext|>"}), encoding="utf-8"
+        )
+        return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def _tiny_text_config(hidden_size: int = 32, projection_dim: int = 32) -> CLIPTextConfig:

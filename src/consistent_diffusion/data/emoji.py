@@ -59,6 +59,7 @@ from consistent_diffusion.data.styles import (
     STYLES,
     StyleMatch,
     cldr_names,
+    codepoint_key,
     match_style,
     spec_of,
     styles_of_package,
@@ -348,13 +349,28 @@ def read_png(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- build
 
 
-def make_record(entry: dict, style: str, split: str, style_split: str, config: EmojiDatasetConfig) -> dict:
-    name = clean_name(entry["name"])
+def caption_name(entry: dict, cldr: dict[str, str]) -> str:
+    """The name captions use: the emoji's CLDR short name (OpenMoji's annotation) where there is one,
+    else its Unicode name. CLDR names what people see and type ("red heart"); Unicode names can
+    contradict the drawing (U+2764 RED HEART is "HEAVY BLACK HEART") or be cryptic ("NEGATIVE SQUARED AB")."""
+    return clean_name(cldr.get(codepoint_key(entry["unified"]) or "") or entry["name"])
+
+
+def caption_name_counts(entries: list[dict], cldr: dict[str, str]) -> dict[str, int]:
+    """How many identities are captioned by their CLDR name and how many by their Unicode name."""
+    named = sum(codepoint_key(e["unified"]) in cldr for e in entries)
+    return {"cldr": named, "unicode": len(entries) - named}
+
+
+def make_record(entry: dict, style: str, split: str, style_split: str, config: EmojiDatasetConfig,
+                cldr: dict[str, str] | None = None) -> dict:
+    name = caption_name(entry, cldr or {})
     trained_row = split == "train" and style_split == TRAINED
     return {
         "style": style,
         "identity": entry["unified"].lower(),
         "name": name,
+        "unicode_name": clean_name(entry["name"]),
         "short_name": entry.get("short_name", ""),
         "category": entry["category"],
         "subcategory": entry.get("subcategory", ""),
@@ -385,6 +401,7 @@ def build_emoji_dataset(config: EmojiDatasetConfig, log=None) -> Path:
     table = identity_table(sources)
     matches = match_sources(sources, table)
     entries = common_entries(sources, matches, config.min_styles)
+    cldr = cldr_names([s["root"] for s in sources])
     styles = [s["style"] for s in sources]
     heldout = [s for s in styles if s in config.heldout_styles]
     images, records = [], []
@@ -394,7 +411,7 @@ def build_emoji_dataset(config: EmojiDatasetConfig, log=None) -> Path:
         for entry in entries:
             if entry["unified"] in match.files:
                 images.append(read_artwork(match.files[entry["unified"]], IMAGE_SIZE))
-                records.append(make_record(entry, style, identity_split(entry, config), style_split, config))
+                records.append(make_record(entry, style, identity_split(entry, config), style_split, config, cldr))
     meta = {
         "format": "consistent-diffusion emoji dataset v2",
         "image_size": IMAGE_SIZE,
@@ -406,6 +423,7 @@ def build_emoji_dataset(config: EmojiDatasetConfig, log=None) -> Path:
         "holdout_fraction": config.holdout_fraction,
         "val_fraction": config.val_fraction,
         "unstyled_caption_fraction": config.unstyled_caption_fraction,
+        "caption_names": caption_name_counts(entries, cldr),
         "min_styles": config.min_styles,
         "matching": matching_summary(table, matches),
         "licences": licence_texts(sources),
@@ -511,8 +529,8 @@ def dataset_card(records: list[dict], meta: dict) -> str:
         "## Sources and licences",
         *[source_line(s) for s in meta.get("sources", [])],
         "- names, categories and subcategories: `emoji.json` from the emoji-datasource packages "
-        "(emoji-data by Cal Henderson, MIT); OpenMoji's `data/openmoji.json` (CLDR names) helps match "
-        "the name-only Fluent files.",
+        "(emoji-data by Cal Henderson, MIT); OpenMoji's `data/openmoji.json` (CLDR names) names the "
+        "captions and helps match the name-only Fluent files.",
         "- attribution: Noto Emoji, Copyright Google, Apache-2.0. Twemoji: Copyright Twitter, Inc. and other "
         "contributors, CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/). OpenMoji: the open-source "
         "emoji and icon project of HfG Schwaebisch Gmuend, CC-BY-SA-4.0 "
@@ -527,10 +545,14 @@ def dataset_card(records: list[dict], meta: dict) -> str:
         f"- {len(records)} images, {meta['image_size']}x{meta['image_size']} RGB composited on white "
         "(SVG rasterised with resvg at 64x64, WebP resized with Lanczos), "
         f"styles: {', '.join(styles)}; {identities.total()} identities.",
-        "- captions: `<emoji name in lower case>, <style> style`, e.g. `grinning face, twitter style`; for "
-        f"{fraction:.0%} of the training rows (a hash of identity and style) just `<name>`.",
-        "- labels per image: style, identity (code point), name, short name, category, subcategory, split, "
-        "style_split.",
+        "- captions: `<name in lower case>, <style> style`, e.g. `red heart, twitter style`; for "
+        f"{fraction:.0%} of the training rows (a hash of identity and style) just `<name>`. The name is the "
+        "emoji's CLDR short name (OpenMoji's annotation) where there is one"
+        + (" ({cldr} identities), else its Unicode name ({unicode})".format(**meta["caption_names"])
+           if "caption_names" in meta else ", else its Unicode name")
+        + ": U+2764's Unicode name is `heavy black heart`, its CLDR name `red heart`.",
+        "- labels per image: style, identity (code point), name, Unicode name, short name, category, subcategory, "
+        "split, style_split.",
         "- skin-tone variants dropped: they repeat an identity and caption with another skin colour, "
         "would add five near-duplicates to each of ~400 people emoji (skewing counts towards People & Body) "
         "and their captions cannot tell them apart. The `Component` category (bare skin-tone swatches, hair "

@@ -106,6 +106,17 @@ def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str
     return list(output.images[ctx.num_internal :])
 
 
+ZERO_SNR_GUIDANCE_RESCALE = 0.7  # Lin et al. 2024, sec. 3.4 (phi = 0.7)
+
+
+def default_guidance_rescale(pipe: Any) -> float | None:
+    """The guidance rescale a model should be sampled with when the user sets none: 0.7 for a model
+    trained to zero terminal SNR (its scheduler config has ``rescale_betas_zero_snr``), whose guided
+    predictions overexpose without it (Lin et al. 2024, sec. 3.4); None (do not pass it) otherwise."""
+    config = getattr(getattr(pipe, "scheduler", None), "config", None) or {}
+    return ZERO_SNR_GUIDANCE_RESCALE if config.get("rescale_betas_zero_snr", False) else None
+
+
 # Call arguments that some diffusers pipelines lack and would swallow silently in their
 # ``**kwargs`` (the SD img2img and ControlNet pipelines have no ``guidance_rescale``).
 OPTIONAL_CALL_KWARGS = ("guidance_rescale",)

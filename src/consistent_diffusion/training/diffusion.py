@@ -132,13 +132,33 @@ def per_example_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 10 for epsilon prediction) (B,):
-    min(SNR(t), gamma) / SNR(t) with SNR(t) = abar_t / (1 - abar_t); ones when gamma <= 0."""
+    """Min-SNR-gamma loss weights (B,) for the scheduler's prediction type (Hang et al. 2023, eq. 10),
+    with SNR(t) = abar_t / (1 - abar_t); ones when gamma <= 0.
+
+    Min-SNR weights the x0 error by min(SNR, gamma). On the MSE of the model's own target that is
+
+    - epsilon: min(SNR, gamma) / SNR, taken as its limit 1 where SNR = 0 (no 0/0 at zero terminal SNR);
+    - v_prediction: min(SNR + 1, gamma + 1) / (SNR + 1). The paper's min(SNR, gamma) / (SNR + 1)
+      is 0 at zero terminal SNR and ~SNR near it, so the steps where the model must choose the
+      image's layout and colour from the text alone (Lin et al. 2024, sec. 3) would not be trained;
+      weighting x0 by min(SNR, gamma) + 1 keeps them at the plain v-MSE (weight 1) and has the same
+      decay gamma/SNR at high SNR;
+    - sample: min(SNR, gamma).
+    """
     if gamma <= 0:
         return torch.ones(len(timesteps))
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        weights = torch.where(snr > gamma, torch.clamp(snr, max=gamma) / snr.clamp(min=1e-30), torch.ones_like(snr))
+    elif kind == "v_prediction":
+        weights = torch.clamp(snr + 1, max=gamma + 1) / (snr + 1)
+    elif kind == "sample":
+        weights = torch.clamp(snr, max=gamma)
+    else:
+        raise ConsistentDiffusionError(f"unsupported prediction_type {kind!r}")
+    return weights
 
 
 def min_snr_mse(

@@ -13,7 +13,14 @@ step's result depends only on the weights and optimizer state before it. A check
 weights, optimizer and learning-rate scheduler state, the global RNG states and the step;
 resuming from it after a kill continues at the next step and ends with the same weights as an
 uninterrupted run (bit-for-bit on CPU). SIGINT/SIGTERM finish the current step, write a checkpoint
-and stop cleanly; so does ``stop_after_steps`` (a planned pause).
+and stop cleanly; so do ``stop_after_steps`` and ``pause_after_minutes`` (planned pauses).
+
+Hand-offs. A checkpoint holds float32 weights, their EMA and the optimizer moments (about 16 bytes
+per parameter): too big to carry a long run from one machine to the next in a repository.
+``write_handoff`` keeps only the step, the weights and their EMA in float16 (4 bytes per
+parameter); a run started with ``warm_start`` set to that file continues the step count, the
+learning-rate schedule, the batches and the EMA from there, with fresh AdamW moments re-warmed
+over ``lr_warmup_steps`` (a warm restart: not bit-identical to an uninterrupted run).
 
 Budget and schedule. A run ends at ``steps`` or, when ``max_minutes`` is set, once its training
 steps have taken that much wall time (summed over resumes), whichever comes first. The learning
@@ -59,7 +66,8 @@ CHECKPOINT_PATTERN = "step_{:06d}.pt"
 # Fields that may change when resuming a run (everything else must match the first run).
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "progress", "resume", "validation_prompts",
                      "validation_steps", "validation_count", "log_every", "threads", "max_minutes",
-                     "checkpoint_minutes", "stop_after_steps"}
+                     "checkpoint_minutes", "stop_after_steps", "pause_after_minutes", "warm_start",
+                     "mixed_precision"}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -79,6 +87,8 @@ class LoopConfig:
     checkpoint_minutes: float | None = None  # also checkpoint once this much wall time passed since the last
     max_minutes: float | None = None  # wall-time budget of the training steps (None: steps only)
     stop_after_steps: int | None = None  # pause (checkpoint, return stopped) after this many steps this session
+    pause_after_minutes: float | None = None  # pause likewise once this session's steps took this much wall time
+    warm_start: Path | None = None  # a write_handoff file to continue from when ``out`` has no checkpoint
     ema_decay: float = 0.0  # EMA of the trainable weights, exported instead of them (0: no EMA)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # makes the run reproducible on CPU
@@ -101,7 +111,9 @@ class LoopConfig:
         check_int(self, "lr_warmup_steps", minimum=0)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        for name in ("checkpoint_minutes", "max_minutes"):
+        if self.warm_start is not None:
+            self.warm_start = Path(self.warm_start)
+        for name in ("checkpoint_minutes", "max_minutes", "pause_after_minutes"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ConfigError(f"{name} must be a number > 0 or unset, got {value!r}")
@@ -271,6 +283,42 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ConsistentDiffusionError(f"checkpoint {path} is unreadable ({error}); delete it to resume from an older one") from error
 
 
+HANDOFF_FORMAT = "consistent-diffusion/train-handoff/v1"
+
+
+def write_handoff(out: Path, path: Path) -> Path:
+    """The newest checkpoint of the run in ``out`` -> a compact hand-off file at ``path`` (atomic):
+    {format, kind, step, elapsed_s, trainable, ema} with the weights in float16, no optimizer state."""
+    checkpoints = list_checkpoints(out)
+    if not checkpoints:
+        raise ConsistentDiffusionError(f"{out} has no checkpoint to hand off")
+    state = load_checkpoint(checkpoints[-1][1])
+
+    def half(weights: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, dict[str, torch.Tensor]] | None:
+        if weights is None:
+            return None
+        return {name: {k: v.half() for k, v in part.items()} for name, part in weights.items()}
+
+    handoff = {"format": HANDOFF_FORMAT, "kind": state.get("kind"), "step": int(state["step"]),
+               "elapsed_s": float(state.get("elapsed_s", 0.0)), "trainable": half(state["trainable"]),
+               "ema": half(state.get("ema"))}
+    atomic_torch_save(handoff, Path(path))
+    return Path(path)
+
+
+def load_handoff(path: Path, kind: str) -> dict[str, Any]:
+    """Read a ``write_handoff`` file made by a run of ``kind`` (weights only: loaded with weights_only)."""
+    try:
+        handoff = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - report any unreadable file by name
+        raise ConsistentDiffusionError(f"hand-off {path} is unreadable ({error})") from error
+    if not isinstance(handoff, dict) or handoff.get("format") != HANDOFF_FORMAT:
+        raise ConsistentDiffusionError(f"{path} is not a training hand-off (write_handoff makes them)")
+    if handoff.get("kind") != kind:
+        raise ConsistentDiffusionError(f"hand-off {path} is from a {handoff.get('kind')!r} run, not {kind!r}")
+    return handoff
+
+
 # ----------------------------------------------------------------------------- EMA
 
 
@@ -426,7 +474,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     optimizer = prepared[len(names)]
     ema = EMA(task, config.ema_decay) if config.ema_decay > 0 else None
 
-    start, elapsed = 0, 0.0
+    start, elapsed, restart = 0, 0.0, 0  # restart: the step a warm start began at (its learning-rate warm-up)
     checkpoints = list_checkpoints(config.out)
     if config.resume and checkpoints:
         state = load_checkpoint(checkpoints[-1][1])
@@ -436,7 +484,16 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
             ema.load_state_dict(state["ema"])
         set_rng_states(state["rng"])
         start, elapsed = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        restart = int(state.get("restart_step", 0))
         accelerator.print(f"resuming {config.out} at step {start}")
+    elif config.warm_start is not None:
+        handoff = load_handoff(config.warm_start, kind)
+        task.load_trainable_state(handoff["trainable"])
+        if ema is not None:
+            ema.load_state_dict(handoff["ema"] if handoff.get("ema") is not None else handoff["trainable"])
+        start, elapsed = int(handoff["step"]), float(handoff["elapsed_s"])
+        restart = start
+        accelerator.print(f"warm start from {config.warm_start} at step {start} (fresh optimizer moments)")
     if accelerator.is_main_process:
         write_json_atomic(record, config.out / "train_config.json")
     log_path = config.out / "log.jsonl"
@@ -448,7 +505,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     def save_checkpoint(step: int, elapsed: float) -> None:
         if accelerator.is_main_process:
             state = {"step": step, "elapsed_s": elapsed, "trainable": task.trainable_state(),
-                     "optimizer": optimizer.state_dict(), "rng": rng_states(), "kind": kind}
+                     "optimizer": optimizer.state_dict(), "rng": rng_states(), "kind": kind, "restart_step": restart}
             if ema is not None:
                 state["ema"] = ema.state_dict()
             atomic_torch_save(state, checkpoint_dir(config.out) / CHECKPOINT_PATTERN.format(step))
@@ -471,6 +528,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     stopped = False
     step = start
     last_save = time.monotonic()
+    session_s = 0.0  # wall time of this session's steps (pause_after_minutes)
     with _StopFlag().installed() as flag, tqdm(
         total=config.steps, initial=start, desc=f"train {kind}", unit="step",
         disable=not config.progress or not accelerator.is_main_process,
@@ -478,7 +536,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
         while not spent(step, elapsed):
             began = time.perf_counter()
             task.progress = max(step / config.steps, elapsed / budget_s)
-            lr = config.learning_rate * lr_factor(config.lr_schedule, step, task.progress, config.lr_warmup_steps)
+            lr = config.learning_rate * lr_factor(config.lr_schedule, step - restart, task.progress, config.lr_warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             generator = step_generator(config.seed, step, accelerator.process_index, stream=task.seed_stream)
@@ -495,6 +553,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
             value = float(accelerator.gather(loss.detach().float().reshape(1)).mean())
             seconds = time.perf_counter() - began
             elapsed += seconds
+            session_s += seconds
             losses.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
@@ -503,7 +562,8 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
                      "elapsed_s": round(elapsed, 3), **logs})
             if on_step_end is not None:
                 on_step_end(step, value)
-            paused = flag.requested or (config.stop_after_steps is not None and len(losses) >= config.stop_after_steps)
+            paused = (flag.requested or (config.stop_after_steps is not None and len(losses) >= config.stop_after_steps)
+                      or (config.pause_after_minutes is not None and session_s >= config.pause_after_minutes * 60))
             due = config.checkpoint_minutes is not None and time.monotonic() - last_save > config.checkpoint_minutes * 60
             if step % config.checkpoint_every == 0 or spent(step, elapsed) or paused or due:
                 save_checkpoint(step, elapsed)

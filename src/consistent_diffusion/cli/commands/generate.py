@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE})")
+    parser.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                        help="rescale the guided prediction's std toward the conditional one's, in [0, 1] "
+                             "(Lin et al. 2024; default: 0.7 on a zero-terminal-SNR model such as the embedded one, "
+                             "else off)")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler")
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             negative_prompt=args.negative_prompt,
             steps=args.steps,
             guidance_scale=args.guidance,
+            guidance_rescale=args.guidance_rescale,
             height=args.height,
             width=args.width,
             scheduler=args.scheduler,

@@ -84,8 +84,9 @@ def train_heads(inputs: dict[str, torch.Tensor], records: list[dict], config: He
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train = trainable_rows(records)  # train split, never a held-out style
-    styles = sorted({r["style"] for r in records})
-    style_ids = torch.tensor([styles.index(r["style"]) for r in records])
+    styles = sorted({records[i]["style"] for i in train})  # the trained styles: held-out ones are never a class
+    style_index = {style: k for k, style in enumerate(styles)}
+    style_ids = torch.tensor([style_index.get(r["style"], -1) for r in records])  # -1: a held-out style (unused)
 
     pixel_mean = inputs["pixel"][train].mean(0)
     pixel_std = inputs["pixel"][train].std(0).clamp_min(1e-3)

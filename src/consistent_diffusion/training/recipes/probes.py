@@ -78,7 +78,7 @@ def train_probe(config: ProbeTrainConfig, data: str | os.PathLike, threads: int 
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     dataset = load_emoji_dataset(data)
-    label_names = dataset.styles if config.name == "style" else dataset.categories
+    label_names = dataset.trained_styles if config.name == "style" else dataset.categories  # held-out styles: no class
     train, val = dataset.trainable("train"), dataset.trainable("val")  # never a held-out style
     pixels = torch.from_numpy(dataset.images).permute(0, 3, 1, 2)
     y = _labels_for(config.name, dataset.records, train, label_names)
