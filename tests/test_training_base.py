@@ -121,9 +121,18 @@ def test_a_unet_stage_moves_to_another_machine_through_a_handoff(tiny_data: Path
     base = ["train", "base", "--data", str(tiny_data), "--preset", "tiny"]
     assert main([*base, "--out", str(first), "--stage", "vae"]) == 0
     handoff = tmp_path / "commit" / "unet.handoff.pt"
-    code = main([*base, "--out", str(first), "--stage", "unet", "--pause-after-minutes", "1e-9", "--handoff", str(handoff)])
+    snapshot = tmp_path / "snapshot"
+    code = main([*base, "--out", str(first), "--stage", "unet", "--pause-after-minutes", "1e-9", "--handoff", str(handoff),
+                 "--export", str(snapshot)])
     assert code == 3 and "paused" in capsys.readouterr().out  # a planned pause: status 3, checkpoint and hand-off
     assert torch.load(handoff, weights_only=True)["step"] == 1
+    # --export on a pause: the EMA weights so far, a loadable model that says which step it is
+    assert json.loads((snapshot / "training.json").read_text())["paused_at_step"] == 1
+    ema = torch.load(handoff, weights_only=True)["ema"]["unet"]
+    paused = load_embedded_pipeline(folder=snapshot)
+    name = next(iter(ema))
+    torch.testing.assert_close(dict(paused.unet.named_parameters())[name].detach().float(), ema[name].float(), atol=0, rtol=0)
+    assert paused(["thing 1"], num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
     committed_vae = tmp_path / "commit" / "vae"
     shutil.copytree(stage_dir(first, "vae") / "vae", committed_vae)
     assert main([*base, "--out", str(second), "--stage", "unet", "--vae-from", str(committed_vae),

@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="UNet stage: continue from a --handoff file (same step, schedule and EMA; fresh optimizer "
                            "moments) when --out holds no checkpoint of its own")
     base.add_argument("--export", type=Path, default=None,
-                      help="after training, copy the pipeline (fp16 safetensors) into this folder")
+                      help="after training, copy the pipeline (fp16 safetensors) into this folder; after a paused "
+                           "UNet stage, its EMA weights so far")
     base.set_defaults(func=run_base)
     probes = kinds.add_parser(
         "probes",
@@ -85,6 +86,7 @@ def run_base(args: argparse.Namespace) -> int:
         TrainingStopped,
         export_embedded,
         preset,
+        publish_paused_unet,
         stage_dir,
         train_base,
         write_unet_handoff,
@@ -101,8 +103,11 @@ def run_base(args: argparse.Namespace) -> int:
     try:
         pipeline = train_base(config)
     except TrainingStopped as stopped:
-        if args.handoff is not None:
+        paused_unet = bool(list_checkpoints(stage_dir(config.out, "unet")))
+        if args.handoff is not None and paused_unet:
             print(f"hand-off: {write_unet_handoff(config, args.handoff)}")
+        if args.export is not None and paused_unet:
+            print(f"exported the paused UNet's EMA weights: {export_embedded(publish_paused_unet(config), args.export)}")
         print(f"paused: {stopped}")
         return 3
     if args.handoff is not None and list_checkpoints(stage_dir(config.out, "unet")):

@@ -572,8 +572,9 @@ def train_unet(config: BaseTrainConfig) -> Path:
     return config.out / "pipeline" / "unet"
 
 
-def publish_unet(config: BaseTrainConfig, result: Path) -> None:
-    """pipeline/unet, the inference scheduler and the run's recipe (pipeline/training.json)."""
+def publish_unet(config: BaseTrainConfig, result: Path, paused_at: int | None = None) -> None:
+    """pipeline/unet, the inference scheduler and the run's recipe (pipeline/training.json);
+    ``paused_at``: the step of a paused stage's snapshot (``publish_paused_unet``)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from consistent_diffusion.core.outputs import write_json_atomic
@@ -583,7 +584,37 @@ def publish_unet(config: BaseTrainConfig, result: Path) -> None:
     atomic_save_pretrained(DDIMScheduler(**SCHEDULER_CONFIG), pipeline / "scheduler")
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     recipe["log_summary"] = summarise_log(config.out)
+    if paused_at is not None:
+        recipe["paused_at_step"] = paused_at
     write_json_atomic(recipe, pipeline / "training.json")
+
+
+def publish_paused_unet(config: BaseTrainConfig) -> Path:
+    """pipeline/ from a paused UNet stage's newest checkpoint, with its EMA weights (what the stage
+    would ship if it ended now), so a run can be looked at, measured or exported between stages.
+    The UNet's shape comes from the stage's own recorded options and the caches."""
+    from consistent_diffusion.training.loop import list_checkpoints, load_checkpoint
+
+    folder = stage_dir(config.out, "unet")
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        raise ConsistentDiffusionError(f"{folder} has no UNet checkpoint to publish")
+    state = load_checkpoint(checkpoints[-1][1])
+    options = json.loads((folder / "train_config.json").read_text())["config"]["options"]
+    shape = replace(config.unet, channels=tuple(options["channels"]), layers_per_block=options["layers_per_block"],
+                    heads=options["heads"])
+    latents = torch.load(config.out / "cache" / "latents.pt", weights_only=False)["latents"]
+    states = torch.load(config.out / "cache" / "text.pt", weights_only=False)["states"]
+    unet = build_unet(shape, latents.shape[1], states.shape[-1], latents.shape[-1])
+    weights = (state.get("ema") or state["trainable"])["unet"]
+    if set(weights) != {name for name, _ in unet.named_parameters()}:
+        raise ConsistentDiffusionError(f"the checkpoint in {folder} does not match its recorded UNet options")
+    unet.load_state_dict(weights, strict=False)
+    with atomic_output_dir(folder / "snapshot", overwrite=True) as temp:
+        unet.save_pretrained(temp)
+    publish_unet(config, folder / "snapshot", paused_at=int(state["step"]))
+    publish_vae(config)
+    return config.out / "pipeline"
 
 
 def summarise_log(out: Path) -> dict:
