@@ -85,10 +85,15 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> uint8 array (B, H, W, 3) in [0, 255]."""
+    array = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Float tensor (B, 3, H, W) in [-1, 1] -> list of RGB PIL images."""
-    array = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+    return [Image.fromarray(a) for a in tensor_to_uint8(images)]
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:

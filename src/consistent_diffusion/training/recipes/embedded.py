@@ -118,7 +118,7 @@ class UNetConfig:
     ema_decay: float = 0.999  # EMA of the weights that are shipped
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     min_snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023); 0 = plain MSE
-    mixed_precision: str = "no"  # no | bf16 (autocast; 1.15-1.3x faster on a recent CPU) | fp16 (GPU)
+    mixed_precision: str = "no"  # no | bf16 (autocast; slower than float32 on our 2-core CPU) | fp16 (GPU)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)

@@ -54,7 +54,6 @@ from consistent_diffusion.training.recipes.evaluation.colour import (
     noise_colour_r2,
     pixel_colours,
     srgb_to_lab,
-    to_uint8,
     validate_colour_classifier,
 )
 from consistent_diffusion.training.recipes.evaluation.frechet import frechet_table
@@ -108,6 +107,6 @@ __all__ = [
     "dominant_colour", "eligible_identities", "embed_rows", "evaluate", "frechet_table", "generate", "heart_rows",
     "heldout_rows", "identity_retrieval", "measured_styles", "noise_colour_r2", "noise_prompt", "pixel_colours",
     "probe_scores", "prompt_set", "quality_markdown", "quality_rows", "r_squared", "sampling_of", "sheet_prompts",
-    "srgb_to_lab", "starting_noise", "time_generation", "to_uint8", "top_k_identity_hits", "untrained_pipeline",
+    "srgb_to_lab", "starting_noise", "time_generation", "top_k_identity_hits", "untrained_pipeline",
     "validate_colour_classifier", "write_model_card", "wilson_interval",
 ]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from consistent_diffusion.core.images import tensor_to_uint8
 from consistent_diffusion.data.emoji import EmojiDataset
 from consistent_diffusion.training.recipes.evaluation.prompts import (
     COLOURS,
@@ -71,11 +71,6 @@ def dominant_colour(image: np.ndarray) -> str | None:
     return str(names[counts.argmax()])
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def heart_rows(dataset: EmojiDataset, styles: Sequence[str]) -> list[tuple[str, int]]:
     """(colour, row) of the real "<colour> heart" images of ``styles``, COLOURS order."""
     wanted = set(styles)
@@ -96,7 +91,7 @@ def validate_colour_classifier(dataset: EmojiDataset) -> dict:
 def colour_binding(pipe, dataset: EmojiDataset, styles: Sequence[str], sampling: Sampling, seeds: int) -> dict:
     """Share of "<colour> heart" images whose ``dominant_colour`` is the colour word, Wilson 95%."""
     prompts = colour_prompts(styles, seeds)
-    predicted = [dominant_colour(image) for image in to_uint8(generate(pipe, prompts, sampling))]
+    predicted = [dominant_colour(image) for image in tensor_to_uint8(generate(pipe, prompts, sampling))]
     correct = [p == item["colour"] for p, item in zip(predicted, prompts, strict=True)]
     low, high = wilson_interval(sum(correct), len(correct))
     per_colour = {c: round(float(np.mean([ok for ok, item in zip(correct, prompts, strict=True)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from consistent_diffusion.data.emoji import EmojiDataset
-from consistent_diffusion.metrics.common import as_batch
+from consistent_diffusion.metrics.common import as_batch, cosine_matrix
 from consistent_diffusion.metrics.extractors.probes import embed, load_probe
 
 
@@ -25,7 +25,7 @@ def top_k_identity_hits(query: torch.Tensor, query_identities: Sequence[str], qu
     the same M searched images include one of the m images of q's identity:
     1 - prod_{j<k} (M - m - j) / (M - j).
     """
-    sims = torch.nn.functional.normalize(query.float(), dim=1) @ torch.nn.functional.normalize(gallery.float(), dim=1).T
+    sims = cosine_matrix(query.float(), gallery.float())
     g_ids, g_styles = np.asarray(gallery_identities), np.asarray(gallery_styles)
     hits, chance = np.zeros(len(query), dtype=bool), np.zeros(len(query))
     for q in range(len(query)):
