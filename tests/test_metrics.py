@@ -199,7 +199,7 @@ def test_cosine_helpers():
 def test_registry_lists_extractors_and_rejects_unknown():
     names = available_features()
     for name in ("efficientnet-lite0", "clip", "dino", "dinov2", "palette", "edges", "silhouette", "emoji-style",
-                 "emoji-text", "style-stats"):
+                 "emoji-object", "emoji-text", "style-stats", "csd", "dreamsim"):
         assert name in names
     with pytest.raises(ConfigError, match="unknown feature extractor"):
         load_features("nope")
@@ -284,17 +284,25 @@ def test_heads_train_save_load_roundtrip(tmp_path):
                  "style_split": "heldout"} for i in range(4)]  # a held-out style: never a class, never trained on
     n = len(records)
     inputs = {"pooled": torch.randn(n, 1280), "maps": torch.randn(n, 1152), "pixel": torch.randn(n, 36)}
-    config = HeadTrainingConfig(style_steps=2, text_steps=2, identities_per_batch=2, text_batch=4, hidden=8,
-                                style_dim=4)
+    config = HeadTrainingConfig(style_steps=2, object_steps=3, text_steps=2, identities_per_batch=2, text_batch=4,
+                                hidden=8, style_dim=4, object_dim=6, object_hard_batches=1.0)
     tensors, meta = train_heads(inputs, records, config, log=lambda message: None)
     assert meta["styles"] == ["google", "twitter"] and meta["training"]["train_images"] == 8
     path = save_heads(tensors, meta, tmp_path / "heads.safetensors")
     heads = load_heads(path)
     assert heads.meta["heads"]["style"]["out_dim"] == 4
     style = load_features("emoji-style", heads=path)
-    assert style.embed(emoji_like(2)).shape == (2, 4)
+    assert style.embed(emoji_like(2)).shape == (2, 4) and style.foreground
+    item = load_features("emoji-object", heads=path)
+    assert item.embed(emoji_like(2)).shape == (2, 6) and not item.foreground  # compared on whole emoji
     text = load_features("emoji-text", heads=path)
     assert text.embed(emoji_like(2)).shape == (2, 384) and text.has_text
+    old = dict(heads.meta)
+    old["heads"] = {k: v for k, v in old["heads"].items() if k != "object"}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "old.safetensors").write_bytes(path.read_bytes())
+    with pytest.raises(ModelNotFoundError, match="no object head"):
+        load_features("emoji-object", heads=tmp_path / "old.safetensors")
 
 
 # ----------------------------------------------------------------------------- score command
@@ -350,10 +358,12 @@ def test_score_command_clear_errors(tmp_path, capsys):
 def test_validation_table_markdown_flags_failures():
     from consistent_diffusion.metrics.validation import _row, markdown_table
 
-    report = {"results": [_row("style", "palette", "sets", [0.9, 0.8], [0.1, 0.85]),
-                          _row("object", "efficientnet-lite0", "pairs", [0.9], [0.1])]}
+    report = {"results": [_row("style", "palette", "style-sets-trained", "sets", [0.9, 0.8], [0.1, 0.85]),
+                          _row("object", "efficientnet-lite0", "object", "pairs", [0.9], [0.1]),
+                          _row("object", "palette", "object-unseen", "info", [0.9], [0.1], primary=False)]}
     table = markdown_table(report)
-    assert "FAILED (validated: false)" in table and "**passed**" in table
+    assert "FAILED (validated: false)" in table and "**passed**" in table and "| info |" in table
+    assert "0.750 [" in table  # the AUC with its interval
 
 
 def test_score_skips_metrics_whose_weights_are_missing(tmp_path, capsys):

@@ -20,8 +20,9 @@ from consistent_diffusion.metrics import (
     shape_consistency,
     style_consistency,
 )
+from consistent_diffusion.metrics.common import cosine_matrix
 from consistent_diffusion.metrics.extractors import pretrained
-from consistent_diffusion.metrics.score import resolve_extractors, score
+from consistent_diffusion.metrics.score import NotChosen, resolve_extractors, score
 from consistent_diffusion.models.loading import ModelIdentity
 
 PALETTE = {"style": "palette", "object": "palette", "concept": "palette", "text": None}
@@ -55,22 +56,65 @@ def _cell(kind: str, references=(), description: str = "") -> Cell:
 
 def test_extractor_defaults_depend_on_the_model():
     assert resolve_extractors(model="embedded")["text"] == "emoji-text"
-    assert resolve_extractors(model=FOLDER_MODEL)["text"] == "clip"
-    assert resolve_extractors(model={"kind": "hub"})["text"] == "clip"
+    for model in (FOLDER_MODEL, {"kind": "hub"}, None):  # off the embedded model nothing is chosen for you
+        chosen = resolve_extractors(model=model)
+        assert all(isinstance(chosen[axis], NotChosen) for axis in ("style", "object", "concept", "text"))
+        assert chosen["diversity"] == "pixel"
+    dreambooth = resolve_extractors(model=FOLDER_MODEL, sets=["dreambooth"])
+    assert (dreambooth["object"], dreambooth["clip_i"], dreambooth["text"]) == ("dino", "clip", "clip")
+    assert isinstance(dreambooth["style"], NotChosen)
+    both = resolve_extractors(model=FOLDER_MODEL, sets=["consistory", "csd"])
+    assert (both["object"], both["style"]) == ("dreamsim", "csd")
     assert resolve_extractors({"text": "palette"}, model="folder")["text"] == "palette"
     assert resolve_extractors({"text": None}, model="embedded")["text"] is None
     with pytest.raises(ConfigError, match="unknown extractor axes"):
         resolve_extractors({"colour": "palette"})
+    with pytest.raises(ConfigError, match="unknown extractor sets"):
+        resolve_extractors(sets=["lpips"])
+
+
+def test_off_the_embedded_model_unchosen_axes_are_not_measured():
+    """No emoji head scores a user's SD model unless asked: the axis says how to choose one."""
+    scores = score(squares(), prompts=["a square"] * 4, model=FOLDER_MODEL)
+    for axis in ("style", "object", "text"):
+        assert not scores[axis].measured and "--metrics dreambooth" in scores[axis].details["not_measured"]
+    assert scores["diversity"].aggregate is not None
+    asked = score(squares(), metrics=["style"], model=FOLDER_MODEL, extractor_sets=["emoji"])["style"]
+    assert asked.extractor == "emoji-style" and asked.aggregate is not None and asked.validated is None
 
 
 def test_bench_text_off_the_embedded_model_is_not_measured_with_the_emoji_head(no_clip):
     """Bug 7: the bench scored text alignment with the emoji-only text head on a user's SD model."""
-    scorer = make_scorer({"style": "palette"})
+    scorer = make_scorer({"style": "palette"}, extractor_sets=["dreambooth"])
     scores = scorer(_cell("style"), squares(), [], model=FOLDER_MODEL)
     text = scores["text"]
     assert text["extractor"] == "clip" and text["aggregate"] is None and text["per_image"] == []
     assert "nobody-here/clip-not-cached" in text["details"]["not_measured"]
     assert scores["style"]["aggregate"] is not None  # the other axes are measured
+    unchosen = make_scorer({"style": "palette"})(_cell("style"), squares(), [], model=FOLDER_MODEL)["text"]
+    assert unchosen["extractor"] is None and "no extractor chosen" in unchosen["details"]["not_measured"]
+
+
+def test_dreambooth_set_scores_dino_clip_i_and_clip_t_on_whole_images():
+    from transformers import ViTConfig, ViTModel
+
+    from consistent_diffusion.metrics import load_features
+    from test_metrics import _tiny_clip, _WordTokenizer
+
+    clip = load_features("clip", model=_tiny_clip(), tokenizer=_WordTokenizer())
+    dino = load_features("dino", model=ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=64, image_size=32, patch_size=8),
+                                                add_pooling_layer=False))
+    images, references = squares(3), squares(2)
+    scores = score(images, metrics=["object", "text"], prompts=["a square"] * 3, references=references,
+                   model=FOLDER_MODEL, extractor_sets=["dreambooth"], extractors={"object": dino, "clip_i": clip,
+                                                                                "text": clip})
+    assert set(scores) == {"object", "object_clip_i", "text"}
+    for name in scores:
+        assert scores[name].validated is None and "DreamBooth" in scores[name].details["protocol"]
+    # DreamBooth's protocol: mean cosine of each generated image to the real ones, whole images (no crop)
+    expected = cosine_matrix(clip.embed(images), clip.embed(references)).mean(1)
+    assert scores["object_clip_i"].per_image == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_bench_text_off_the_embedded_model_uses_the_configured_extractor():
@@ -90,7 +134,10 @@ def test_concept_text_part_off_the_embedded_model(no_clip, tmp_path):
     with_exemplars = make_scorer(PALETTE)(_cell("concept", refs, "a square"), squares(), refs, model=FOLDER_MODEL)
     concept = with_exemplars["concept"]
     assert concept["aggregate"] is not None and "to_text" not in concept["details"]
-    assert "clip" in concept["details"]["text_not_measured"]
+    assert "no extractor chosen" in concept["details"]["text_not_measured"]
+    clip_missing = make_scorer(PALETTE, extractor_sets=["dreambooth"])(_cell("concept", refs, "a square"), squares(),
+                                                                      refs, model=FOLDER_MODEL)["concept"]
+    assert "clip" in clip_missing["details"]["text_not_measured"]
     text_only = make_scorer(PALETTE)(_cell("concept", (), "a square"), squares(), [], model=FOLDER_MODEL)
     assert text_only["concept"]["aggregate"] is None and "not_measured" in text_only["concept"]["details"]
 
@@ -207,5 +254,5 @@ def test_bench_passes_the_model_to_the_scorer(tiny_sd_folder, tmp_path, no_clip)
         run_bench(suite, out, load, make_scorer({"style": "palette"}), progress=False)
         texts[label] = json.loads((out / "cells" / "s__plain" / "cell.json").read_text())["scores"]["text"]
     assert texts["embedded"]["extractor"] == "emoji-text" and texts["embedded"]["aggregate"] is not None
-    assert texts["folder"]["extractor"] == "clip" and texts["folder"]["aggregate"] is None
+    assert texts["folder"]["extractor"] is None and texts["folder"]["aggregate"] is None
     assert "not_measured" in texts["folder"]["details"]

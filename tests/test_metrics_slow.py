@@ -37,11 +37,11 @@ def test_validation_reproduces_shipped_table(emoji_data, tmp_path):
     shipped = json.loads((ASSET_DIR / "validation.json").read_text())
     config = ValidationConfig(data=emoji_data, **{k: v for k, v in shipped["meta"]["config"].items()
                                                  if k in ("sets", "negatives_per_positive", "set_size", "seed",
-                                                          "concept")})
+                                                          "concept", "splits")})
     report = validate_metrics(config, log=lambda message: None)
-    got = {(r["metric"], r["extractor"], r["protocol"]): r for r in report["results"]}
+    got = {(r["metric"], r["extractor"], r["protocol_id"]): r for r in report["results"]}
     for row in shipped["results"]:
-        key = (row["metric"], row["extractor"], row["protocol"])
+        key = (row["metric"], row["extractor"], row["protocol_id"])
         if key not in got:  # e.g. a probe that is absent here
             continue
         assert got[key]["auc"] == pytest.approx(row["auc"], abs=0.01), key

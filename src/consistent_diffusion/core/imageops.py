@@ -160,6 +160,32 @@ def edge_f1(predicted: torch.Tensor, reference: torch.Tensor, tolerance: int = 2
     return f1.float()
 
 
+def edge_f1_chance(predicted: torch.Tensor, reference: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """The F1 (N,) that edge maps of the same extent would score if placed at random.
+
+    A random predicted edge pixel lands within ``tolerance`` of a reference edge with probability
+    p0 = |dilate(reference)| / (H W): the expected precision; likewise the expected recall
+    r0 = |dilate(predicted)| / (H W). F1_0 = 2 p0 r0 / (p0 + r0).
+    """
+    area = float(predicted.shape[-1] * predicted.shape[-2])
+    precision = dilate(reference.bool(), tolerance).flatten(1).sum(1).double() / area
+    recall = dilate(predicted.bool(), tolerance).flatten(1).sum(1).double() / area
+    return (2 * precision * recall / (precision + recall).clamp_min(1e-12)).float()
+
+
+def edge_f1_corrected(predicted: torch.Tensor, reference: torch.Tensor, tolerance: int = 2) -> torch.Tensor:
+    """Chance-corrected edge F1 (N,) in [-1, 1], Cohen's-kappa style: (F1 - F1_0) / (1 - F1_0).
+
+    F1_0 is ``edge_f1_chance``. 1: the shapes agree perfectly; 0: no better than edges of the same
+    extent scattered at random; plain F1 rewards any two dense, centred drawings (unrelated emoji
+    score 0.45 with a 2 px tolerance), this does not. Both maps empty: 1.
+    """
+    f1 = edge_f1(predicted, reference, tolerance).double()
+    chance = edge_f1_chance(predicted, reference, tolerance).double()
+    corrected = (f1 - chance) / (1.0 - chance).clamp_min(1e-6)
+    return torch.where(f1 >= 1.0, torch.ones_like(corrected), corrected).clamp(-1.0, 1.0).float()
+
+
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image intersection over union (N,) of masks (N, 1, H, W); both empty: 1."""
     a, b = a.bool(), b.bool()

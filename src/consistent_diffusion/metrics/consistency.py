@@ -11,7 +11,7 @@ diversity beside a consistency score is measured ("pixel": 1 - SSIM, or an extra
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -36,10 +36,10 @@ ExtractorLike = str | FeatureExtractor
 # Default extractor per metric: the validated choice for the embedded (emoji) world.
 DEFAULT_EXTRACTORS = {
     "style": "emoji-style",
-    "object": "efficientnet-lite0",
+    "object": "emoji-object",
     "text": "emoji-text",
     "diversity": "pixel",
-    "concept": "efficientnet-lite0",
+    "concept": "emoji-object",
 }
 VALIDATION_FILE = "validation.json"
 
@@ -47,17 +47,19 @@ VALIDATION_FILE = "validation.json"
 # ----------------------------------------------------------------------------- helpers
 
 
-_EXTRACTORS: dict[tuple[str, str, str], FeatureExtractor] = {}
+_EXTRACTORS: dict[tuple[str, str, str, str], FeatureExtractor] = {}
 
 
-def get_extractor(extractor: ExtractorLike, device: str = "cpu", dtype: torch.dtype = torch.float32
-                  ) -> FeatureExtractor:
-    """A FeatureExtractor as given, or the named one (loaded once per process)."""
+def get_extractor(extractor: ExtractorLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  options: Mapping[str, Any] | None = None) -> FeatureExtractor:
+    """A FeatureExtractor as given, or the named one loaded with ``options`` (e.g. ``model=PATH``),
+    once per process for each name, device, dtype and options."""
     if isinstance(extractor, FeatureExtractor):
         return extractor
-    key = (str(extractor), str(device), str(dtype))
+    options = dict(options or {})
+    key = (str(extractor), str(device), str(dtype), json.dumps(options, sort_keys=True, default=str))
     if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = load_features(str(extractor), device=device, dtype=dtype)
+        _EXTRACTORS[key] = load_features(str(extractor), device=device, dtype=dtype, **options)
     return _EXTRACTORS[key]
 
 
@@ -67,23 +69,44 @@ def _name(extractor: ExtractorLike) -> str:
 
 @lru_cache(maxsize=1)
 def validation_table() -> dict[tuple[str, str], dict[str, Any]]:
-    """{(metric, extractor): primary row} of the shipped ``assets/metrics/validation.json`` ({} if absent)."""
+    """{(metric, extractor): record} of the shipped ``assets/metrics/validation.json`` ({} if absent).
+
+    A pair validated by several barred protocols (style on trained and on unseen styles, to sets and
+    to a reference) passes only when every one passed; its record gives the weakest AUC and lists them all.
+    """
     path = ASSETS_DIR / "metrics" / VALIDATION_FILE
     if not path.is_file():
         return {}
-    rows = json.loads(path.read_text()).get("results", [])
-    return {(r["metric"], r["extractor"]): r for r in rows if r.get("primary", True)}
+    return summarise_validation(json.loads(path.read_text()).get("results", []))
+
+
+def summarise_validation(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Validation rows -> {(metric, extractor): record}, as ``validation_table`` describes."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("primary", True) and row.get("bar") is not None:
+            grouped.setdefault((row["metric"], row["extractor"]), []).append(row)
+    table = {}
+    for key, group in grouped.items():
+        weakest = min(group, key=lambda r: r["auc"] - r["bar"])
+        table[key] = {
+            "passed": all(r["passed"] for r in group), "auc": weakest["auc"], "bar": weakest["bar"],
+            "protocol": weakest["protocol"],
+            "protocols": [{k: r.get(k) for k in ("protocol_id", "protocol", "auc", "bar", "passed")} for r in group],
+        }
+    return table
 
 
 def validation_status(metric: str, extractor: str | None) -> tuple[bool | None, dict[str, Any] | None]:
     """(validated, record) of ``metric`` with ``extractor`` in the shipped validation table.
 
-    validated: True when its AUC on held-out real emoji reached the metric's bar, False when it missed
-    it, None when this pair was never validated (e.g. CLIP or DINO, whose weights are not here)."""
+    validated: True when its AUC on held-out real emoji reached the metric's bar in every barred
+    protocol, False when it missed one, None when this pair was never validated (e.g. CLIP or DINO,
+    whose weights are not here). record: the weakest protocol's AUC, bar and name, and all of them."""
     record = validation_table().get((metric, extractor or ""))
     if record is None:
         return None, None
-    return bool(record["passed"]), {k: record[k] for k in ("auc", "bar", "protocol") if k in record}
+    return bool(record["passed"]), {k: record[k] for k in ("auc", "bar", "protocol", "protocols")}
 
 
 def _finish(res: MetricResult, metric: str, diversity_value: float | None = None) -> MetricResult:
@@ -200,16 +223,18 @@ def style_consistency(images: ImagesLike, extractor: ExtractorLike = DEFAULT_EXT
 
 
 def object_consistency(images: ImagesLike, references: ImagesLike | None = None,
-                       extractor: ExtractorLike = DEFAULT_EXTRACTORS["object"], foreground: bool = True,
+                       extractor: ExtractorLike = DEFAULT_EXTRACTORS["object"], foreground: bool | None = None,
                        device: str = "cpu", diversity_with: ExtractorLike | None = "pixel") -> MetricResult:
     """Similarity of each image's subject to reference images of that subject (DreamBooth's DINO /
     CLIP-I protocol); without references, to the other images of the set.
 
     ``foreground``: crop each image to its foreground mask (on white) first, so the subject, not the
-    background or scene, is compared. Per image: mean cosine similarity; range [-1, 1].
+    background or scene, is compared (None: as the extractor was validated, ``extractor.foreground``;
+    ``emoji-object`` reads whole emoji). Per image: mean cosine similarity; range [-1, 1].
     """
     batch = as_batch(images)
     ext = get_extractor(extractor, device)
+    foreground = ext.foreground if foreground is None else foreground
     prepared = foreground_crop(batch) if foreground else batch
     embeddings = ext.embed(prepared)
     if references is None:
@@ -266,7 +291,21 @@ def control_maps(controls: ImagesLike, mode: str, control_kind: str = "image") -
         return pixel.luma(batch) > 0.5
     if control_kind != "image":
         raise ConfigError(f"control_kind must be 'image' or 'map', got {control_kind!r}")
-    return pixel.canny(batch) if mode == "edges" else pixel.foreground_mask(batch)
+    return pixel.foreground_mask(batch) if mode == "silhouette" else pixel.canny(batch)
+
+
+SHAPE_MODES = ("edges", "edges-f1", "silhouette")
+
+
+def shape_scores(output_maps: torch.Tensor, control: torch.Tensor, mode: str = "edges", tolerance: int = 2
+                 ) -> torch.Tensor:
+    """Per pair (N,): agreement of maps (N, 1, H, W) bool extracted from the outputs (``control_maps``
+    of the images) with the control maps; the arithmetic of ``shape_consistency``."""
+    if mode == "silhouette":
+        return pixel.mask_iou(output_maps, control)
+    if mode == "edges-f1":
+        return pixel.edge_f1(output_maps, control, tolerance=tolerance)
+    return pixel.edge_f1_corrected(output_maps, control, tolerance=tolerance)
 
 
 def shape_consistency(images: ImagesLike, controls: ImagesLike, mode: str = "edges", control_kind: str = "image",
@@ -274,11 +313,14 @@ def shape_consistency(images: ImagesLike, controls: ImagesLike, mode: str = "edg
                       ) -> MetricResult:
     """Shape re-extracted from each output against its control (ControlNet's protocol).
 
-    mode "edges": F1 of Canny edges within ``tolerance`` pixels; "silhouette": IoU of foreground
-    masks. ``controls``: one per image, or one shared by all. Range [0, 1]; identical shapes give 1.
+    mode "edges": chance-corrected F1 of Canny edges within ``tolerance`` pixels, (F1 - F1_0) /
+    (1 - F1_0) with F1_0 the F1 of edges of the same extent placed at random (``imageops.
+    edge_f1_corrected``), range [-1, 1], unrelated emoji about 0.14; "edges-f1": the plain F1, [0, 1]
+    (unrelated emoji 0.45: every emoji is a round centred shape); "silhouette": IoU of foreground
+    masks, [0, 1]. ``controls``: one per image, or one shared by all. Identical shapes give 1.
     """
-    if mode not in ("edges", "silhouette"):
-        raise ConfigError(f"shape mode must be 'edges' or 'silhouette', got {mode!r}")
+    if mode not in SHAPE_MODES:
+        raise ConfigError(f"shape mode must be one of {', '.join(SHAPE_MODES)}, got {mode!r}")
     batch = as_batch(images)
     maps = control_maps(controls, mode, control_kind).float()
     if maps.shape[0] == 1 and batch.shape[0] > 1:
@@ -291,13 +333,10 @@ def shape_consistency(images: ImagesLike, controls: ImagesLike, mode: str = "edg
                 f"{batch.shape[-1]}x{batch.shape[-2]}; give them at the same size (or allow resizing)"
             )
         maps = torch.nn.functional.interpolate(maps, size=batch.shape[-2:], mode="nearest")
-    maps = maps > 0.5
-    if mode == "edges":
-        values = pixel.edge_f1(pixel.canny(batch), maps, tolerance=tolerance)
-    else:
-        values = pixel.mask_iou(pixel.foreground_mask(batch), maps)
-    res = result("shape_consistency", mode, values, range=(0.0, 1.0),
-                 details={"mode": mode, "tolerance": tolerance if mode == "edges" else None})
+    values = shape_scores(control_maps(batch, mode), maps > 0.5, mode, tolerance)
+    value_range = (-1.0, 1.0) if mode == "edges" else (0.0, 1.0)
+    res = result("shape_consistency", mode, values, range=value_range,
+                 details={"mode": mode, "tolerance": None if mode == "silhouette" else tolerance})
     return _finish(res, "shape", _diversity_value(batch, diversity_with))
 
 
@@ -339,9 +378,21 @@ COLLAPSE_DIVERSITY = 0.02  # pixel diversity (1 - SSIM) under this: the series i
 COPY_SSIM = 0.95  # an image this close to an exemplar (SSIM) is a copy, not a rendering of the concept
 
 
+def concept_values(definition: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
+    """C_i = sqrt(max(A_i, 0) * max(S_i, 0)) (N,) in [0, 1] from definition agreement A (N,) and
+    series agreement S (N,), both cosine similarities."""
+    return (definition.clamp_min(0) * series.clamp_min(0)).sqrt()
+
+
+def concept_scores(series: torch.Tensor, exemplars: torch.Tensor) -> torch.Tensor:
+    """C_i (N,) of a series given as features (N, D) against exemplar features (K, D): A_i the mean
+    cosine to the exemplars, S_i the mean cosine to the other images of the series."""
+    return concept_values(cosine_matrix(series, exemplars).mean(dim=1), mean_off_diagonal(cosine_matrix(series)))
+
+
 def concept_consistency(images: ImagesLike, exemplars: ImagesLike | None = None, text: str | None = None,
                         extractor: ExtractorLike = DEFAULT_EXTRACTORS["concept"],
-                        text_extractor: ExtractorLike = DEFAULT_EXTRACTORS["text"], foreground: bool = True,
+                        text_extractor: ExtractorLike = DEFAULT_EXTRACTORS["text"], foreground: bool | None = None,
                         device: str = "cpu") -> MetricResult:
     """Concept consistency (defined in docs/metrics.md): per image, the geometric mean of
 
@@ -362,6 +413,7 @@ def concept_consistency(images: ImagesLike, exemplars: ImagesLike | None = None,
     if batch.shape[0] < 2:
         raise ConfigError("concept_consistency needs a series of at least 2 images")
     ext = get_extractor(extractor, device)
+    foreground = ext.foreground if foreground is None else foreground
     prepared = foreground_crop(batch) if foreground else batch
     embeddings = ext.embed(prepared)
     series = mean_off_diagonal(cosine_matrix(embeddings))
@@ -385,7 +437,7 @@ def concept_consistency(images: ImagesLike, exemplars: ImagesLike | None = None,
         parts.append(to_text)
         details["to_text"] = float(to_text.mean())
     definition = torch.stack(parts).mean(0)
-    values = (definition.clamp_min(0) * series.clamp_min(0)).sqrt()
+    values = concept_values(definition, series)
     div = diversity(batch).aggregate
     if div < COLLAPSE_DIVERSITY:
         guard = "collapsed"

@@ -6,12 +6,14 @@ and ``consistent-diffusion score DIR``.
     results = score(images, metrics=("style", "text"), prompts=prompts, model=pipe)
     results = score(images, kind="object", references=refs, prompts=prompts, model=pipe)  # a bench cell
 
-Extractors are chosen in one place (``resolve_extractors``): the validated emoji defaults
-(``DEFAULT_EXTRACTORS``) on the embedded model; on any other model text alignment uses CLIP unless
-the caller configures another extractor, and the emoji-trained text head is never used. An axis whose
-extractor is unavailable (e.g. CLIP not in the local cache) comes back ``MetricResult.not_measured``
-with the reason, never as a number from a model of another domain. Off the embedded model no score is
-``validated``: the validation table was measured on held-out real emoji only.
+Extractors are chosen in one place (``resolve_extractors``), as *extractor sets* (``EXTRACTOR_SETS``):
+``emoji``, the heads validated on held-out real emoji (``DEFAULT_EXTRACTORS``), is the embedded model's
+default; the published protocols ``dreambooth`` (DINO ViT-S/16, CLIP-I, CLIP-T), ``consistory``
+(DreamSim on foreground crops) and ``csd`` (CSD style) load their weights from local folders. On any
+other model no set is chosen for the user: an axis without a chosen extractor, or whose weights are
+missing, comes back ``MetricResult.not_measured`` with the reason, never as a number from a model of
+another domain. Off the embedded model no score is ``validated`` (the table was measured on emoji);
+scores of a published protocol carry ``validated: null`` and name the protocol.
 
 ``score_series`` reads a series folder, runs ``score`` and writes ``scores.json`` beside the manifest.
 """
@@ -40,9 +42,41 @@ SCORES_FORMAT = "consistent-diffusion/scores/v1"
 METRIC_NAMES = ("style", "object", "text", "diversity", "shape", "fidelity", "concept")
 DEFAULT_METRICS = ("style", "object", "text", "diversity")
 TASK_KINDS = ("style", "object", "concept", "shape")  # the bench's task kinds (``score(kind=...)``)
-EXTRACTOR_AXES = ("style", "object", "concept", "text", "diversity")  # what ``extractors`` may override
+EXTRACTOR_AXES = ("style", "object", "concept", "text", "diversity", "clip_i")  # what ``extractors`` may set
 EMBEDDED = "embedded"  # ModelIdentity.kind of the embedded model, whose world (emoji) the defaults fit
-OFF_EMBEDDED_TEXT = "clip"  # text alignment off the embedded model (CLIP-T)
+
+
+@dataclass(frozen=True)
+class ExtractorSet:
+    """Extractors for some axes, and the protocol they reproduce."""
+
+    extractors: Mapping[str, str]
+    protocol: str
+    foreground: bool | None = None  # object / concept on foreground crops (None: as each extractor was validated)
+
+
+EXTRACTOR_SETS: dict[str, ExtractorSet] = {
+    "emoji": ExtractorSet({k: v for k, v in DEFAULT_EXTRACTORS.items() if k != "diversity"},
+                          "heads validated on held-out real emoji (docs/metrics.md)"),
+    "dreambooth": ExtractorSet({"object": "dino", "clip_i": "clip", "text": "clip", "concept": "dino"},
+                               "DreamBooth (Ruiz et al. 2023): DINO ViT-S/16 and CLIP-I (mean cosine to the real "
+                               "images), CLIP-T (image-prompt cosine), whole images", foreground=False),
+    "consistory": ExtractorSet({"object": "dreamsim", "concept": "dreamsim"},
+                               "ConsiStory (Tewel et al. 2024): DreamSim similarity on foreground crops",
+                               foreground=True),
+    "csd": ExtractorSet({"style": "csd"}, "CSD (Somepalli et al. 2024): cosine of CSD ViT-L style descriptors"),
+}
+
+
+class NotChosen(str):
+    """An axis no extractor was chosen for (off the embedded model, without a set or an override)."""
+
+
+NOT_CHOSEN = NotChosen("")
+NOT_CHOSEN_REASON = ("no extractor chosen for this model's images (the emoji heads are validated on the embedded "
+                     "model's only): pick a published protocol with --metrics dreambooth / consistory / csd "
+                     "(weights from local folders, --feature-model NAME=PATH), --metrics emoji to use the emoji "
+                     "heads anyway, or an extractor (--style-features ...)")
 RESULT_NAMES = {"style": "style_consistency", "object": "object_consistency", "text": "text_alignment",
                 "diversity": "diversity", "shape": "shape_consistency", "concept": "concept_consistency",
                 "fidelity": "fidelity"}
@@ -67,19 +101,31 @@ def model_kind(model: Any) -> str | None:
     return model_identity(model).kind
 
 
-def resolve_extractors(overrides: Mapping[str, ExtractorLike | None] | None = None, model: Any = None
-                       ) -> dict[str, ExtractorLike | None]:
-    """The extractor of each axis in ``EXTRACTOR_AXES``: ``DEFAULT_EXTRACTORS``, with text alignment
-    on CLIP off the embedded model (``model`` as ``model_kind`` takes it; None counts as not
-    embedded), then ``overrides``. A None "text" skips text alignment; a None "diversity" is pixel."""
+def resolve_extractors(overrides: Mapping[str, ExtractorLike | None] | None = None, model: Any = None,
+                       sets: Sequence[str] | None = None) -> dict[str, ExtractorLike | None]:
+    """The extractor of each axis in ``EXTRACTOR_AXES``: the ``EXTRACTOR_SETS`` named in ``sets``
+    (default: "emoji" on the embedded model, none elsewhere; ``model`` as ``model_kind`` takes it,
+    None counts as not embedded), then ``overrides``. An axis left without one is ``NOT_CHOSEN``
+    (scored as not measured); an explicit None skips "text" and "clip_i"; diversity is pixel by default."""
     unknown = sorted(set(overrides or {}) - set(EXTRACTOR_AXES))
     if unknown:
         raise ConfigError(f"unknown extractor axes {unknown}; accepted: {', '.join(EXTRACTOR_AXES)}")
-    chosen: dict[str, ExtractorLike | None] = dict(DEFAULT_EXTRACTORS)
-    if model_kind(model) != EMBEDDED:
-        chosen["text"] = OFF_EMBEDDED_TEXT
+    chosen: dict[str, ExtractorLike | None] = {axis: NOT_CHOSEN for axis in ("style", "object", "concept", "text")}
+    chosen.update({"diversity": DEFAULT_EXTRACTORS["diversity"], "clip_i": None})
+    for name in chosen_sets(sets, model):
+        chosen.update(EXTRACTOR_SETS[name].extractors)
     chosen.update(overrides or {})
     return chosen
+
+
+def chosen_sets(sets: Sequence[str] | None, model: Any = None) -> tuple[str, ...]:
+    """``sets`` checked, or the model's default ("emoji" on the embedded model, none elsewhere)."""
+    if sets:
+        unknown = [name for name in sets if name not in EXTRACTOR_SETS]
+        if unknown:
+            raise ConfigError(f"unknown extractor sets {unknown}; accepted: {', '.join(EXTRACTOR_SETS)}")
+        return tuple(sets)
+    return ("emoji",) if model_kind(model) == EMBEDDED else ()
 
 
 # ----------------------------------------------------------------------------- one axis each
@@ -100,6 +146,19 @@ class _Inputs:
     shape_mode: str
     control_kind: str
     strict: bool  # raise ModelNotFoundError instead of returning not-measured results
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # extractor name -> load options
+    foreground: bool | None = None  # object / concept on foreground crops (None: each extractor's own)
+    protocols: tuple[str, ...] = ()  # the published protocols of the chosen sets
+
+    def extractor(self, axis: str, chosen: ExtractorLike | None = None):
+        """The axis' extractor, loaded with its options (``chosen`` instead of the axis' own);
+        ModelNotFoundError when none was chosen or its weights are missing."""
+        chosen = self.extractors[axis] if chosen is None else chosen
+        if isinstance(chosen, NotChosen):
+            raise ModelNotFoundError(NOT_CHOSEN_REASON)
+        if isinstance(chosen, str):
+            return m.get_extractor(chosen, self.device, options=self.options.get(chosen))
+        return chosen
 
 
 def _count(images: ImagesLike) -> int:
@@ -128,13 +187,17 @@ def _first(images: ImagesLike, n: int = 1) -> ImagesLike:
 
 def _style(inp: _Inputs, to_reference: bool = True) -> dict[str, MetricResult]:
     reference = inp.references if to_reference else None
-    return {"style": m.style_consistency(inp.images, inp.extractors["style"], reference=reference,
+    return {"style": m.style_consistency(inp.images, inp.extractor("style"), reference=reference,
                                          device=inp.device)}
 
 
 def _object(inp: _Inputs) -> dict[str, MetricResult]:
-    return {"object": m.object_consistency(inp.images, inp.references, inp.extractors["object"],
-                                           device=inp.device)}
+    results = {"object": m.object_consistency(inp.images, inp.references, inp.extractor("object"),
+                                              foreground=inp.foreground, device=inp.device)}
+    if inp.extractors.get("clip_i") is not None:  # DreamBooth's second object score
+        results["object_clip_i"] = _measure("clip_i", lambda: m.object_consistency(
+            inp.images, inp.references, inp.extractor("clip_i"), foreground=inp.foreground, device=inp.device), inp)
+    return results
 
 
 def _text(inp: _Inputs) -> dict[str, MetricResult]:
@@ -142,11 +205,13 @@ def _text(inp: _Inputs) -> dict[str, MetricResult]:
         return {}
     if inp.prompts is None:
         raise ConfigError("text alignment needs the images' prompts (prompts=, one per image)")
-    return {"text": m.text_alignment(inp.images, inp.prompts, inp.extractors["text"], device=inp.device)}
+    return {"text": m.text_alignment(inp.images, inp.prompts, inp.extractor("text"), device=inp.device)}
 
 
 def _diversity(inp: _Inputs) -> dict[str, MetricResult]:
-    return {"diversity": m.diversity(inp.images, extractor=inp.extractors["diversity"], device=inp.device)}
+    chosen = inp.extractors["diversity"]
+    extractor = chosen if chosen in (None, "pixel") else inp.extractor("diversity")
+    return {"diversity": m.diversity(inp.images, extractor=extractor, device=inp.device)}
 
 
 def _shape(inp: _Inputs) -> dict[str, MetricResult]:
@@ -166,15 +231,15 @@ def _fidelity(inp: _Inputs, features: bool = True) -> dict[str, MetricResult]:
         raise ConfigError("the fidelity metric needs its source image: give references (CLI: --reference)")
     if _count(inp.references) not in (1, inp.images.shape[0]):
         raise ConfigError(f"fidelity: give one source image or one per series image ({inp.images.shape[0]})")
-    extractor = inp.extractors["object"] if features else None
     try:
+        extractor = inp.extractor("object") if features else None
         results = m.fidelity(inp.images, inp.references, extractor, resize=True, device=inp.device)
     except ModelNotFoundError as error:
         if inp.strict:
             raise
         results = m.fidelity(inp.images, inp.references, None, resize=True, device=inp.device)
         results["feature_distance"] = MetricResult.not_measured("fidelity_feature_distance", str(error),
-                                                                _extractor_name(extractor))
+                                                                _extractor_name(inp.extractors["object"]))
     return {f"fidelity_{key}": value for key, value in results.items()}
 
 
@@ -184,17 +249,18 @@ def _concept(inp: _Inputs) -> dict[str, MetricResult]:
     and exemplars define the concept."""
     if inp.references is None and not inp.concept_text:
         raise ConfigError("the concept metric needs the concept: exemplar references and/or concept_text")
-    text_extractor = inp.extractors["text"] if inp.extractors["text"] is not None else inp.default_text
-    text, missing = inp.concept_text, None
-    if text and inp.references is not None:
+    chosen_text = inp.extractors["text"] if inp.extractors["text"] is not None else inp.default_text
+    text, missing, text_extractor = inp.concept_text, None, None
+    if text:
         try:
-            m.get_extractor(text_extractor, inp.device)
+            text_extractor = inp.extractor("text", chosen_text)
         except ModelNotFoundError as error:
-            if inp.strict:
+            if inp.strict or inp.references is None:
                 raise
             text, missing = None, str(error)
-    result = m.concept_consistency(inp.images, inp.references, text, inp.extractors["concept"], text_extractor,
-                                   device=inp.device)
+    result = m.concept_consistency(inp.images, inp.references, text, inp.extractor("concept"),
+                                   text_extractor if text_extractor is not None else m.DEFAULT_EXTRACTORS["text"],
+                                   foreground=inp.foreground, device=inp.device)
     if missing is not None:
         result.details["text_not_measured"] = missing
     return {"concept": result}
@@ -207,18 +273,22 @@ AXES: dict[str, Callable[[_Inputs], dict[str, MetricResult]]] = {
 
 
 def _extractor_name(extractor: ExtractorLike | None) -> str | None:
+    if isinstance(extractor, NotChosen):
+        return None
     return extractor if extractor is None or isinstance(extractor, str) else extractor.name
 
 
-def _measure(axis: str, run: Callable[[], dict[str, MetricResult]], inputs: _Inputs) -> dict[str, MetricResult]:
-    """``run()``, or {axis: not measured} when its extractor's weights are missing (unless strict)."""
+def _measure(axis: str, run: Callable[[], Any], inputs: _Inputs) -> Any:
+    """``run()``, or a not-measured result when the axis has no extractor or its weights are missing
+    (unless strict): {axis: result}, or the bare result for "clip_i" (an extra object score)."""
     extractor = inputs.extractors.get("object" if axis == "fidelity" else axis)
     try:
         return run()
     except ModelNotFoundError as error:
         if inputs.strict:
             raise
-        return {axis: MetricResult.not_measured(RESULT_NAMES[axis], str(error), _extractor_name(extractor))}
+        result = MetricResult.not_measured(RESULT_NAMES.get(axis, axis), str(error), _extractor_name(extractor))
+        return result if axis == "clip_i" else {axis: result}
 
 
 # ----------------------------------------------------------------------------- the dispatcher
@@ -234,6 +304,8 @@ def score(
     controls: ImagesLike | None = None,
     concept_text: str | None = None,
     extractors: Mapping[str, ExtractorLike | None] | None = None,
+    extractor_sets: Sequence[str] | None = None,
+    extractor_options: Mapping[str, Mapping[str, Any]] | None = None,
     model: Any = None,
     device: str = "cpu",
     shape_mode: str = "edges",
@@ -252,14 +324,16 @@ def score(
     sources, concept exemplars (with ``kind``, style is scored within the set and shape's control
     is the first reference). controls: the shape metric's control images (default: references);
     ``control_kind`` "image" (edges/silhouette are extracted) or "map"; ``shape_mode`` edges |
-    silhouette. concept_text: the concept as text.
-    extractors: overrides per axis of ``EXTRACTOR_AXES`` (names or ``FeatureExtractor``s; see
-    ``resolve_extractors``). model: what made the images (``ModelIdentity``, a manifest's model
-    record, its kind, or the pipeline): it picks the defaults and whether validation applies.
+    edges-f1 | silhouette. concept_text: the concept as text.
+    extractor_sets: names of ``EXTRACTOR_SETS`` (default: "emoji" on the embedded model, none
+    elsewhere); extractors: overrides per axis of ``EXTRACTOR_AXES`` (names or ``FeatureExtractor``s;
+    see ``resolve_extractors``); extractor_options: load options per extractor name (e.g.
+    ``{"csd": {"model": PATH}}``). model: what made the images (``ModelIdentity``, a manifest's model
+    record, its kind, or the pipeline): it picks the default set and whether validation applies.
     strict: raise ``ModelNotFoundError`` where an extractor is missing instead of returning that
     axis ``MetricResult.not_measured`` (its reason in ``details["not_measured"]``).
-    Output names: style, object, text, diversity, shape, fidelity_psnr, fidelity_ssim,
-    fidelity_feature_distance, concept (and the ``kind`` names above).
+    Output names: style, object (and object_clip_i with the dreambooth set), text, diversity, shape,
+    fidelity_psnr, fidelity_ssim, fidelity_feature_distance, concept (and the ``kind`` names above).
     """
     if metrics is not None and kind is not None:
         raise ConfigError("give metrics or a task kind, not both")
@@ -271,19 +345,44 @@ def score(
         raise ConfigError(f"unknown metrics {unknown}; accepted: {', '.join(METRIC_NAMES)}")
     if kind is None and not chosen:
         raise ConfigError("no metrics chosen")
-    if shape_mode not in ("edges", "silhouette"):
-        raise ConfigError(f"shape mode must be edges or silhouette, got {shape_mode!r}")
+    if shape_mode not in m.SHAPE_MODES:
+        raise ConfigError(f"shape mode must be one of {', '.join(m.SHAPE_MODES)}, got {shape_mode!r}")
+    sets = chosen_sets(extractor_sets, model)
+    resolved = resolve_extractors(extractors, model, sets)
     inputs = _Inputs(
         images=as_batch(images), prompts=None if prompts is None else list(prompts),
         references=_image_set(references), controls=_image_set(controls), concept_text=concept_text or None,
-        extractors=resolve_extractors(extractors, model), default_text=resolve_extractors(None, model)["text"],
+        extractors=resolved, default_text=resolve_extractors(None, model, sets)["text"],
         device=str(device), shape_mode=shape_mode, control_kind=control_kind, strict=strict,
+        options=dict(extractor_options or {}), foreground=_set_foreground(sets),
+        protocols=tuple(EXTRACTOR_SETS[n].protocol for n in sets if n != "emoji"),
     )
     results = _score_kind(kind, inputs) if kind is not None else _score_metrics(chosen, inputs)
+    _name_protocols(results, sets)
     if model_kind(model) != EMBEDDED:
         for result in results.values():
             _outside_validation(result)
     return results
+
+
+def _set_foreground(sets: Sequence[str]) -> bool | None:
+    """The chosen sets' foreground rule: a published protocol's, else None (each extractor's own)."""
+    rules = {EXTRACTOR_SETS[name].foreground for name in sets} - {None}
+    if len(rules) > 1:
+        raise ConfigError(f"extractor sets {list(sets)} compare objects differently (whole images vs foreground "
+                          "crops); score them in separate runs")
+    return rules.pop() if rules else None
+
+
+def _name_protocols(results: dict[str, MetricResult], sets: Sequence[str]) -> None:
+    """A score measured with a published protocol's extractor names that protocol in its details."""
+    for name in sets:
+        if name == "emoji":
+            continue
+        used = set(EXTRACTOR_SETS[name].extractors.values())
+        for result in results.values():
+            if result.measured and result.extractor in used:
+                result.details["protocol"] = EXTRACTOR_SETS[name].protocol
 
 
 def _score_metrics(metrics: Sequence[str], inputs: _Inputs) -> dict[str, MetricResult]:
@@ -349,15 +448,19 @@ class ScoreConfig:
     reference: Path | None = None  # image or folder: style/object reference, fidelity source
     control: Path | None = None  # control image (shape); default: the reference
     control_kind: str = "image"  # "image": extract edges/silhouette; "map": already a ControlNet map
-    shape_mode: str = "edges"  # edges | silhouette
+    shape_mode: str = "edges"  # edges (chance-corrected F1) | edges-f1 | silhouette
     concept_text: str | None = None  # concept definition as text (concept metric)
     extractors: dict[str, str] = field(default_factory=dict)  # metric -> extractor name overrides
+    extractor_sets: tuple[str, ...] = ()  # EXTRACTOR_SETS names; () = the model's default
+    feature_models: dict[str, str] = field(default_factory=dict)  # extractor name -> local weights (model=)
     device: str = "cpu"
     skip_unavailable: bool = True  # a metric whose weights are missing (e.g. CLIP offline) is skipped, noted
 
     def __post_init__(self) -> None:
         self.series = Path(self.series)
         self.metrics = tuple(self.metrics)
+        self.extractor_sets = tuple(self.extractor_sets)
+        chosen_sets(self.extractor_sets)  # unknown sets fail here
         unknown = [name for name in self.metrics if name not in METRIC_NAMES]
         if unknown:
             raise ConfigError(f"unknown metrics {unknown}; accepted: {', '.join(METRIC_NAMES)}")
@@ -365,8 +468,8 @@ class ScoreConfig:
             raise ConfigError("no metrics chosen")
         self.reference = Path(self.reference) if self.reference else None
         self.control = Path(self.control) if self.control else None
-        if self.shape_mode not in ("edges", "silhouette"):
-            raise ConfigError(f"shape mode must be edges or silhouette, got {self.shape_mode!r}")
+        if self.shape_mode not in m.SHAPE_MODES:
+            raise ConfigError(f"shape mode must be one of {', '.join(m.SHAPE_MODES)}, got {self.shape_mode!r}")
 
 
 def read_series(folder: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]], torch.Tensor]:
@@ -423,6 +526,8 @@ def score_series(config: ScoreConfig, log=print) -> dict[str, Any]:
     results = score(
         images, metrics=config.metrics, prompts=[str(r.get("prompt", "")) for r in records], references=reference,
         controls=control, concept_text=config.concept_text, extractors=config.extractors,
+        extractor_sets=config.extractor_sets or None,
+        extractor_options={name: {"model": path} for name, path in config.feature_models.items()},
         model=manifest.get("model") or {}, device=config.device, shape_mode=config.shape_mode,
         control_kind=config.control_kind, strict=not config.skip_unavailable,
     )
@@ -478,9 +583,27 @@ def format_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_metric_list(values: Sequence[str] | None) -> tuple[str, ...]:
-    """--metrics a b,c -> ("a", "b", "c"); None: the defaults; "all": every metric."""
-    if not values:
-        return DEFAULT_METRICS
-    names = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
-    return METRIC_NAMES if names == ("all",) else names
+def parse_metric_list(values: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--metrics a b,c -> (metrics, extractor sets): names of ``EXTRACTOR_SETS`` choose sets, the
+    others metrics; "all": every metric. Only sets given: the metrics their extractors serve (and
+    diversity); nothing: the defaults."""
+    names = tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+    sets = tuple(n for n in names if n in EXTRACTOR_SETS)
+    metrics = tuple(n for n in names if n not in EXTRACTOR_SETS)
+    if metrics == ("all",):
+        return METRIC_NAMES, sets
+    if not metrics and sets:
+        served = {axis for name in sets for axis in EXTRACTOR_SETS[name].extractors} - {"clip_i", "concept"}
+        return tuple(n for n in METRIC_NAMES if n in served or n == "diversity"), sets
+    return metrics or DEFAULT_METRICS, sets
+
+
+def parse_feature_models(values: Sequence[str]) -> dict[str, str]:
+    """["dino=DIR", "csd=FILE"] -> {"dino": "DIR", "csd": "FILE"}, with a clear error for a bad item."""
+    models = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--feature-model takes NAME=PATH (e.g. dino=weights/dino-vits16), got {value!r}")
+        models[name.strip()] = path.strip()
+    return models

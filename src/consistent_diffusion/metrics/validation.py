@@ -2,27 +2,44 @@
 
 On the val + holdout identities of the emoji dataset (never used to train the metric heads, the
 probes or the embedded model) we know which images share a house style and which share an identity,
-so each metric must separate same from different. We report ROC AUC (P(score of a positive >
-score of a negative)) per metric and extractor against the bars of issue #4:
+so each metric must separate same from different. Styles are of two kinds: the *trained* styles
+(the heads learned them, on other identities) and the *unseen* styles (``style_split == "heldout"``:
+never used to train anything). Each protocol gives positives and negatives; we report ROC AUC
+(P(score of a positive > score of a negative), ties half) with a Hanley-McNeil 95% interval, against
+the bars of the issue "Metrics that hold on styles they never saw" (``BARS``):
 
-- style (primary): sets of 4 different emoji in one house style vs mixed sets (2 + 2 styles);
-  score = mean pairwise style similarity (``style_consistency``). Bar 0.95.
-  style-to-reference (secondary): image vs a reference of another emoji, same vs other style.
-- object: the same emoji drawn in the other style vs a different emoji in the other style;
-  score = foreground-cropped cosine similarity (``object_consistency``). Bar 0.90.
-- text: an image vs its own caption, vs the caption of another held-out emoji in the same style
-  (``text_alignment``). Bar 0.90. text-style (secondary): own caption vs the same name in the other style.
-- shape (primary): an image vs an appearance-changed copy of itself (colours permuted, noise, blur,
-  1 px shift: same shape, new rendering, as a ControlNet output) vs such a copy of another emoji of
-  the same style (``shape_consistency``). Bar 0.95. shape-cross-style (secondary): the same emoji
-  drawn by the other vendor vs another emoji.
-- fidelity, concept: no bar; reported for information.
+- style, sets: sets of 4 different emoji in one style vs mixed sets (2 + 2 styles), scored by the
+  mean pairwise style similarity (``style_consistency``); trained styles (bar 0.97) and unseen
+  styles, every set drawn from the unseen styles (bar 0.95).
+- style, to a reference: a set of 4 in one style vs one reference image of another emoji, in the
+  same style vs in another style, scored by the mean similarity to the reference; trained and
+  unseen styles separately (bar 0.95 each).
+- object: an image vs the same emoji drawn in another style vs another emoji in that style,
+  foreground-cropped cosine (``object_consistency``), all seven styles (bar 0.92).
+- text: an image vs its own caption vs another held-out emoji's caption in the same style
+  (``text_alignment``), trained styles (bar 0.92); unseen styles and captions without a style word
+  reported for information.
+- shape: an appearance-changed copy of an image (colours permuted, blur, noise, 1 px shift: what a
+  ControlNet output with a new style looks like) vs its own control vs another emoji's control
+  (``shape_consistency``); the score's chance level, its mean on those unrelated pairs, must stay
+  <= ``SHAPE_CHANCE_BAR`` (bar 0.95 on the AUC).
+- concept: the concept given by exemplars (the identity in two styles), a series of it in three
+  other styles (one concept, varied rendering) vs three kinds of negatives: a drifting series (mixed
+  identities), a related wrong concept (another identity of the same subcategory, same styles), and
+  a series that matches the definition only in style (other identities in the exemplars' style),
+  scored by ``concept_consistency``'s C (bar 0.90 on each kind).
+
+The protocol builders (``style_sets``, ``style_reference_sets``, ``object_pairs``, ``text_pairs``,
+``shape_pairs``, ``concept_series``) read only the records, so their construction is tested on a tiny
+synthetic dataset.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +49,33 @@ import torch
 from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.metrics.common import cosine_matrix, roc_auc
-from consistent_diffusion.metrics.consistency import foreground_crop, shape_consistency
+from consistent_diffusion.metrics.consistency import (
+    concept_scores,
+    control_maps,
+    foreground_crop,
+    shape_scores,
+)
 from consistent_diffusion.metrics.extractors import available_features, load_features
 
-BARS = {"style": 0.95, "object": 0.90, "text": 0.90, "shape": 0.95}
+FORMAT = "consistent-diffusion/metrics-validation/v2"
+BARS = {
+    "style-sets-trained": 0.97,
+    "style-sets-unseen": 0.95,
+    "style-reference-trained": 0.95,
+    "style-reference-unseen": 0.95,
+    "object": 0.92,
+    "text": 0.92,
+    "shape": 0.95,
+    "concept-drift": 0.90,
+    "concept-related": 0.90,
+    "concept-style-only": 0.90,
+}
+SHAPE_CHANCE_BAR = 0.35  # the shape score's mean on unrelated pairs must stay under this
 STYLE_EXTRACTORS = ("emoji-style", "style-stats", "palette", "efficientnet-lite0-stats", "efficientnet-lite0")
-OBJECT_EXTRACTORS = ("efficientnet-lite0", "palette", "edges", "silhouette", "emoji-style")
+OBJECT_EXTRACTORS = ("emoji-object", "efficientnet-lite0", "palette", "edges", "silhouette", "emoji-style")
 TEXT_EXTRACTORS = ("emoji-text",)
+CONCEPT_EXTRACTORS = ("emoji-object", "efficientnet-lite0")
+HEAD_EXTRACTORS = ("emoji-style", "emoji-object", "emoji-text", "style-stats")  # read a heads file
 
 
 @dataclass
@@ -47,21 +84,424 @@ class ValidationConfig:
 
     data: Path  # emoji dataset folder (consistent-diffusion data emoji --out DIR)
     splits: tuple[str, ...] = ("val", "holdout")  # identities never trained on
-    sets: int = 500  # positive and negative sets for the style protocol
+    sets: int = 500  # positive and negative sets per style protocol
     negatives_per_positive: int = 5  # object / text / shape pairs
     set_size: int = 4
     seed: int = 0
     device: str = "cpu"
-    include_probes: bool = True  # validate the probe-* extractors too
-    concept: bool = True  # run the (unbarred) concept protocol; costs extra feature passes
+    include_probes: bool = True  # validate the embedded model's probe-* extractors too
+    concept: bool = True  # run the concept protocols (extra feature passes)
+    heads: Path | None = None  # metric heads file for emoji-*; None: the shipped one
+    style_extractors: tuple[str, ...] = STYLE_EXTRACTORS
+    object_extractors: tuple[str, ...] = OBJECT_EXTRACTORS
+    text_extractors: tuple[str, ...] = TEXT_EXTRACTORS
+    concept_extractors: tuple[str, ...] = CONCEPT_EXTRACTORS
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
         self.splits = tuple(self.splits)
+        for name in ("style_extractors", "object_extractors", "text_extractors", "concept_extractors"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.heads = Path(self.heads) if self.heads is not None else None
         if self.set_size < 2 or self.set_size % 2:
             raise ConfigError("set_size must be an even number >= 2 (mixed sets split it between two styles)")
         if self.sets < 10 or self.negatives_per_positive < 1:
             raise ConfigError("sets must be >= 10 and negatives_per_positive >= 1")
+        if not self.splits:
+            raise ConfigError("give at least one identity split to validate on")
+
+
+# ----------------------------------------------------------------------------- held-out rows
+
+
+@dataclass
+class HeldOut:
+    """The rows validated on: records (and images (N, 3, H, W) in [-1, 1] when loaded)."""
+
+    records: list[dict]
+    trained: list[str]  # styles the heads were trained on (other identities)
+    unseen: list[str]  # styles never used to train anything
+    images: torch.Tensor | None = None
+    by_key: dict[tuple[str, str], int] = field(init=False)
+    by_style: dict[str, np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_key = {(r["identity"], r["style"]): i for i, r in enumerate(self.records)}
+        styles = sorted({r["style"] for r in self.records})
+        self.by_style = {s: np.asarray([i for i, r in enumerate(self.records) if r["style"] == s]) for s in styles}
+
+    @classmethod
+    def from_records(cls, records: list[dict], images: torch.Tensor | None = None) -> HeldOut:
+        styles = sorted({r["style"] for r in records})
+        unseen = sorted({r["style"] for r in records if r.get("style_split") == "heldout"})
+        return cls(records, [s for s in styles if s not in unseen], unseen, images)
+
+    def identity(self, row: int) -> str:
+        return self.records[row]["identity"]
+
+    def styles_of(self, identity: str, among: Sequence[str]) -> list[str]:
+        return [s for s in among if (identity, s) in self.by_key]
+
+    def pick_other(self, style: str, exclude: set[str], rng: np.random.Generator) -> int | None:
+        """A random row of ``style`` whose identity is not in ``exclude`` (None if there is none)."""
+        pool = self.by_style.get(style, np.zeros(0, dtype=np.int64))
+        for _ in range(8):  # rejection sampling: cheap when exclude is small
+            row = int(rng.choice(pool))
+            if self.identity(row) not in exclude:
+                return row
+        allowed = [int(r) for r in pool if self.identity(r) not in exclude]
+        return int(rng.choice(allowed)) if allowed else None
+
+
+def load_held_out(config: ValidationConfig) -> HeldOut:
+    from consistent_diffusion.data.emoji import load_emoji_dataset
+
+    dataset = load_emoji_dataset(config.data)
+    rows = np.concatenate([dataset.indices(split=s) for s in config.splits])
+    records = [dataset.records[i] for i in rows]
+    images = torch.from_numpy(np.asarray(dataset.images[rows])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+    held = HeldOut.from_records(records, images)
+    if len(held.trained) < 2:
+        raise ConfigError(f"validation needs at least two trained styles; {config.data} has {held.trained}")
+    return held
+
+
+# ----------------------------------------------------------------------------- protocol builders
+
+
+def style_sets(held: HeldOut, styles: Sequence[str], count: int, size: int, rng: np.random.Generator
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``count`` sets of ``size`` different emoji in one of ``styles`` (positives) and as many mixed
+    sets, half in style a and half in style b != a, all identities distinct (negatives)."""
+    if len(styles) < 2:
+        raise ConfigError(f"style sets need two styles, got {list(styles)}")
+    positives, negatives = [], []
+    half = size // 2
+    for _ in range(count):
+        style = styles[int(rng.integers(len(styles)))]
+        positives.append(rng.choice(held.by_style[style], size=size, replace=False))
+        a, b = rng.choice(len(styles), size=2, replace=False)
+        first = rng.choice(held.by_style[styles[a]], size=half, replace=False)
+        taken = {held.identity(r) for r in first}
+        second = []
+        while len(second) < size - half:
+            row = held.pick_other(styles[b], taken, rng)
+            taken.add(held.identity(row))
+            second.append(row)
+        negatives.append(np.concatenate([first, np.asarray(second)]))
+    return positives, negatives
+
+
+def style_reference_sets(held: HeldOut, styles: Sequence[str], count: int, size: int, rng: np.random.Generator,
+                         other_styles: Sequence[str] | None = None
+                         ) -> tuple[list[tuple[np.ndarray, int]], list[tuple[np.ndarray, int]]]:
+    """A set of ``size`` emoji in style s with a reference image of another emoji (not in the set):
+    in s (positive) or in a style of ``other_styles`` (default ``styles``) other than s (negative).
+    Each negative shares its set with a positive."""
+    other_styles = list(other_styles if other_styles is not None else styles)
+    positives, negatives = [], []
+    for _ in range(count):
+        style = styles[int(rng.integers(len(styles)))]
+        members = rng.choice(held.by_style[style], size=size, replace=False)
+        taken = {held.identity(r) for r in members}
+        candidates = [s for s in other_styles if s != style]
+        other = candidates[int(rng.integers(len(candidates)))]
+        same_ref, other_ref = held.pick_other(style, taken, rng), held.pick_other(other, taken, rng)
+        if same_ref is None or other_ref is None:
+            continue
+        positives.append((members, same_ref))
+        negatives.append((members, other_ref))
+    return positives, negatives
+
+
+def object_pairs(held: HeldOut, styles: Sequence[str], negatives: int, rng: np.random.Generator
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Each row i (a style of ``styles``): the same emoji in another style t (positive) and
+    ``negatives`` other emoji drawn in t (negatives)."""
+    positive, negative = [], []
+    for style in styles:
+        for i in held.by_style.get(style, []):
+            identity = held.identity(int(i))
+            others = [s for s in held.styles_of(identity, styles) if s != style]
+            if not others:
+                continue
+            target = others[int(rng.integers(len(others)))]
+            positive.append((int(i), held.by_key[(identity, target)]))
+            for _ in range(negatives):
+                negative.append((int(i), held.pick_other(target, {identity}, rng)))
+    return positive, negative
+
+
+def text_pairs(held: HeldOut, styles: Sequence[str], negatives: int, rng: np.random.Generator
+               ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows of ``styles`` with their own caption (positives: row i) vs the caption of ``negatives``
+    other emoji in the same style (negatives: (image row, caption row))."""
+    positive, negative = [], []
+    for style in styles:
+        for i in held.by_style.get(style, []):
+            positive.append(int(i))
+            negative.extend((int(i), held.pick_other(style, {held.identity(int(i))}, rng)) for _ in range(negatives))
+    return positive, negative
+
+
+def shape_pairs(held: HeldOut, negatives: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(row i, control row j): for each row, ``negatives`` controls of other emoji in its style
+    (the positive of row i is its own control)."""
+    return [(i, held.pick_other(held.records[i]["style"], {held.identity(i)}, rng))
+            for i in range(len(held.records)) for _ in range(negatives)]
+
+
+def concept_series(held: HeldOut, rng: np.random.Generator, exemplars: int = 2, length: int = 3
+                   ) -> list[dict[str, Any]]:
+    """One concept per identity drawn in at least ``exemplars + length`` styles.
+
+    exemplars: the identity in ``exemplars`` styles; positive: a series of it in ``length`` other
+    styles; negatives: "drift" (the series with all but its first image replaced by other emoji in
+    the same styles), "related" (another identity of the same subcategory in the same styles; absent
+    when the subcategory has no other identity drawn so), "style_only" (``length`` other emoji, each in
+    an exemplar style: the series matches the definition only in style).
+    """
+    styles = sorted(held.by_style)
+    subcategory: dict[str, list[str]] = {}
+    for r in held.records:
+        members = subcategory.setdefault(r.get("subcategory", ""), [])
+        if r["identity"] not in members:
+            members.append(r["identity"])
+    out = []
+    for identity in sorted({r["identity"] for r in held.records}):
+        drawn = held.styles_of(identity, styles)
+        if len(drawn) < exemplars + length:
+            continue
+        chosen = [drawn[k] for k in rng.permutation(len(drawn))[: exemplars + length]]
+        exemplar_styles, series_styles = chosen[:exemplars], chosen[exemplars:]
+        positive = [held.by_key[(identity, s)] for s in series_styles]
+        taken = {identity}
+        drift = [positive[0]]
+        for s in series_styles[1:]:
+            row = held.pick_other(s, taken, rng)
+            taken.add(held.identity(row))
+            drift.append(row)
+        sub = held.records[positive[0]].get("subcategory", "")
+        related_pool = [o for o in subcategory.get(sub, []) if o != identity
+                        and all((o, s) in held.by_key for s in series_styles)]
+        related = None
+        if related_pool:
+            other = related_pool[int(rng.integers(len(related_pool)))]
+            related = [held.by_key[(other, s)] for s in series_styles]
+        taken = {identity}
+        style_only = []
+        for k in range(length):
+            row = held.pick_other(exemplar_styles[k % exemplars], taken, rng)
+            taken.add(held.identity(row))
+            style_only.append(row)
+        out.append({"identity": identity, "exemplars": [held.by_key[(identity, s)] for s in exemplar_styles],
+                    "positive": positive, "drift": drift, "related": related, "style_only": style_only})
+    return out
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def auc_interval(auc: float, positives: int, negatives: int, z: float = 1.96) -> tuple[float, float]:
+    """Hanley & McNeil (1982) 95% interval of an AUC from its positives and negatives (treats the
+    scores as independent; our pairs share images, so read it as a lower bound on the uncertainty)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
+    se = math.sqrt(max(variance, 0.0) / max(positives * negatives, 1))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def _row(metric: str, extractor: str, protocol_id: str, protocol: str, positive, negative,
+         primary: bool = True, **extra: Any) -> dict[str, Any]:
+    positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    auc = roc_auc(positive, negative)
+    bar = BARS.get(protocol_id) if primary else None
+    low, high = auc_interval(auc, positive.size, negative.size)
+    return {
+        "metric": metric, "extractor": extractor, "protocol_id": protocol_id, "protocol": protocol,
+        "auc": round(auc, 4), "auc_ci95": [round(low, 4), round(high, 4)], "bar": bar,
+        "passed": (auc >= bar) if bar is not None else None, "primary": bar is not None,
+        "positives": int(positive.size), "negatives": int(negative.size),
+        "positive_mean": round(float(positive.mean()), 4), "negative_mean": round(float(negative.mean()), 4),
+        **extra,
+    }
+
+
+def _set_similarity(sims: np.ndarray, members: np.ndarray) -> float:
+    """Mean pairwise similarity inside a set (what ``style_consistency`` averages)."""
+    block = sims[np.ix_(members, members)]
+    return float((block.sum() - np.trace(block)) / (len(members) * (len(members) - 1)))
+
+
+def _to_reference(sims: np.ndarray, members: np.ndarray, reference: int) -> float:
+    return float(sims[members, reference].mean())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Embeddings:
+    """Each extractor's features of every held-out image, computed once (None: unavailable)."""
+
+    def __init__(self, held: HeldOut, config: ValidationConfig, log: Callable[[str], None]) -> None:
+        self.held, self.config, self.log = held, config, log
+        self.cache: dict[tuple[str, str], torch.Tensor | None] = {}
+        self.extractors: dict[str, Any] = {}
+
+    def extractor(self, name: str):
+        if name not in self.extractors:
+            options = {"heads": self.config.heads} if name in HEAD_EXTRACTORS and self.config.heads else {}
+            try:
+                self.extractors[name] = load_features(name, device=self.config.device, **options)
+            except Exception as error:  # noqa: BLE001 - an unavailable extractor is reported, not fatal
+                self.log(f"skipping {name}: {error}")
+                self.extractors[name] = None
+        return self.extractors[name]
+
+    def __call__(self, name: str, foreground: bool = False) -> torch.Tensor | None:
+        """Features of every held-out image; ``foreground``: of their foreground crops where the
+        extractor compares crops (``FeatureExtractor.foreground``), as the object and concept metrics do."""
+        extractor = self.extractor(name)
+        foreground = foreground and extractor is not None and extractor.foreground
+        key = (name, "foreground" if foreground else "plain")
+        if key not in self.cache:
+            if extractor is None:
+                self.cache[key] = None
+            else:
+                self.log(f"embedding {len(self.held.records)} images with {name} ({key[1]})")
+                images = self.held.images
+                self.cache[key] = extractor.embed(foreground_crop(images) if foreground else images)
+        return self.cache[key]
+
+
+def validate_metrics(config: ValidationConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every protocol; return {"format", "meta", "results": [rows]}."""
+    held = load_held_out(config)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    identities = {r["identity"] for r in held.records}
+    log(f"validating on {len(held.records)} images, {len(identities)} identities ({'+'.join(config.splits)}); "
+        f"trained styles {held.trained}, unseen styles {held.unseen}")
+    embed = _Embeddings(held, config, log)
+    probes = [n for n in available_features() if n.startswith("probe-")] if config.include_probes else []
+    results: list[dict[str, Any]] = []
+    results += _style_rows(held, embed, config, rng, [*config.style_extractors, *[n for n in probes if "style" in n]])
+    results += _object_rows(held, embed, config, rng,
+                            [*config.object_extractors, *[n for n in probes if "style" not in n]])
+    results += _text_rows(held, embed, config, rng)
+    results += _shape_rows(held, config, rng, generator, log)
+    results += _fidelity_rows(held, rng, generator)
+    if config.concept:
+        results += _concept_rows(held, embed, config, rng, log)
+    meta = {
+        "data": {"images": len(held.records), "identities": len(identities), "splits": list(config.splits),
+                 "trained_styles": held.trained, "unseen_styles": held.unseen},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.__dict__.items()
+                   if k not in ("data", "heads")},
+        "heads": str(config.heads.name) if config.heads else "shipped",
+        "bars": BARS, "shape_chance_bar": SHAPE_CHANCE_BAR,
+    }
+    return {"format": FORMAT, "meta": meta, "results": results}
+
+
+def _style_rows(held, embed, config, rng, extractors) -> list[dict[str, Any]]:
+    protocols = []
+    for kind, styles in (("trained", held.trained), ("unseen", held.unseen)):
+        if len(styles) < 2:
+            continue
+        sets = style_sets(held, styles, config.sets, config.set_size, rng)
+        reference = style_reference_sets(held, styles, config.sets, config.set_size, rng)
+        protocols.append((f"style-sets-{kind}", f"sets of {config.set_size}, {kind} styles: one style vs mixed",
+                          sets, _set_similarity, True))
+        protocols.append((f"style-reference-{kind}",
+                          f"set of {config.set_size} vs a reference of another emoji, {kind} styles: same vs other style",
+                          reference, _to_reference, True))
+    if held.unseen:
+        cross = style_reference_sets(held, held.unseen, config.sets, config.set_size, rng, other_styles=held.trained)
+        protocols.append(("style-reference-unseen-vs-trained",
+                          f"set of {config.set_size} in an unseen style vs a reference: same style vs a trained style",
+                          cross, _to_reference, False))
+    rows = []
+    for name in extractors:
+        features = embed(name)
+        if features is None:
+            continue
+        sims = cosine_matrix(features).numpy()
+        for protocol_id, text, (positives, negatives), score, primary in protocols:
+            if score is _set_similarity:
+                pos = [score(sims, m) for m in positives]
+                neg = [score(sims, m) for m in negatives]
+            else:
+                pos = [score(sims, m, r) for m, r in positives]
+                neg = [score(sims, m, r) for m, r in negatives]
+            rows.append(_row("style", name, protocol_id, text, pos, neg, primary=primary))
+    return rows
+
+
+def _object_rows(held, embed, config, rng, extractors) -> list[dict[str, Any]]:
+    styles = [*held.trained, *held.unseen]
+    positives, negatives = object_pairs(held, styles, config.negatives_per_positive, rng)
+    unseen = set(held.unseen)
+
+    def touches_unseen(pair):
+        return held.records[pair[0]]["style"] in unseen or held.records[pair[1]]["style"] in unseen
+
+    rows = []
+    for name in extractors:
+        features = embed(name, foreground=True)
+        if features is None:
+            continue
+        sims = cosine_matrix(features).numpy()
+        cropped = embed.extractor(name).foreground
+        rows.append(_row("object", name, "object", f"same emoji in another style vs another emoji, all "
+                         f"{len(styles)} styles ({'foreground crops' if cropped else 'whole images'})",
+                         [sims[p] for p in positives], [sims[n] for n in negatives], foreground=cropped))
+        if unseen:
+            rows.append(_row("object", name, "object-unseen", "the same, pairs that involve an unseen style",
+                             [sims[p] for p in positives if touches_unseen(p)],
+                             [sims[n] for n in negatives if touches_unseen(n)], primary=False))
+    return rows
+
+
+def _text_rows(held, embed, config, rng) -> list[dict[str, Any]]:
+    rows = []
+    for name in config.text_extractors:
+        features = embed(name)
+        if features is None:
+            continue
+        extractor = embed.extractor(name)
+        captions = [r["caption"] for r in held.records]
+        names = [r["name"] for r in held.records]
+        caption_sims = cosine_matrix(features, extractor.embed_text(captions)).numpy()  # image i vs caption of row j
+        name_sims = cosine_matrix(features, extractor.embed_text(names)).numpy()
+        for protocol_id, styles, sims, text, primary in (
+            ("text", held.trained, caption_sims, "own caption vs another held-out emoji's caption, trained styles", True),
+            ("text-unseen", held.unseen, caption_sims, "the same, unseen styles (their style word never trained)", False),
+            ("text-no-style-word", held.trained, name_sims, "own name without a style word vs another emoji's name, "
+             "trained styles", False),
+        ):
+            if not styles:
+                continue
+            positives, negatives = text_pairs(held, styles, config.negatives_per_positive, rng)
+            extra = {"retrieval": _retrieval(features, captions, positives, extractor)} if primary else {}
+            rows.append(_row("text", name, protocol_id, text, [sims[i, i] for i in positives],
+                             [sims[i, j] for i, j in negatives], primary=primary, **extra))
+        trained_rows = [int(i) for s in held.trained for i in held.by_style[s]]
+        style_negatives = [caption_sims[i, held.by_key[(held.identity(i), s)]] for i in trained_rows
+                           for s in held.styles_of(held.identity(i), held.trained) if s != held.records[i]["style"]]
+        rows.append(_row("text", name, "text-style-word", "own caption vs the same name with another trained "
+                         "style word", [caption_sims[i, i] for i in trained_rows], style_negatives, primary=False))
+    return rows
+
+
+def _retrieval(features: torch.Tensor, captions: list[str], rows: list[int], extractor) -> dict[str, Any]:
+    """Image -> caption retrieval among the distinct captions of ``rows``: top-1 / top-5."""
+    chosen = [captions[i] for i in rows]
+    distinct = sorted(set(chosen))
+    truth = np.asarray([distinct.index(c) for c in chosen])
+    sims = cosine_matrix(features[rows], extractor.embed_text(distinct)).numpy()
+    ranks = (sims > sims[np.arange(len(rows)), truth][:, None]).sum(1)
+    return {"top1": float((ranks < 1).mean()), "top5": float((ranks < 5).mean()), "candidates": len(distinct)}
 
 
 def perturb_appearance(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -81,260 +521,81 @@ def perturb_appearance(batch: torch.Tensor, generator: torch.Generator) -> torch
     return torch.stack(out)
 
 
-def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Context-like variation for the concept protocol: flip, scale 0.7-1, shift, on white."""
-    out = []
-    size = batch.shape[-1]
-    for image in batch:
-        if torch.rand(1, generator=generator) < 0.5:
-            image = image.flip(-1)
-        scale = float(0.7 + 0.3 * torch.rand(1, generator=generator))
-        side = max(8, int(size * scale))
-        small = torch.nn.functional.interpolate(image[None], size=(side, side), mode="bilinear",
-                                                align_corners=False, antialias=True)[0]
-        canvas = torch.ones(3, size, size)
-        y, x = (int(v) for v in torch.randint(0, size - side + 1, (2,), generator=generator))
-        canvas[:, y: y + side, x: x + side] = small
-        out.append(canvas)
-    return torch.stack(out)
+def _shape_rows(held, config, rng, generator, log) -> list[dict[str, Any]]:
+    """Maps are extracted once per image (``control_maps``) and paired by index: the same arithmetic
+    as ``shape_consistency`` (``shape_scores``) on every pair."""
+    log("shape protocols")
+    images = held.images
+    outputs = perturb_appearance(images, generator)
+    negatives = shape_pairs(held, config.negatives_per_positive, rng)
+    cross_pos, cross_neg = object_pairs(held, [*held.trained, *held.unseen], config.negatives_per_positive, rng)
+    rows = []
+    for mode in ("edges", "edges-f1", "silhouette"):
+        output_maps, image_maps = control_maps(outputs, mode), control_maps(images, mode)
+
+        def scores(pairs, from_maps, mode=mode, image_maps=image_maps) -> np.ndarray:
+            index = torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+            return shape_scores(from_maps[index[:, 0]], image_maps[index[:, 1]], mode).numpy()
+
+        pos = scores([(i, i) for i in range(len(images))], output_maps)
+        neg = scores(negatives, output_maps)
+        chance = float(np.mean(neg))
+        primary = mode == "edges"
+        row = _row("shape", mode, "shape", "appearance-changed copy vs its own control vs another emoji's control",
+                   pos, neg, primary=primary, chance_level=round(chance, 4), chance_bar=SHAPE_CHANCE_BAR)
+        if primary:
+            row["passed"] = bool(row["passed"] and chance <= SHAPE_CHANCE_BAR)
+        rows.append(row)
+        rows.append(_row("shape", mode, "shape-redrawn", "the same emoji redrawn in another style vs another emoji",
+                         scores(cross_pos, image_maps), scores(cross_neg, image_maps), primary=False))
+    return rows
 
 
-def _row(metric: str, extractor: str, protocol: str, positive, negative, primary: bool = True,
-         **extra: Any) -> dict[str, Any]:
-    auc = roc_auc(positive, negative)
-    bar = BARS.get(metric) if primary else None
-    return {
-        "metric": metric, "extractor": extractor, "protocol": protocol, "auc": round(auc, 4), "bar": bar,
-        "passed": (auc >= bar) if bar is not None else None, "primary": primary,
-        "positives": int(np.size(positive)), "negatives": int(np.size(negative)),
-        "positive_mean": round(float(np.mean(positive)), 4), "negative_mean": round(float(np.mean(negative)), 4),
-        **extra,
-    }
-
-
-def validate_metrics(config: ValidationConfig, log=print) -> dict[str, Any]:
-    """Run every protocol; return {"results": [rows], "meta": {...}}."""
-    from consistent_diffusion.data.emoji import load_emoji_dataset
-
-    dataset = load_emoji_dataset(config.data)
-    styles = dataset.styles
-    if len(styles) < 2:
-        raise ConfigError(f"validation needs at least two house styles; {config.data} has {styles}")
-    rows = np.concatenate([dataset.indices(split=s) for s in config.splits])
-    records = [dataset.records[i] for i in rows]
-    images = torch.from_numpy(np.asarray(dataset.images[rows])).float().permute(0, 3, 1, 2) / 127.5 - 1.0
-    style_of = np.array([styles.index(r["style"]) for r in records])
-    identity_of = np.array([r["identity"] for r in records])
-    by_key = {(r["identity"], r["style"]): i for i, r in enumerate(records)}
-    identities = sorted({r["identity"] for r in records if all((r["identity"], s) in by_key for s in styles)})
-    rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    log(f"validating on {len(records)} images, {len(identities)} identities ({'+'.join(config.splits)}), "
-        f"styles {styles}")
-
-    cache: dict[str, torch.Tensor] = {}
-
-    def embed(name: str, key: str = "plain") -> torch.Tensor | None:
-        if (name, key) not in cache:
-            try:
-                extractor = load_features(name, device=config.device)
-            except Exception as error:  # noqa: BLE001 - an unavailable extractor is reported, not fatal
-                log(f"skipping {name}: {error}")
-                cache[(name, key)] = None
-                return None
-            log(f"embedding {len(records)} images with {name} ({key})")
-            batch = foreground_crop(images) if key == "foreground" else images
-            cache[(name, key)] = extractor.embed(batch)
-        return cache[(name, key)]
-
-    results: list[dict[str, Any]] = []
-    extra = [n for n in available_features() if n.startswith("probe-")] if config.include_probes else []
-
-    # --- style: same-style sets vs mixed sets
-    by_style = [np.flatnonzero(style_of == s) for s in range(len(styles))]
-    half = config.set_size // 2
-    positive_sets, negative_sets = [], []
-    for _ in range(config.sets):
-        s = rng.integers(len(styles))
-        positive_sets.append(rng.choice(by_style[s], size=config.set_size, replace=False))
-        a, b = rng.choice(len(styles), size=2, replace=False)
-        chosen = rng.choice(len(identities), size=config.set_size, replace=False)
-        members = [by_key[(identities[c], styles[a if k < half else b])] for k, c in enumerate(chosen)]
-        negative_sets.append(np.array(members))
-    # style-to-reference pairs: other emoji, same style vs other style
-    ref_pos, ref_neg = [], []
-    for i in range(len(records)):
-        for _ in range(config.negatives_per_positive):
-            same = rng.choice(by_style[style_of[i]])
-            other = rng.choice(by_style[(style_of[i] + 1 + rng.integers(len(styles) - 1)) % len(styles)])
-            if identity_of[same] != identity_of[i]:
-                ref_pos.append((i, same))
-            if identity_of[other] != identity_of[i]:
-                ref_neg.append((i, other))
-    for name in (*STYLE_EXTRACTORS, *[n for n in extra if "style" in n]):
-        features = embed(name)
-        if features is None:
-            continue
-        sims = cosine_matrix(features).numpy()
-
-        def set_score(members, sims=sims):
-            block = sims[np.ix_(members, members)]
-            return (block.sum() - np.trace(block)) / (len(members) * (len(members) - 1))
-
-        results.append(_row("style", name, f"sets of {config.set_size}: one house style vs mixed",
-                            [set_score(m) for m in positive_sets], [set_score(m) for m in negative_sets]))
-        results.append(_row("style", name, "to a reference (other emoji): same vs other style",
-                            [sims[i, j] for i, j in ref_pos], [sims[i, j] for i, j in ref_neg], primary=False))
-
-    # --- object: same emoji in the other style vs a different emoji in the other style
-    obj_pos, obj_neg = [], []
-    for ident in identities:
-        for s in range(len(styles)):
-            i = by_key[(ident, styles[s])]
-            other_style = styles[(s + 1) % len(styles)]
-            obj_pos.append((i, by_key[(ident, other_style)]))
-            chosen = [c for c in rng.choice(len(identities), size=config.negatives_per_positive + 1, replace=False)
-                      if identities[c] != ident][: config.negatives_per_positive]
-            obj_neg.extend((i, by_key[(identities[c], other_style)]) for c in chosen)
-    for name in (*OBJECT_EXTRACTORS, *[n for n in extra if "style" not in n]):
-        features = embed(name, "foreground")
-        if features is None:
-            continue
-        sims = cosine_matrix(features).numpy()
-        results.append(_row("object", name, "same emoji in the other style vs another emoji (foreground)",
-                            [sims[i, j] for i, j in obj_pos], [sims[i, j] for i, j in obj_neg]))
-
-    # --- text: own caption vs another held-out emoji's caption (same style)
-    for name in TEXT_EXTRACTORS:
-        features = embed(name)
-        if features is None:
-            continue
-        extractor = load_features(name, device=config.device)
-        captions = [r["caption"] for r in records]
-        text = extractor.embed_text(captions)
-        sims = cosine_matrix(features, text).numpy()  # image i vs caption of row j
-        pos = [sims[i, i] for i in range(len(records))]
-        neg, style_neg = [], []
-        for i in range(len(records)):
-            pool = [j for j in by_style[style_of[i]] if identity_of[j] != identity_of[i]]
-            neg.extend(sims[i, j] for j in rng.choice(pool, size=config.negatives_per_positive, replace=False))
-            for s in styles:
-                if s != records[i]["style"]:
-                    style_neg.append(sims[i, by_key[(identity_of[i], s)]])
-        distinct = sorted(set(captions))
-        caption_index = np.array([distinct.index(c) for c in captions])
-        text_distinct = extractor.embed_text(distinct)
-        full = cosine_matrix(features, text_distinct).numpy()
-        ranks = (full > full[np.arange(len(records)), caption_index][:, None]).sum(1)
-        holdout = np.array([r["split"] == "holdout" for r in records])
-        retrieval = {"top1": float((ranks < 1).mean()), "top5": float((ranks < 5).mean()), "candidates": len(distinct)}
-        hold_captions = sorted({c for c, h in zip(captions, holdout, strict=True) if h})
-        if hold_captions:
-            hold = cosine_matrix(features[holdout], extractor.embed_text(hold_captions)).numpy()
-            truth = np.array([hold_captions.index(c) for c, h in zip(captions, holdout, strict=True) if h])
-            hold_ranks = (hold > hold[np.arange(len(truth)), truth][:, None]).sum(1)
-            retrieval["holdout_top1"] = float((hold_ranks < 1).mean())
-            retrieval["holdout_top5"] = float((hold_ranks < 5).mean())
-            retrieval["holdout_candidates"] = len(hold_captions)
-        results.append(_row("text", name, "own caption vs another held-out emoji's caption (same style)",
-                            pos, neg, retrieval=retrieval))
-        results.append(_row("text", name, "own caption vs the same name in the other style", pos, style_neg,
-                            primary=False))
-
-    # --- shape: appearance-changed copy of the same image vs of another emoji (same style)
-    log("shape protocol")
-    shape_pos_idx = np.arange(len(records))
-    shape_neg_idx = []
-    for i in range(len(records)):
-        pool = [j for j in by_style[style_of[i]] if identity_of[j] != identity_of[i]]
-        shape_neg_idx.append(rng.choice(pool, size=config.negatives_per_positive, replace=False))
-    shape_neg_idx = np.concatenate(shape_neg_idx)
-    controls_pos = images[shape_pos_idx]
-    controls_neg = images[np.repeat(np.arange(len(records)), config.negatives_per_positive)]
-    outputs_pos = perturb_appearance(images[shape_pos_idx], generator)
-    outputs_neg = perturb_appearance(images[shape_neg_idx], generator)
-    cross_pos = [(i, by_key[(identity_of[i], s)]) for i in range(len(records)) for s in styles
-                 if s != records[i]["style"] and (identity_of[i], s) in by_key]
-    cross_neg = [(i, by_key[(identities[c], s)]) for i, _ in cross_pos for s in styles if s != records[i]["style"]
-                 for c in rng.choice(len(identities), size=config.negatives_per_positive, replace=False)
-                 if identities[c] != identity_of[i]]
-    for mode in ("edges", "silhouette"):
-        pos = shape_consistency(outputs_pos, controls_pos, mode=mode, diversity_with=None).per_image
-        neg = shape_consistency(outputs_neg, controls_neg, mode=mode, diversity_with=None).per_image
-        results.append(_row("shape", mode, "appearance-changed copy of the same image vs of another emoji",
-                            pos, neg))
-        cp = shape_consistency(images[[j for _, j in cross_pos]], images[[i for i, _ in cross_pos]], mode=mode,
-                               diversity_with=None).per_image
-        cn = shape_consistency(images[[j for _, j in cross_neg]], images[[i for i, _ in cross_neg]], mode=mode,
-                               diversity_with=None).per_image
-        results.append(_row("shape", mode, "same emoji drawn by the other vendor vs another emoji", cp, cn,
-                            primary=False))
-
-    # --- fidelity (no bar): lightly perturbed copy vs another emoji
+def _fidelity_rows(held, rng, generator) -> list[dict[str, Any]]:
+    images = held.images
     light = (images + 0.03 * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
-    others = images[[int(rng.choice([j for j in by_style[style_of[i]] if identity_of[j] != identity_of[i]]))
-                     for i in range(len(records))]]
-    for name, fn in (("psnr", pixel.psnr), ("ssim", pixel.ssim)):
-        results.append(_row("fidelity", name, "noisy copy (sigma 0.03) vs another emoji",
-                            fn(light, images).numpy(), fn(others, images).numpy(), primary=False))
-
-    # --- concept (no bar): exemplar in one style, a varied series of 3 in the other
-    if config.concept:
-        concept_rows = _concept_protocol(images, identities, styles, by_key, rng, generator, config, log)
-        results.extend(concept_rows)
-
-    meta = {
-        "data": {"images": len(records), "identities": len(identities), "splits": list(config.splits),
-                 "styles": styles, "dataset_format": dataset.meta.get("format")},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items() if k != "data"},
-        "bars": BARS,
-    }
-    return {"format": "consistent-diffusion/metrics-validation/v1", "meta": meta, "results": results}
+    others = images[[held.pick_other(r["style"], {r["identity"]}, rng) for r in held.records]]
+    return [_row("fidelity", name, "fidelity", "noisy copy (sigma 0.03) vs another emoji",
+                 fn(light, images).numpy(), fn(others, images).numpy(), primary=False)
+            for name, fn in (("psnr", pixel.psnr), ("ssim", pixel.ssim))]
 
 
-def _concept_protocol(images, identities, styles, by_key, rng, generator, config, log) -> list[dict[str, Any]]:
-    """Concept = one held-out emoji given by an exemplar in style A; series = 3 varied renderings
-    (flip, scale, shift) of it in style B. Negatives: a consistent series of another emoji (wrong
-    concept), and a drifting series of 3 different emoji. Score: concept_consistency's C."""
-    name = "efficientnet-lite0"
-    try:
-        extractor = load_features(name, device=config.device)
-    except Exception as error:  # noqa: BLE001
-        log(f"skipping concept protocol: {error}")
-        return []
-    log("concept protocol")
-    series_rows = [by_key[(ident, styles[1])] for ident in identities]
-    exemplar_rows = [by_key[(ident, styles[0])] for ident in identities]
-    series = torch.stack([_augment(images[[r] * 3], generator) for r in series_rows])  # (I, 3, 3, H, W)
-    flat = series.flatten(0, 1)
-    series_emb = extractor.embed(foreground_crop(flat)).view(len(identities), 3, -1)
-    exemplar_emb = extractor.embed(foreground_crop(images[exemplar_rows]))
+CONCEPT_NEGATIVES = {
+    "drift": "a drifting series (first image right, the others other emoji)",
+    "related": "a related wrong concept (another emoji of the same subcategory)",
+    "style_only": "a series that matches the definition only in style (other emoji in the exemplars' style)",
+}
 
-    def score(members: torch.Tensor, exemplar: torch.Tensor) -> float:
-        sims = cosine_matrix(members)
-        series_agreement = (sims.sum(1) - sims.diagonal()) / (members.shape[0] - 1)
-        definition = cosine_matrix(members, exemplar[None])[:, 0]
-        return float((definition.clamp_min(0) * series_agreement.clamp_min(0)).sqrt().mean())
 
-    pos, wrong, drift = [], [], []
-    n = len(identities)
-    for i in range(n):
-        pos.append(score(series_emb[i], exemplar_emb[i]))
-        j = int((i + 1 + rng.integers(n - 1)) % n)
-        wrong.append(score(series_emb[j], exemplar_emb[i]))
-        others = rng.choice([k for k in range(n) if k != i], size=2, replace=False)
-        drift.append(score(torch.stack([series_emb[i, 0], series_emb[others[0], 1], series_emb[others[1], 2]]),
-                           exemplar_emb[i]))
-    return [
-        _row("concept", name, "exemplar in one style, varied series of it in the other vs another emoji's series",
-             pos, wrong, primary=False),
-        _row("concept", name, "same vs a drifting series (1 right + 2 other emoji)", pos, drift, primary=False),
-    ]
+def _concept_rows(held, embed, config, rng, log) -> list[dict[str, Any]]:
+    """Concept C = mean_i sqrt(max(A_i, 0) max(S_i, 0)) with A the agreement with the exemplars and
+    S the agreement across the series (``concept_scores``), one row per negative kind."""
+    log("concept protocols")
+    concepts = concept_series(held, rng)
+    rows = []
+    for name in config.concept_extractors:
+        features = embed(name, foreground=True)
+        if features is None:
+            continue
+
+        def score(series: list[int], exemplars: list[int], features=features) -> float:
+            return float(concept_scores(features[series], features[exemplars]).mean())
+
+        positive = [score(c["positive"], c["exemplars"]) for c in concepts]
+        for kind, text in CONCEPT_NEGATIVES.items():
+            kept = [(p, c) for p, c in zip(positive, concepts, strict=True) if c[kind] is not None]
+            rows.append(_row("concept", name, f"concept-{kind.replace('_', '-')}",
+                             f"a series of the concept in 3 other styles vs {text}", [p for p, _ in kept],
+                             [score(c[kind], c["exemplars"]) for _, c in kept]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def markdown_table(report: dict[str, Any]) -> str:
     """The validation table in Markdown (one row per metric, extractor and protocol)."""
-    lines = ["| metric | extractor | protocol | AUC | bar | status | pos. mean | neg. mean |",
+    lines = ["| metric | extractor | protocol | AUC [95% CI] | bar | status | pos. mean | neg. mean |",
              "|---|---|---|---:|---:|---|---:|---:|"]
     for r in report["results"]:
         if r["bar"] is None:
@@ -342,16 +603,17 @@ def markdown_table(report: dict[str, Any]) -> str:
         else:
             status = "**passed**" if r["passed"] else "**FAILED (validated: false)**"
         bar = f"{r['bar']:.2f}" if r["bar"] is not None else "-"
-        lines.append(f"| {r['metric']} | `{r['extractor']}` | {r['protocol']} | {r['auc']:.3f} | {bar} | {status} "
-                     f"| {r['positive_mean']:.3f} | {r['negative_mean']:.3f} |")
+        low, high = r.get("auc_ci95", (r["auc"], r["auc"]))
+        negative = f"{r['negative_mean']:.3f}"
+        if "chance_level" in r:
+            negative += f" (chance, bar <= {r['chance_bar']:.2f})"
+        lines.append(f"| {r['metric']} | `{r['extractor']}` | {r['protocol']} | {r['auc']:.3f} [{low:.3f}, "
+                     f"{high:.3f}] | {bar} | {status} | {r['positive_mean']:.3f} | {negative} |")
     for r in report["results"]:
         if "retrieval" in r:
             ret = r["retrieval"]
-            lines.append("")
-            lines.append(f"Text retrieval with `{r['extractor']}` (image -> its caption): top-1 {ret['top1']:.3f}, "
-                         f"top-5 {ret['top5']:.3f} among {ret['candidates']} held-out captions"
-                         + (f"; holdout only: top-1 {ret['holdout_top1']:.3f}, top-5 {ret['holdout_top5']:.3f} "
-                            f"among {ret['holdout_candidates']}" if "holdout_top1" in ret else "") + ".")
+            lines += ["", f"Text retrieval with `{r['extractor']}` (image -> its caption, {r['protocol']}): "
+                          f"top-1 {ret['top1']:.3f}, top-5 {ret['top5']:.3f} among {ret['candidates']} captions."]
     return "\n".join(lines) + "\n"
 
 

@@ -249,10 +249,11 @@ def _generate(pipe: Any, caption: str, seed: int, size: int, control: Any = None
 
 def shape_scores(outputs: list[Any], controls: list[Any], condition: str) -> list[float]:
     """Per image: how well an output follows its control image (``metrics.shape_consistency`` on the
-    control *maps*): canny/scribble -> edge F1 (2-pixel tolerance), silhouette -> IoU."""
+    control *maps*): canny/scribble -> plain edge F1 (2-pixel tolerance, the measure the shipped
+    ControlNet's 1.61x was reported in), silhouette -> IoU."""
     from consistent_diffusion.metrics.consistency import shape_consistency
 
-    mode = "silhouette" if condition == "silhouette" else "edges"
+    mode = "silhouette" if condition == "silhouette" else "edges-f1"
     resized = [output.resize(control.size) for output, control in zip(outputs, controls, strict=True)]
     res = shape_consistency(resized, controls, mode=mode, control_kind="map", diversity_with=None)
     return [float(v) for v in res.per_image]

@@ -40,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch CPU threads (default: torch's choice; use 1 per process when sharing the CPU)")
     parser.add_argument("--extractors", metavar="JSON",
                         help='override metric extractors, e.g. \'{"style": "palette", "text": null}\'')
+    parser.add_argument("--metrics", nargs="+", default=None, metavar="SET",
+                        help="extractor sets to score with: emoji (the embedded model's default), dreambooth, "
+                             "consistory, csd (see `consistent-diffusion score --help`); other models get none by "
+                             "default, so their style/object/text scores read 'not measured'")
+    parser.add_argument("--feature-model", action="append", default=[], metavar="NAME=PATH",
+                        help="local weights of an extractor, e.g. dino=DIR (nothing is downloaded)")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -84,7 +90,15 @@ def run(args: argparse.Namespace) -> int:
     if state is not None and str(args.device) == "cuda":
         args.device = str(state.device)
     out = Path(args.out)
-    run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=make_scorer(extractors, device=args.device),
+    from consistent_diffusion.metrics.score import EXTRACTOR_SETS, parse_feature_models
+
+    sets = tuple(args.metrics or ())
+    unknown = [name for name in sets if name not in EXTRACTOR_SETS]
+    if unknown:
+        raise ConfigError(f"--metrics takes extractor sets here ({', '.join(EXTRACTOR_SETS)}), got {unknown}")
+    options = {name: {"model": path} for name, path in parse_feature_models(args.feature_model).items()}
+    scorer = make_scorer(extractors, device=args.device, extractor_sets=sets or None, extractor_options=options)
+    run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=scorer,
               shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
               load_train_pipe=lambda: load_model_from_args(args, dtype="float32"))  # fine-tune in full precision
     if state is not None:

@@ -1,20 +1,25 @@
 """Small trained heads on frozen features, shipped in ``assets/metrics/emoji_heads.safetensors``.
 
 Both heads read frozen ImageNet EfficientNet-Lite0 features at 128 px (``HEAD_IMAGE_SIZE``) and are
-trained on the *train* split of the emoji dataset only (val and holdout identities are never seen):
+trained on the *train* split of the emoji dataset, trained styles only (val and holdout identities
+and the held-out styles are never seen):
 
 - ``style``: CSD-like style descriptor. Input: mean/std statistics of EfficientNet-Lite0 block maps
   plus the palette+stroke ``style_statistics``; a 2-layer MLP to 64-d, trained with a supervised
   contrastive loss on house-style labels where every batch holds each of its emoji in *every* style,
   so the same emoji in another style is always a negative: the descriptor must ignore content.
+- ``object``: the mirror of ``style``, an identity descriptor: the same inputs as ``text`` (pooled
+  features + block statistics), a 2-layer MLP to 128-d trained with the supervised contrastive loss
+  on *identity* labels, every batch holding each of its emoji in every trained style, so the same
+  emoji in another style is always a positive: the descriptor must ignore style.
 - ``text``: an image encoder aligned to frozen all-MiniLM-L6-v2 sentence embeddings (mean-pooled,
   L2-normalised, 384-d) of the captions ``"<name>, <style> style"`` with a symmetric InfoNCE loss
   (CLIP's): a linear map of pooled features + block statistics, with input dropout and strong weight
   decay. Image-text cosine similarity in that space is the embedded world's CLIP-T.
 
 Inference only: the heads' training (losses, loop, dataset features, writer) lives in
-``consistent_diffusion.training.recipes.heads``. Registers ``emoji-style``, ``emoji-text`` and
-``style-stats`` (the pixel statistics standardised with the heads file's train-split statistics).
+``consistent_diffusion.training.recipes.heads``. Registers ``emoji-style``, ``emoji-object``,
+``emoji-text`` and ``style-stats`` (the pixel statistics standardised with the heads file's train-split statistics).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from consistent_diffusion.metrics.extractors.registry import FeatureExtractor, r
 HEAD_IMAGE_SIZE = 128
 ASSET_DIR = ASSETS_DIR / "metrics"
 HEADS_FILE = ASSET_DIR / "emoji_heads.safetensors"
+HEAD_KINDS = ("style", "object", "text")
 
 
 class MLPHead(nn.Module):
@@ -87,7 +93,8 @@ def style_input(inputs: dict[str, torch.Tensor], pixel_mean: torch.Tensor, pixel
     return torch.cat([inputs["maps"], (inputs["pixel"] - pixel_mean) / pixel_std], dim=1)
 
 
-def text_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def content_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Input of the object and text heads: pooled features and block statistics (N, 2432)."""
     return torch.cat([inputs["pooled"], inputs["maps"]], dim=1)
 
 
@@ -131,6 +138,11 @@ class Heads:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def head(self, kind: str) -> MLPHead:
+        if kind not in self.meta.get("heads", {}):
+            raise ModelNotFoundError(
+                f"this metric heads file has no {kind} head (it predates it); retrain the heads with "
+                "`consistent-diffusion metrics train-heads --data EMOJI_DATASET --out FILE`"
+            )
         config = self.meta["heads"][kind]
         head = MLPHead(config["in_dim"], config["hidden"], config["out_dim"], dropout=0.0)
         state = {k[len(kind) + 1:]: v.float() for k, v in self.tensors.items() if k.startswith(kind + ".")}
@@ -154,29 +166,31 @@ def load_heads(path: str | os.PathLike | None = None) -> Heads:
 
 
 class HeadExtractor(FeatureExtractor):
-    """``emoji-style`` / ``emoji-text``: EfficientNet-Lite0 (frozen, 128 px) + a shipped head."""
+    """``emoji-style`` / ``emoji-object`` / ``emoji-text``: EfficientNet-Lite0 (frozen, 128 px) + a shipped head."""
 
     def __init__(self, kind: str, device="cpu", dtype=torch.float32, heads: str | os.PathLike | None = None) -> None:
         super().__init__(device, dtype)
-        if kind not in ("style", "text"):
+        if kind not in HEAD_KINDS:
             raise ConfigError(f"unknown head {kind!r}")
         self.kind = kind
         self.heads = load_heads(heads)
         self.head = self.heads.head(kind).to(self.device)
         self.backbone = EfficientNetLite0(device, dtype, image_size=self.heads.meta.get("image_size", HEAD_IMAGE_SIZE))
         self.has_text = kind == "text"
+        if kind == "object":
+            self.foreground = False  # compared as it was trained and validated: on whole emoji images
 
     def _embed(self, batch):
         inputs = head_inputs(batch, self.backbone, pixel_stats=self.kind == "style")
         if self.kind == "style":
             x = style_input(inputs, self.heads.tensors["pixel_mean"], self.heads.tensors["pixel_std"])
         else:
-            x = text_input(inputs)
+            x = content_input(inputs)
         return self.head(x.to(self.device))
 
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         if self.kind != "text":
-            raise NotImplementedError("emoji-style has no text tower")
+            raise NotImplementedError(f"emoji-{self.kind} has no text tower")
         return minilm_sentence_embeddings(texts)
 
 
@@ -192,6 +206,11 @@ def _style_stats(device="cpu", dtype=torch.float32, **options):
 @register_features("emoji-style", "style descriptor trained contrastively, content varied (shipped head)")
 def _emoji_style(device="cpu", dtype=torch.float32, **options):
     return HeadExtractor("style", device=device, dtype=dtype, **options)
+
+
+@register_features("emoji-object", "identity descriptor trained contrastively, style varied (shipped head)")
+def _emoji_object(device="cpu", dtype=torch.float32, **options):
+    return HeadExtractor("object", device=device, dtype=dtype, **options)
 
 
 @register_features("emoji-text", "image encoder aligned to frozen MiniLM captions (shipped head)")

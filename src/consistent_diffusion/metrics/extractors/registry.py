@@ -17,11 +17,13 @@ Registered names (``available_features()``):
 ``edges`` ``silhouette``    Canny edges / foreground mask, as maps and 16x16 density grids
 ``style-stats``             palette + stroke statistics (standardised with train-split statistics)
 ``emoji-style``             style descriptor trained contrastively with content varied (shipped head)
+``emoji-object``            identity descriptor trained contrastively with style varied (shipped head)
 ``emoji-text``              image encoder aligned to frozen MiniLM captions (shipped head)
 ``probe-style`` ``probe-content``  the embedded model's probes (unit embeddings, 64 px)
+``csd`` ``dreamsim``        published descriptors from their released weights at ``model=PATH``
 ==========================  ==========================================================================
 
-The built-in extractors live in ``pretrained``, ``pixel``, ``heads`` and ``probes`` beside this module;
+The built-in extractors live in ``pretrained``, ``pixel``, ``heads``, ``probes`` and ``published`` beside this module;
 each registers its names when imported, and this module imports them (lazily, on the first lookup),
 so what is registered never depends on import order and no module imports this one's importers.
 """
@@ -44,6 +46,7 @@ class FeatureExtractor:
     name: str = "?"
     has_text: bool = False
     batch_size: int = 32
+    foreground: bool = True  # object / concept metrics compare foreground crops unless told otherwise
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
@@ -87,6 +90,7 @@ BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = (
     "consistent_diffusion.metrics.extractors.pixel",
     "consistent_diffusion.metrics.extractors.heads",
     "consistent_diffusion.metrics.extractors.probes",
+    "consistent_diffusion.metrics.extractors.published",
 )
 
 
