@@ -283,11 +283,14 @@ def test_heads_train_save_load_roundtrip(tmp_path):
     records += [{"style": "line", "identity": f"id{i}", "caption": f"thing {i}", "split": "train",
                  "style_split": "heldout"} for i in range(4)]  # a held-out style: never a class, never trained on
     n = len(records)
-    inputs = {"pooled": torch.randn(n, 1280), "maps": torch.randn(n, 1152), "pixel": torch.randn(n, 36)}
+    inputs = {"pooled": torch.randn(n, 1280), "maps": torch.randn(n, 1152), "grid": torch.randn(n, 3072),
+              "pixel": torch.randn(n, 36)}
     config = HeadTrainingConfig(style_steps=2, object_steps=3, text_steps=2, identities_per_batch=2, text_batch=4,
                                 hidden=8, style_dim=4, object_dim=6, object_hard_batches=1.0)
     tensors, meta = train_heads(inputs, records, config, log=lambda message: None)
     assert meta["styles"] == ["google", "twitter"] and meta["training"]["train_images"] == 8
+    assert meta["heads"]["object"]["in_dim"] == 1280 + 1152 + 3072  # the object head reads the layout grid
+    assert meta["heads"]["text"]["in_dim"] == 1280 + 1152
     path = save_heads(tensors, meta, tmp_path / "heads.safetensors")
     heads = load_heads(path)
     assert heads.meta["heads"]["style"]["out_dim"] == 4
@@ -375,3 +378,15 @@ def test_score_skips_metrics_whose_weights_are_missing(tmp_path, capsys):
     scores = json.loads((series / "scores.json").read_text())
     assert "text" in scores["skipped"] and "diversity" in scores["metrics"]
     assert "skipped text" in capsys.readouterr().out
+
+
+def test_hard_batches_take_look_alike_emoji_group_by_group():
+    from consistent_diffusion.training.recipes.heads import _grouped_batch
+
+    by_group = {"faces": [0, 1, 2], "hands": [3, 4], "food": [5, 6, 7, 8]}
+    for seed in range(5):
+        chosen = _grouped_batch(by_group, sorted(by_group), 5, np.random.default_rng(seed))
+        assert len(chosen) == len(set(chosen)) == 5
+        touched = [g for g, members in by_group.items() if set(members) & set(chosen)]
+        partial = [g for g in touched if not set(by_group[g]) <= set(chosen)]
+        assert len(partial) <= 1  # whole groups first, so look-alike emoji meet as negatives

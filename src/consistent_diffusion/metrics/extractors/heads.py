@@ -72,29 +72,42 @@ class MLPHead(nn.Module):
 
 def head_inputs(images, backbone: EfficientNetLite0, pixel_stats: bool = True, batch_size: int = 64
                 ) -> dict[str, torch.Tensor]:
-    """Frozen inputs of both heads: {"pooled": (N, 1280), "maps": (N, 1152), "pixel": (N, 36)}."""
+    """Frozen inputs of the heads: {"pooled": (N, 1280), "maps": (N, 1152) block mean/std, "grid":
+    (N, 3072) the layout (block 8 average-pooled to 4x4, block 15 to 2x2), "pixel": (N, 36)}."""
     batch = as_batch(images)
-    pooled, maps, pixels = [], [], []
+    pooled, maps, grids, pixels = [], [], [], []
     with torch.inference_mode():
         for start in range(0, batch.shape[0], batch_size):
             chunk = batch[start: start + batch_size]
             p, m = backbone._run(chunk)
             pooled.append(p.float().cpu())
             maps.append(channel_statistics(m).float().cpu())
+            grids.append(layout_grid(m).float().cpu())
             if pixel_stats:
                 pixels.append(pixel.style_statistics(chunk))
-    out = {"pooled": torch.cat(pooled), "maps": torch.cat(maps)}
+    out = {"pooled": torch.cat(pooled), "maps": torch.cat(maps), "grid": torch.cat(grids)}
     if pixel_stats:
         out["pixel"] = torch.cat(pixels)
     return out
+
+
+def layout_grid(maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where things are: block 8 (N, 112, h, w) average-pooled to 4x4 and block 15 (N, 320, h, w) to
+    2x2, flattened (N, 3072). Pooled and block statistics average the layout away, which is what
+    tells look-alike emoji apart (eye shapes, a hand's position)."""
+    return torch.cat([torch.nn.functional.adaptive_avg_pool2d(maps["block8"], 4).flatten(1),
+                      torch.nn.functional.adaptive_avg_pool2d(maps["block15"], 2).flatten(1)], dim=1)
 
 
 def style_input(inputs: dict[str, torch.Tensor], pixel_mean: torch.Tensor, pixel_std: torch.Tensor) -> torch.Tensor:
     return torch.cat([inputs["maps"], (inputs["pixel"] - pixel_mean) / pixel_std], dim=1)
 
 
-def content_input(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Input of the object and text heads: pooled features and block statistics (N, 2432)."""
+def content_input(inputs: dict[str, torch.Tensor], layout: bool = False) -> torch.Tensor:
+    """Input of the object and text heads: pooled features and block statistics (N, 2432), and with
+    ``layout`` the layout grid (N, 2432 + 3072)."""
+    if layout:
+        return torch.cat([inputs["pooled"], inputs["maps"], inputs["grid"]], dim=1)
     return torch.cat([inputs["pooled"], inputs["maps"]], dim=1)
 
 
@@ -185,7 +198,7 @@ class HeadExtractor(FeatureExtractor):
         if self.kind == "style":
             x = style_input(inputs, self.heads.tensors["pixel_mean"], self.heads.tensors["pixel_std"])
         else:
-            x = content_input(inputs)
+            x = content_input(inputs, layout=bool(self.heads.meta["heads"][self.kind].get("layout")))
         return self.head(x.to(self.device))
 
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
