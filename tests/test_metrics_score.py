@@ -81,6 +81,8 @@ def test_off_the_embedded_model_unchosen_axes_are_not_measured():
     assert scores["diversity"].aggregate is not None
     asked = score(squares(), metrics=["style"], model=FOLDER_MODEL, extractor_sets=["emoji"])["style"]
     assert asked.extractor == "emoji-style" and asked.aggregate is not None and asked.validated is None
+    with pytest.raises(ConfigError, match="separate runs"):  # whole images vs foreground crops
+        score(squares(), metrics=["object"], model=FOLDER_MODEL, extractor_sets=["dreambooth", "consistory"])
 
 
 def test_bench_text_off_the_embedded_model_is_not_measured_with_the_emoji_head(no_clip):

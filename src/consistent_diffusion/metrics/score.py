@@ -148,7 +148,6 @@ class _Inputs:
     strict: bool  # raise ModelNotFoundError instead of returning not-measured results
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # extractor name -> load options
     foreground: bool | None = None  # object / concept on foreground crops (None: each extractor's own)
-    protocols: tuple[str, ...] = ()  # the published protocols of the chosen sets
 
     def extractor(self, axis: str, chosen: ExtractorLike | None = None):
         """The axis' extractor, loaded with its options (``chosen`` instead of the axis' own);
@@ -355,7 +354,6 @@ def score(
         extractors=resolved, default_text=resolve_extractors(None, model, sets)["text"],
         device=str(device), shape_mode=shape_mode, control_kind=control_kind, strict=strict,
         options=dict(extractor_options or {}), foreground=_set_foreground(sets),
-        protocols=tuple(EXTRACTOR_SETS[n].protocol for n in sets if n != "emoji"),
     )
     results = _score_kind(kind, inputs) if kind is not None else _score_metrics(chosen, inputs)
     _name_protocols(results, sets)
