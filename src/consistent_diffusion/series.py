@@ -4,7 +4,8 @@ Image (prompt p, seed s) gets its own CPU ``torch.Generator`` seeded with s, so 
 whether generated alone or inside a larger batch (up to float tolerance of batched kernels).
 Output folder (written atomically):
 
-    p00_s0000.png ...      one PNG per image, ``p{prompt index}_s{seed}``
+    p00_s0000.png ...      one PNG per image, ``p{prompt index}_s{seed}``, carrying its recipe
+                           (A1111 ``parameters`` + ours, ``core.recipe``; ``recreate_image``)
     contact_sheet.png      rows = prompts, columns = seeds
     manifest.json          config, methods, seeds, model identity, library versions, time
 """
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from consistent_diffusion.core import recipe
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.core.images import contact_sheet, save_png_atomic
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
@@ -166,10 +168,16 @@ def generate_batch(
             "width": width,
         },
     )
-    rescale = config.guidance_rescale if config.guidance_rescale is not None else default_guidance_rescale(pipe)
+    rescale = effective_guidance_rescale(pipe, config)
     if rescale is not None:
         ctx.call_kwargs["guidance_rescale"] = float(rescale)
     return run(ctx, methods)
+
+
+def effective_guidance_rescale(pipe: Any, config: SeriesConfig) -> float | None:
+    """The guidance rescale the calls use: the config's, else the model's default (None: not passed)."""
+    rescale = config.guidance_rescale if config.guidance_rescale is not None else default_guidance_rescale(pipe)
+    return None if rescale is None else float(rescale)
 
 
 def build_manifest(
@@ -182,7 +190,8 @@ def build_manifest(
         "config": config.to_dict(),
         "methods": [method.describe() for method in methods],
         "model": model_identity(pipe).to_dict(),
-        "runtime": {"device": device, "dtype": dtype, "scheduler_class": type(pipe.scheduler).__name__},
+        "runtime": {"device": device, "dtype": dtype, "scheduler_class": type(pipe.scheduler).__name__,
+                    "guidance_rescale": effective_guidance_rescale(pipe, config)},
         "versions": library_versions(),
         "images": [
             {"file": image_filename(index, seed), "prompt_index": index, "prompt": prompt, "seed": seed}
@@ -227,13 +236,61 @@ def write_series(result: SeriesResult, out_dir: str | os.PathLike, overwrite: bo
     """Write PNGs, contact sheet and manifest atomically; returns the final folder."""
     config = result.config
     with atomic_output_dir(out_dir, overwrite=overwrite) as temp:
-        for (index, _, seed), image in zip(config.items, result.images, strict=True):
-            save_png_atomic(image, temp / image_filename(index, seed))
+        for (index, prompt, seed), image in zip(config.items, result.images, strict=True):
+            text = image_recipe_text(result.manifest, index, prompt, seed, image.size)
+            save_png_atomic(image, temp / image_filename(index, seed), text=text)
         labels = [f"s{seed}" for _, _, seed in config.items]
         sheet = contact_sheet(result.images, columns=len(config.seeds), labels=labels)
         save_png_atomic(sheet, temp / "contact_sheet.png")
         write_json_atomic(result.manifest, temp / "manifest.json")
     return Path(out_dir)
+
+
+IMAGE_RECIPE_KIND = "series-image"
+
+
+def image_recipe_text(
+    manifest: dict[str, Any], prompt_index: int, prompt: str, seed: int, size: tuple[int, int]
+) -> dict[str, str]:
+    """PNG text chunks of one series image (``core.recipe``): A1111 ``parameters`` and our recipe,
+    the series ``manifest`` without its image list plus which image this is. size: (width, height)."""
+    config, runtime = manifest["config"], manifest.get("runtime", {})
+    names = [method["name"] for method in manifest.get("methods", [])]
+    fields = {
+        "Steps": config["steps"],
+        "Sampler": recipe.sampler_name(runtime.get("scheduler_class", "")),
+        "CFG scale": config["guidance_scale"],
+        "Guidance rescale": runtime.get("guidance_rescale"),
+        "Seed": seed,
+        "Size": f"{size[0]}x{size[1]}",
+        **recipe.model_fields(manifest["model"]),
+        "Methods": ", ".join(names) or None,
+        **recipe.version_field(),
+    }
+    parameters = recipe.format_parameters(prompt, config.get("negative_prompt", ""), fields)
+    request = {key: value for key, value in manifest.items() if key != "images"}
+    image = {"file": image_filename(prompt_index, seed), "prompt_index": prompt_index, "prompt": prompt, "seed": seed}
+    return recipe.png_text(parameters, {"kind": IMAGE_RECIPE_KIND, "request": request, "image": image})
+
+
+def recreate_image(pipe: Any, request: SeriesRequest, prompt_index: int, seed: int, progress: bool = False) -> Image.Image:
+    """Image (prompt_index, seed) of the series ``request`` describes, made again: the batch that held
+    it is generated with the methods configured for the whole series (``Method.for_series``), so a
+    batch-coupled method (StyleAligned's reference) sees the same neighbours and the pixels repeat."""
+    config = request.config
+    if config.scheduler is not None:
+        set_scheduler(pipe, config.scheduler)
+    items = config.items
+    wanted = next((i for i, (index, _, s) in enumerate(items) if index == prompt_index and s == seed), None)
+    if wanted is None:
+        raise ConfigError(f"the series has no image with prompt index {prompt_index} and seed {seed}")
+    running = [method.for_series(items, config.batch_size) for method in request.methods]
+    start = wanted // config.batch_size * config.batch_size
+    batch = items[start : start + config.batch_size]
+    with tqdm(total=len(batch), desc="re-creating", unit="img", disable=not progress) as bar:
+        images = generate_batch(pipe, config, batch, running)
+        bar.update(len(batch))
+    return images[wanted - start]
 
 
 @dataclass
@@ -268,8 +325,14 @@ def load_series_request(manifest_path: str | os.PathLike) -> SeriesRequest:
         raise ConfigError(f"manifest not found: {path}") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"manifest {path} is not valid JSON: {error}") from None
+    return series_request(manifest, str(path))
+
+
+def series_request(manifest: dict[str, Any], where: str) -> SeriesRequest:
+    """A series manifest (or an image recipe's ``request``) as a request that re-creates it;
+    ``where`` names its source in errors."""
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(f"{path} is not a series manifest (format {manifest.get('format')!r}, expected {MANIFEST_FORMAT})")
+        raise ConfigError(f"{where} is not a series manifest (format {manifest.get('format')!r}, expected {MANIFEST_FORMAT})")
     model = manifest["model"]
     methods = [get_method(m["name"], **m.get("options", {})) for m in manifest.get("methods", [])]
     return SeriesRequest(

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "advise",
     "metrics",
     "score",
+    "inspect",
 ]
 
 

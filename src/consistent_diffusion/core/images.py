@@ -96,12 +96,22 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in tensor_to_uint8(images)]
 
 
-def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write a PNG to a temp file in the same folder, then rename: never half-written."""
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
+    """Write a PNG to a temp file in the same folder, then rename: never half-written.
+
+    text: PNG text chunks (``core.recipe.png_text``): ``parameters`` stays a plain chunk, as other
+    tools expect; the others are compressed."""
+    from PIL.PngImagePlugin import PngInfo
+
     from consistent_diffusion.core.outputs import atomic_path
 
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value, zip=key != "parameters")
     with atomic_path(path) as temp:
-        image.save(temp, format="PNG")
+        image.save(temp, format="PNG", pnginfo=info)
     return Path(path)
 
 

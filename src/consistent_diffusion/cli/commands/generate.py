@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from consistent_diffusion.cli.options import methods as method_options
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.models.loading import SCHEDULERS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
 from consistent_diffusion.series import (
     SeriesConfig,
     fingerprint_mismatch,
@@ -21,6 +27,7 @@ EXAMPLES = """examples:
   consistent-diffusion generate --prompt "grinning face, twitter style" --seeds 0 1 2 3 --out runs/faces
   consistent-diffusion generate --model path/to/sd15 --prompt "a red fox, watercolor" --steps 25 --out runs/fox
   consistent-diffusion generate --from-manifest runs/faces/manifest.json --out runs/faces-again
+  consistent-diffusion generate --from-image runs/faces/p00_s0002.png --out runs/again.png
 """
 
 
@@ -31,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate every prompt with every seed. Each image has its own seed, so the "
         "same (prompt, seed) gives the same image alone or in any batch. The output folder holds "
         "one PNG per image (p<prompt>_s<seed>.png), contact_sheet.png and manifest.json, which "
-        "re-creates the folder with --from-manifest.",
+        "re-creates the folder with --from-manifest. Every PNG carries its recipe (AUTOMATIC1111 "
+        "'parameters' other tools read, and ours): --from-image makes that one image again, and "
+        "`consistent-diffusion inspect IMG` prints what made it.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -50,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--from-manifest", metavar="MANIFEST", help="re-create the series a manifest.json describes")
+    parser.add_argument("--from-image", metavar="PNG", help="re-create one image this tool wrote, from the recipe it carries "
+                        "(--out is then a .png file, or a folder to write it into under its own name)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -59,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_image:
+        return run_from_image(args)
     if args.from_manifest:
         request = load_series_request(args.from_manifest)
         args.config = request.model_config or args.config
@@ -85,3 +98,62 @@ def run(args: argparse.Namespace) -> int:
     result = generate_series(pipe, config, methods, out_dir=args.out, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote {len(result.images)} images, contact_sheet.png and manifest.json to {result.out_dir}")
     return 0
+
+
+def run_from_image(args: argparse.Namespace) -> int:
+    """``--from-image``: read the PNG's recipe, make the image again, write it with its recipe, and say
+    whether the pixels match the source's."""
+    from consistent_diffusion.core.errors import ConfigError
+    from consistent_diffusion.core.images import save_png_atomic
+    from consistent_diffusion.core.recipe import read_recipe
+    from consistent_diffusion.series import (
+        IMAGE_RECIPE_KIND,
+        build_manifest,
+        image_recipe_text,
+        recreate_image,
+        series_request,
+    )
+
+    if args.from_manifest or args.prompt:
+        raise ConfigError("--from-image re-creates an image from its own recipe; drop --from-manifest and --prompt")
+    source = Path(args.from_image)
+    found = read_recipe(source)
+    if found.get("kind") != IMAGE_RECIPE_KIND:
+        raise ConfigError(f"{source} was made by {found.get('kind')!r}, not a series; --from-image re-creates series images")
+    request = series_request(found["request"], f"the recipe in {source}")
+    image_info = found["image"]
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        out = out / image_info["file"]
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    args.config = request.model_config or args.config
+    pipe = load_model_from_args(args, spec=request.model, dtype=request.dtype)
+    warning = fingerprint_mismatch(request, pipe)
+    if warning:
+        print(warning, file=sys.stderr)
+    index, seed = int(image_info["prompt_index"]), int(image_info["seed"])
+    image = recreate_image(pipe, request, index, seed, progress=not args.quiet)
+    device = str(getattr(pipe, "device", "cpu"))
+    dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")
+    manifest = build_manifest(pipe, request.config, request.methods, device, dtype)
+    save_png_atomic(image, out, text=image_recipe_text(manifest, index, image_info["prompt"], seed, image.size))
+    print(f"wrote {out}: {pixel_verdict(source, image)}")
+    return 0
+
+
+def pixel_verdict(source: Path, image: Image.Image) -> str:
+    """Whether ``image`` has the pixels of the image file ``source``, in words."""
+    import numpy as np
+
+    from consistent_diffusion.core.images import load_image
+
+    before = np.asarray(load_image(source), dtype=np.int16)
+    after = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if before.shape != after.shape:
+        return f"differs from {source}: size {after.shape[1]}x{after.shape[0]} vs {before.shape[1]}x{before.shape[0]}"
+    if np.array_equal(before, after):
+        return f"pixels identical to {source}"
+    diff = np.abs(before - after)
+    return (f"differs from {source}: {int((diff.max(axis=-1) > 0).sum())} pixels, max difference {int(diff.max())} "
+            "(other library versions, hardware or weights than the recipe records?)")

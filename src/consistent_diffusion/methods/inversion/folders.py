@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from consistent_diffusion.core import recipe
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.core.images import contact_sheet, load_image, save_png_atomic
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
@@ -132,11 +133,7 @@ def edit_to_folder(
     files = [edit_filename(index) for index in range(len(prompts))]
     source = os.path.abspath(inversion.path) if inversion.path is not None else "<unsaved inversion>"
     with atomic_output_dir(out, overwrite=overwrite) as temp:
-        for name, image in zip(files, images, strict=True):
-            save_png_atomic(image, temp / name)
-        save_png_atomic(contact_sheet(list(images), columns=len(images)), temp / "contact_sheet.png")
-        write_json_atomic(
-            {
+        manifest = {
                 "format": EDIT_FORMAT,
                 "created": utc_now(),
                 "command": "edit",
@@ -152,7 +149,28 @@ def edit_to_folder(
                 "model": model_identity(pipe).to_dict(),
                 "runtime": _runtime(pipe, runtime),
                 "versions": library_versions(),
-            },
-            temp / "manifest.json",
-        )
+            }
+        for name, image, prompt in zip(files, images, prompts, strict=True):
+            save_png_atomic(image, temp / name, text=edit_recipe_text(manifest, name, prompt, inversion, image.size))
+        save_png_atomic(contact_sheet(list(images), columns=len(images)), temp / "contact_sheet.png")
+        write_json_atomic(manifest, temp / "manifest.json")
     return images
+
+
+def edit_recipe_text(manifest: dict[str, Any], file: str, prompt: str, inversion: Inversion,
+                     size: tuple[int, int]) -> dict[str, str]:
+    """PNG chunks of one edit (``core.recipe``): A1111 ``parameters`` and our recipe (the edit folder's
+    manifest and which image). The noise is the inversion's, so its seed is the inversion's."""
+    fields = {
+        "Steps": inversion.steps,
+        "Sampler": "DDPM (edit-friendly inversion)",
+        "CFG scale": manifest["cfg"],
+        "Seed": inversion.config.get("seed"),
+        "Size": f"{size[0]}x{size[1]}",
+        **recipe.model_fields(manifest["model"]),
+        "Methods": "ddpm_edit",
+        "Skip": manifest["skip"] or None,
+        **recipe.version_field(),
+    }
+    parameters = recipe.format_parameters(prompt, manifest.get("negative_prompt") or "", fields)
+    return recipe.png_text(parameters, {"kind": "ddpm-edit", "request": manifest, "image": {"file": file, "prompt": prompt}})
