@@ -8,6 +8,8 @@ embedded model itself when its weights are installed) it times, on the same prom
 - img2img (strength 0.6: it runs ``int(steps * 0.6)`` UNet steps),
 - StyleAligned (defaults; the reference is the first image of the batch), and without
   group-norm sharing,
+- consistent subject (ConsiStory's masked sharing, 2 anchors; at the batch and at twice the batch,
+  to show the cost per image stays flat: linear in the batch) and its StoryDiffusion mode,
 - edit-friendly DDPM inversion of one image vs plain CFG sampling of one image with the same
   number of steps, and an edit (skip 0) of the inversion,
 
@@ -135,6 +137,7 @@ def _generate(pipe: Any, methods: list[Any], prompts: list[str], seeds: list[int
 
 
 def bench_model(name: str, pipe: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from consistent_diffusion.methods.consistent_subject import ConsistentSubject
     from consistent_diffusion.methods.img2img import Img2Img
     from consistent_diffusion.methods.inversion import edit, invert
     from consistent_diffusion.methods.style_aligned import StyleAligned
@@ -148,6 +151,8 @@ def bench_model(name: str, pipe: Any, args: argparse.Namespace) -> list[dict[str
     prompts = [f"a {word}" for word in ("cat", "rocket", "heart", "tree", "car", "moon", "fish", "cake")]
     prompts = (prompts * ((args.batch + len(prompts) - 1) // len(prompts)))[: args.batch]
     seeds = list(range(args.batch))
+    places = ("on grass", "in snow", "at home", "in a box", "on a boat", "in space", "at night", "in the rain")
+    cats = [f"a cat {place}" for place in places] * ((2 * args.batch + len(places) - 1) // len(places))
     steps, cfg, batch = args.steps, args.cfg, args.batch
     state: dict[str, Any] = {}
 
@@ -165,6 +170,13 @@ def bench_model(name: str, pipe: Any, args: argparse.Namespace) -> list[dict[str
         ("StyleAligned", batch, lambda: _generate(pipe, [StyleAligned()], prompts, seeds, steps, cfg, size)),
         ("StyleAligned, no group-norm sharing", batch,
          lambda: _generate(pipe, [StyleAligned(share_group_norm=False)], prompts, seeds, steps, cfg, size)),
+        ("consistent subject (2 anchors)", batch,
+         lambda: _generate(pipe, [ConsistentSubject(subject="cat")], cats[:batch], seeds, steps, cfg, size)),
+        (f"consistent subject (2 anchors), batch {2 * batch}", 2 * batch,
+         lambda: _generate(pipe, [ConsistentSubject(subject="cat")], cats[: 2 * batch], list(range(2 * batch)), steps,
+                           cfg, size)),
+        ("consistent subject, story mode (2 anchors)", batch,
+         lambda: _generate(pipe, [ConsistentSubject(mode="story")], cats[:batch], seeds, steps, cfg, size)),
         ("plain, 1 image", 1, lambda: _generate(pipe, [], prompts[:1], seeds[:1], steps, cfg, size)),
         ("DDPM inversion, 1 image", 1, inversion),
         ("DDPM edit (skip 0), 1 image", 1, edit_it),

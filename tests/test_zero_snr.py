@@ -18,6 +18,7 @@ from PIL import Image
 from _finetune_data import COLOURS, instance_folder, one_thread, random_controlnet, shape_image
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, available_methods, run
+from consistent_diffusion.methods.consistent_subject import ConsistentSubject
 from consistent_diffusion.methods.controlnet import ControlNet
 from consistent_diffusion.methods.dreambooth import DreamBooth
 from consistent_diffusion.methods.img2img import Img2Img
@@ -167,6 +168,9 @@ METHODS = {
     "style_aligned_real": lambda a: [StyleAligned(reference_image=str(a["image"]), reference_image_prompt="a cat")],
     "lora": lambda a: [LoRA(weights=str(a["lora"]))],
     "dreambooth": lambda a: [DreamBooth(model=str(a["dreambooth"]))],
+    "consistent_subject": lambda a: [ConsistentSubject(subject="circle")],
+    "consistent_subject_real": lambda a: [ConsistentSubject(subject="cat", reference_image=str(a["image"]),
+                                                            reference_image_prompt="a cat")],
     "controlnet": lambda a: [ControlNet(controlnets=a["controlnet"], images=shape_image("circle", COLOURS["red"], 32))],
 }
 

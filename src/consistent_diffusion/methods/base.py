@@ -172,6 +172,7 @@ BUILTIN_METHOD_MODULES: list[str] = [
     "consistent_diffusion.methods.lora",
     "consistent_diffusion.methods.dreambooth",
     "consistent_diffusion.methods.controlnet",
+    "consistent_diffusion.methods.consistent_subject",
 ]
 
 

@@ -2,7 +2,8 @@
 that makes a series): ``add_method_arguments(parser)`` then ``methods_from_args(args)``.
 
 Methods are stacked in a fixed, valid order: img2img or ddpm_edit (they set the starting
-point), then StyleAligned (it prepends its reference to whatever the others prepared), then
+point), then consistent_subject (it prepends its anchors), then StyleAligned (it prepends its
+reference to whatever the others prepared, and takes the subject anchors into its attention), then
 LoRA adapters and ControlNets (`cli/options/finetune.py`). Options only: every rule about what
 the methods do (e.g. one StyleAligned reference per series) lives in the methods themselves.
 """
@@ -35,6 +36,26 @@ def _add_training_free_arguments(parser: argparse.ArgumentParser) -> None:
                        "steps and size become the inversion's, --guidance is the target cfg")
     group.add_argument("--edit-skip", type=int, default=0, metavar="N",
                        help="with --edit-inversion: leading steps to skip (more keeps more structure; default: 0)")
+
+    group = parser.add_argument_group("consistent subject (ConsiStory / StoryDiffusion shared attention)")
+    group.add_argument("--subject", metavar="WORD",
+                       help="keep this subject (a word or phrase of every prompt, e.g. 'cat') the same across the "
+                       "series without training (Tewel et al. 2024): images share the anchors' subject features")
+    group.add_argument("--subject-mode", choices=("subject", "story"), default="subject",
+                       help="subject: ConsiStory's masked sharing (default); story: StoryDiffusion's sampled tokens "
+                       "(no masks; --subject optional)")
+    group.add_argument("--subject-anchors", type=int, default=None, metavar="N",
+                       help="the series' first N images are the anchors (default: 2, or 0 with a reference image)")
+    group.add_argument("--subject-dropout", type=float, default=0.5, metavar="P",
+                       help="share of the anchors' subject patches hidden each step, keeps layouts varied (default: 0.5)")
+    group.add_argument("--subject-sample-rate", type=float, default=0.5, metavar="R",
+                       help="story mode: share of the anchors' tokens shared each step (default: 0.5)")
+    group.add_argument("--subject-reference-image", metavar="IMG",
+                       help="a real image of the subject as the anchor, brought in by edit-friendly DDPM inversion")
+    group.add_argument("--subject-reference-prompt", default="", metavar="TEXT",
+                       help="describes --subject-reference-image and names the subject (e.g. 'a photo of a cat')")
+    group.add_argument("--subject-vanilla-queries", action=argparse.BooleanOptionalAction, default=True,
+                       help="blend plain queries over the first tenth of the steps for layout variety (default: on)")
 
     group = parser.add_argument_group("StyleAligned (shared attention)")
     group.add_argument("--style-aligned", action="store_true",
@@ -80,6 +101,7 @@ _STYLE_ONLY = (
 
 def methods_from_args(args: argparse.Namespace) -> list[Method]:
     """The methods the parsed options ask for, in stacking order. Raises ConfigError on conflicts."""
+    from consistent_diffusion.methods.consistent_subject import ConsistentSubject
     from consistent_diffusion.methods.img2img import Img2Img
     from consistent_diffusion.methods.inversion import DdpmEdit
     from consistent_diffusion.methods.style_aligned import StyleAligned
@@ -93,6 +115,11 @@ def methods_from_args(args: argparse.Namespace) -> list[Method]:
         methods.append(Img2Img(image=init_image, strength=args.strength))
     if edit_inversion:
         methods.append(DdpmEdit(inversion=edit_inversion, skip=args.edit_skip))
+    subject, story = getattr(args, "subject", None), getattr(args, "subject_mode", "subject") == "story"
+    if subject is not None or story:
+        methods.append(ConsistentSubject(**_subject_options(args)))
+    elif getattr(args, "subject_reference_image", None):
+        raise ConfigError("--subject-reference-image needs --subject WORD (the subject it shows)")
     if getattr(args, "style_aligned", False):
         methods.append(StyleAligned(**_style_options(args)))
     else:
@@ -101,6 +128,18 @@ def methods_from_args(args: argparse.Namespace) -> list[Method]:
             raise ConfigError(f"{', '.join(given)} only apply with --style-aligned")
     methods += finetune_methods_from_args(args)  # LoRA adapters and ControlNets stack last
     return methods
+
+
+def _subject_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "subject": args.subject, "mode": args.subject_mode, "anchors": args.subject_anchors,
+        "mask_dropout": args.subject_dropout, "sample_rate": args.subject_sample_rate,
+        "vanilla_queries": args.subject_vanilla_queries,
+    }
+    if args.subject_reference_image:
+        options["reference_image"] = args.subject_reference_image
+        options["reference_image_prompt"] = args.subject_reference_prompt
+    return options
 
 
 def _style_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,6 +134,9 @@ class SharedAttentionProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        blended = getattr(self.inner, "blended_query", None)  # a subject-sharing processor underneath (see below)
+        if blended is not None:
+            query = blended(attn, query)
         if attn.norm_q is not None or attn.norm_k is not None:  # per-head norms come first, as in the stock order
             query, key = (
                 x if norm is None else _merge_heads(norm(_split_heads(x, attn.heads)))
@@ -144,7 +147,10 @@ class SharedAttentionProcessor:
         groups = batch // per
         # (groups, per, tokens, channels); row 0 of each group is the reference.
         q, k, v = (x.reshape(groups, per, tokens, -1) for x in (query, key, value))
-        out = shared_attention(q, k, v, m, heads=attn.heads, scale=attn.scale)
+        # Composition: when this layer's previous processor shares subjects (consistent_subject's),
+        # its anchors' keys/values join the shared keys, after AdaIN (``extra_keys``).
+        out = shared_attention(q, k, v, m, heads=attn.heads, scale=attn.scale,
+                               extra_keys=getattr(self.inner, "key_blocks", None))
 
         hidden_states = out.reshape(batch, tokens, -1).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -173,6 +179,7 @@ def shared_attention(
     options: SharingOptions,
     heads: int = 1,
     scale: float | None = None,
+    extra_keys: Callable[[torch.Tensor, torch.Tensor], list] | None = None,
 ) -> torch.Tensor:
     """StyleAligned attention on (groups, per, tokens, channels) tensors; row 0 is the reference.
 
@@ -183,8 +190,9 @@ def shared_attention(
     only rescale the softmax), so sharing never changes it. ``shared_score_scale`` multiplies the
     reference keys seen by the other rows; ``shared_score_shift`` is added to the reference
     logits (harmless for the reference row, for the same reason). With ``full_attention_share``
-    every row attends to all rows of its group instead (quadratic in the batch).
-    Returns (groups, per, tokens, channels).
+    every row attends to all rows of its group instead (quadratic in the batch). ``extra_keys(k, v)``
+    (after AdaIN) returns more (keys, values, bias) blocks every row also attends to, with their
+    additive biases (``consistent_subject``'s anchors). Returns (groups, per, tokens, channels).
     """
     groups, per, tokens, channels = q.shape
     ref_q, ref_k, ref_v = q[:, :1], k[:, :1], v[:, :1]
@@ -211,6 +219,13 @@ def shared_attention(
             mask[..., tokens:] = options.shared_score_shift
     else:
         keys, values = k, v
+    blocks = extra_keys(k, v) if extra_keys is not None else []
+    if blocks:
+        base = mask if mask is not None else torch.zeros(1, 1, 1, keys.shape[-2], dtype=q.dtype, device=q.device)
+        parts = [base.expand(groups, per, 1, -1)] + [bias.to(q.dtype).expand(groups, per, 1, -1) for _, _, bias in blocks]
+        keys = torch.cat([keys, *(b[0] for b in blocks)], dim=-2)
+        values = torch.cat([values, *(b[1] for b in blocks)], dim=-2)
+        mask = torch.cat(parts, dim=-1).flatten(0, 1).unsqueeze(1)  # (groups * per, 1, 1, keys)
 
     def heads_of(x: torch.Tensor) -> torch.Tensor:  # (g, p, n, c) -> (g * p, heads, n, c / heads)
         return _split_heads(x.flatten(0, 1), heads)
