@@ -292,3 +292,101 @@ def test_cli_stacks_subject_before_style_and_the_manifest_replays(tiny_sd_folder
         assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "again" / name)))
     assert main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a cat", "--subject-reference-image",
                  str(tmp_path / "x.png"), "--out", str(tmp_path / "bad")]) == 2
+
+
+# -- feature injection ---------------------------------------------------------------------------
+
+
+def test_correspondences_match_the_nearest_subject_pixel_of_an_anchor():
+    from consistent_diffusion.methods.consistent_subject.injection import correspondences
+
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 2, 2)  # row 0 is the anchor, row 1 the target
+    features[1, :, 0, 0] = features[0, :, 1, 1]  # target pixel 0 copies anchor pixel 3
+    masks = torch.tensor([[False, False, True, True], [True, True, False, True]])
+    found = correspondences(features, masks, anchors=[0])
+    assert 0 not in found.apply, "an anchor with no other anchor injects nothing"
+    assert found.source_row[1].tolist() == [0, 0, 0, 0]
+    assert found.source_pixel[1][0] == 3
+    assert set(found.source_pixel[1].tolist()) <= {2, 3}, "sources lie inside the anchor's mask"
+    assert not found.apply[1][2], "outside the target's mask nothing is injected"
+    assert found.apply[1][0], "the exact match is below the Otsu threshold"
+
+
+def test_gaussian_smoothing_keeps_a_constant_inside_and_sums_to_one():
+    from consistent_diffusion.methods.consistent_subject.injection import gaussian_smooth
+
+    smoothed = gaussian_smooth(torch.ones(1, 3, 5, 5))
+    assert torch.allclose(smoothed[..., 1:-1, 1:-1], torch.ones(1, 3, 3, 3), atol=1e-6)
+    assert smoothed[0, 0, 0, 0] < 1, "zero padding at the border, as the reference"
+
+
+def test_feature_injection_acts_and_its_first_pass_rewinds_the_noise(tiny_sd):
+    plain_sharing = _latents(tiny_sd, [ConsistentSubject(subject="cat")], steps=12)
+    injected = _latents(tiny_sd, [ConsistentSubject(subject="cat", feature_injection=True)], steps=12)
+    assert max(float((a - b).abs().max()) for a, b in zip(plain_sharing, injected, strict=True)) > 1e-5
+    again = _latents(tiny_sd, [ConsistentSubject(subject="cat", feature_injection=True)], steps=12)
+    assert all(torch.equal(a, b) for a, b in zip(injected, again, strict=True))
+    # alpha 0 blends nothing in: what is left is the second pass, from the same noise as without injection
+    zero = _latents(tiny_sd, [ConsistentSubject(subject="cat", feature_injection=True, injection_alpha=0.0)], steps=12)
+    assert all(torch.equal(a, b) for a, b in zip(plain_sharing, zero, strict=True))
+
+
+def test_subject_style_controlnet_and_lora_stack(tmp_path):
+    """Subject from the anchors, style from a generated reference, a ControlNet and a LoRA, in one
+    series: every part is active during the call and everything is restored after it."""
+    from _finetune_data import COLOURS, instance_folder, random_controlnet, shape_image
+
+    from consistent_diffusion.methods.base import Method
+    from consistent_diffusion.methods.controlnet import ControlNet
+    from consistent_diffusion.methods.lora import LoRA
+    from consistent_diffusion.methods.style_aligned import SharedAttentionProcessor
+    from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
+
+    lora = train_lora(LoraDreamBoothConfig(out=tmp_path / "lora", instance_dir=instance_folder(tmp_path),
+                                           instance_prompt="a photo of sks cat", steps=2, learning_rate=1e-2,
+                                           progress=False), tiny_sd_pipeline()).result
+    pipe = tiny_sd_pipeline()
+    original = dict(pipe.unet.attn_processors)
+    seen: dict = {}
+
+    class Spy(Method):
+        name = "spy"
+
+        def applied(self, ctx):
+            import contextlib
+
+            def spy(pipeline, step, timestep, callback_kwargs):
+                processors = list(pipeline.unet.attn_processors.values())
+                seen["style"] = any(isinstance(p, SharedAttentionProcessor) for p in processors)
+                seen["subject"] = any(isinstance(getattr(p, "inner", None), SubjectAttentionProcessor)
+                                      for p in processors)
+                seen["lora"] = any("lora" in n for n, _ in pipeline.unet.named_parameters())
+                seen["controlnet"] = type(pipeline).__name__
+                return callback_kwargs
+
+            @contextlib.contextmanager
+            def inner():
+                ctx.call_kwargs["callback_on_step_end"] = spy
+                try:
+                    yield ctx
+                finally:
+                    ctx.call_kwargs.pop("callback_on_step_end", None)
+
+            return inner()
+
+        def describe(self):
+            return {"name": "spy", "options": {}}
+
+    methods = [
+        ConsistentSubject(subject="cat"),
+        StyleAligned(reference_prompt="a green triangle"),
+        ControlNet(controlnets=random_controlnet(pipe), images=shape_image("circle", COLOURS["red"], 32)),
+        LoRA(weights=str(lora), scales=0.8),
+    ]
+    config = SeriesConfig(prompts=("a cat on grass", "a cat in snow"), seeds=(0, 1), steps=3, batch_size=4)
+    result = generate_series(pipe, config, [*methods, Spy()], progress=False)
+    assert len(result.images) == 4
+    assert seen == {"style": True, "subject": True, "lora": True, "controlnet": "StableDiffusionControlNetPipeline"}
+    assert all(pipe.unet.attn_processors[k] is v for k, v in original.items()), "everything restored"
+    assert not pipe.unet._forward_pre_hooks

@@ -54,6 +54,9 @@ def _add_training_free_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a real image of the subject as the anchor, brought in by edit-friendly DDPM inversion")
     group.add_argument("--subject-reference-prompt", default="", metavar="TEXT",
                        help="describes --subject-reference-image and names the subject (e.g. 'a photo of a cat')")
+    group.add_argument("--subject-feature-injection", action="store_true",
+                       help="also pull each image's subject features towards the anchors' (DIFT correspondences; "
+                       "a first full pass: about twice the cost)")
     group.add_argument("--subject-vanilla-queries", action=argparse.BooleanOptionalAction, default=True,
                        help="blend plain queries over the first tenth of the steps for layout variety (default: on)")
 
@@ -134,7 +137,7 @@ def _subject_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
         "subject": args.subject, "mode": args.subject_mode, "anchors": args.subject_anchors,
         "mask_dropout": args.subject_dropout, "sample_rate": args.subject_sample_rate,
-        "vanilla_queries": args.subject_vanilla_queries,
+        "vanilla_queries": args.subject_vanilla_queries, "feature_injection": args.subject_feature_injection,
     }
     if args.subject_reference_image:
         options["reference_image"] = args.subject_reference_image

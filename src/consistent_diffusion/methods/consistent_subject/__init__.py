@@ -21,12 +21,18 @@ Anchors: the series' first images (kept in every batch, ``ConsistentSubject.for_
 real image brought in through edit-friendly DDPM inversion, pinned to its trajectory as row 0 (as
 StyleAligned's real reference; ``style_aligned.reference``).
 
-Not implemented: the reference's feature injection (a second full pass with DIFT correspondences,
-sec. 3.4) and its cached-anchor mode (extra images generated one at a time against stored anchor
-features): here anchors are regenerated in each batch of a series, deterministically.
+4. Feature injection [3.4], optional (``feature_injection``; the reference turns it on, here it is
+   opt-in because it doubles the cost): a first pass gives final masks and DIFT features; in the
+   second, over steps [steps/10, steps/3], each image's subject pixels at half the latent size take
+   0.8 of their nearest anchor pixel's self-attention output (``injection``).
+
+Not implemented: the reference's cached-anchor mode (extra images generated one at a time against
+stored anchor features); here anchors are regenerated in each batch of a series, deterministically,
+so every batch sees the same anchors.
 
 - ``masks``: subject token positions, subject maps, Otsu, mask dropout, StoryDiffusion sampling.
 - ``attention``: ``SubjectState``, the processors, the step hook, ``installed_subject_sharing``.
+- ``injection``: DIFT capture, correspondences, the injection hooks.
 - ``method``: the ``consistent_subject`` method (``ConsistentSubject``).
 """
 

@@ -58,9 +58,12 @@ class SubjectState:
     window: int = 20  # steps averaged for the masks
     blend_steps: int = 0  # steps (from 1) whose shared queries are blended with vanilla ones
     map_level: int = 2  # down-sampling level of the cross-attention layers that make the masks
-    share_levels: set[int] = field(default_factory=set)
+    share_levels: set[int] = field(default_factory=set)  # levels of the shared self-attention layers
+    attention_levels: set[int] = field(default_factory=set)  # levels of every self-attention layer
     latent_size: tuple[int, int] = (0, 0)
+    train_timesteps: int = 1000
     step: int = -1
+    timestep: float | None = None  # of the current step
     in_vanilla_pass: bool = False
     layer_maps: list[torch.Tensor] = field(default_factory=list)  # this step's (n, hw) maps, one per layer
     step_maps: list[torch.Tensor] = field(default_factory=list)  # each past step's mean map
@@ -80,6 +83,15 @@ class SubjectState:
         if not self.share or self.in_vanilla_pass or self.step < 1:
             return False
         return self.mode == "story" or bool(self.visible)
+
+    def final_masks(self, grids: Sequence[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+        """Masks (no dropout) from the last ``window`` steps including the current one: what the
+        first pass leaves for feature injection."""
+        maps = self.step_maps + ([torch.stack(self.layer_maps).mean(dim=0)] if self.layer_maps else [])
+        if not maps:
+            return {tuple(g): torch.zeros(self.n, g[0] * g[1], dtype=torch.bool) for g in grids}
+        mean = torch.stack(maps[-self.window:]).mean(dim=0)
+        return masking.masks_from_maps(mean, self.grid(self.map_level), grids)
 
     def blend_strength(self) -> float | None:
         """Weight of the vanilla query at this step, or None outside the blend steps."""
@@ -280,6 +292,8 @@ def _step_hook(state: SubjectState) -> Any:
             return None
         sample = args[0] if args else kwargs["sample"]
         state.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        state.timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else timestep
         if state.layer_maps:
             state.step_maps.append(torch.stack(state.layer_maps).mean(dim=0))
             state.layer_maps = []
@@ -322,6 +336,8 @@ def installed_subject_sharing(unet: Any, state: SubjectState, parts: Sequence[st
     installed: dict[str, Any] = {}
     for name, processor in previous.items():
         level = layer_level(name, down, up)
+        if name.endswith("attn1.processor") and level is not None:
+            state.attention_levels.add(level)
         if name.endswith("attn1.processor") and name.split(".")[0].split("_")[0] in parts:
             installed[name] = SubjectAttentionProcessor(state, processor, name, level)
             state.share_levels.add(level)

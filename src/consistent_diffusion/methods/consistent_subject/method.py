@@ -16,12 +16,18 @@ from typing import Any
 import torch
 
 from consistent_diffusion.core.errors import ConfigError
-from consistent_diffusion.methods.base import GenerationContext, Method, register
+from consistent_diffusion.methods.base import GenerationContext, Method, register, supported_call_kwargs
 from consistent_diffusion.methods.common import batch_size, generation_size, restoring
 from consistent_diffusion.methods.consistent_subject.attention import (
     SubjectState,
     choose_map_level,
     installed_subject_sharing,
+)
+from consistent_diffusion.methods.consistent_subject.injection import (
+    InjectionPlan,
+    captured_dift,
+    installed_injection,
+    plan_injection,
 )
 from consistent_diffusion.methods.consistent_subject.masks import subject_token_positions
 from consistent_diffusion.methods.inversion import Inversion, inversion_reference
@@ -64,6 +70,8 @@ class ConsistentSubject(Method):
     mask_level: int | None = None  # down-sampling level of the cross-attention maps (None: auto, see attention)
     seed: int = 0  # seeds the mask dropout / token sampling
     share: bool = True  # False: anchors and hooks in place, nothing shared (a control; stock output)
+    feature_injection: bool = False  # ConsiStory's DIFT feature injection (a first full pass: ~2x the cost)
+    injection_alpha: float = 0.8  # weight of the anchor's feature in an injected pixel (reference: 0.8), in [0, 1]
     reference_image: str | None = None  # a real image of the subject (inverted with DDPM inversion)
     reference_image_prompt: str = ""  # its description, naming the subject (used to invert it and for its mask)
     reference_inversion: Any = None  # an Inversion (or its folder) of the real subject image
@@ -104,7 +112,11 @@ class ConsistentSubject(Method):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("vanilla_queries", "share"):
+        if not _number(self.injection_alpha) or not 0 <= self.injection_alpha <= 1:
+            raise ConfigError(f"injection_alpha must be a number in [0, 1], got {self.injection_alpha!r}")
+        if self.feature_injection and self.mode != "subject":
+            raise ConfigError("feature_injection needs subject masks: use mode='subject'")
+        for name in ("vanilla_queries", "share", "feature_injection"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.reference_image is not None and self.reference_inversion is not None:
@@ -175,9 +187,31 @@ class ConsistentSubject(Method):
                 stack = use_real_reference(ctx, inversion, self.reference_seed, self._sampling)
             real = 1 if inversion is not None else 0
             anchors = list(range(real)) + [real + i for i in range(generated)]
-            state = self._state(ctx, anchors)
-            with stack, installed_subject_sharing(ctx.pipe.unet, state, self.share_parts):
-                yield ctx
+            with stack:
+                plan = self._first_pass(ctx, anchors) if self.feature_injection and self.share else None
+                state = self._state(ctx, anchors)
+                injecting = installed_injection(ctx.pipe.unet, state, plan) if plan else contextlib.nullcontext()
+                with installed_subject_sharing(ctx.pipe.unet, state, self.share_parts), injecting:
+                    yield ctx
+
+    def _first_pass(self, ctx: GenerationContext, anchors: list[int]) -> InjectionPlan | None:
+        """Feature injection's first pass (sec. 3.4): the whole call with shared attention only, to
+        get the final subject masks and the DIFT features; the generators are rewound after it, so
+        the second pass starts from the same noise. None when there is nothing to inject."""
+        state = self._state(ctx, anchors)
+        saved = [generator.get_state() for generator in ctx.generators]
+        captured: dict[str, Any] = {}
+        unet = ctx.pipe.unet
+        with installed_subject_sharing(unet, state, self.share_parts), captured_dift(unet, state, captured):
+            ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts, generator=ctx.generators,
+                     output_type="latent", **supported_call_kwargs(ctx.pipe, ctx.call_kwargs))
+        for generator, rng in zip(ctx.generators, saved, strict=True):
+            generator.set_state(rng)
+        if "features" not in captured or not anchors:
+            return None
+        plan = plan_injection(state, captured["features"], state.steps)
+        plan.alpha = float(self.injection_alpha)
+        return plan
 
     def _place_generated_anchors(self, ctx: GenerationContext) -> int:
         """Make the batch start with the generated anchors (prepending them as internal rows when a
@@ -210,6 +244,7 @@ class ConsistentSubject(Method):
             share=self.share, dropout=float(self.mask_dropout), sample_rate=float(self.sample_rate), seed=self.seed,
             window=self.mask_window, blend_steps=steps // 10 if self.vanilla_queries and self.mode == "subject" else 0,
             map_level=level, latent_size=latent,
+            train_timesteps=int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000)),
         )
 
     def _positions(self, pipe: Any, prompts: Sequence[str]) -> list[list[int]]:
