@@ -336,7 +336,6 @@ def test_subject_style_controlnet_and_lora_stack(tmp_path):
     """Subject from the anchors, style from a generated reference, a ControlNet and a LoRA, in one
     series: every part is active during the call and everything is restored after it."""
     from _finetune_data import COLOURS, instance_folder, random_controlnet, shape_image
-
     from consistent_diffusion.methods.base import Method
     from consistent_diffusion.methods.controlnet import ControlNet
     from consistent_diffusion.methods.lora import LoRA
