@@ -35,6 +35,7 @@ from consistent_diffusion.methods.inversion import (
 )
 from consistent_diffusion.methods.lora import LoRA
 from consistent_diffusion.methods.style_aligned import StyleAligned
+from consistent_diffusion.methods.textual_inversion import TextualInversion
 from consistent_diffusion.series import SeriesConfig, generate_series
 from consistent_diffusion.testing import ZERO_SNR_SCHEDULER_CONFIG, tiny_sd_pipeline, tiny_sdxl_pipeline
 
@@ -143,6 +144,7 @@ def assets(tmp_path_factory, image):
     targets), a ControlNet, a reference image file: what each method needs."""
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
+    from consistent_diffusion.training.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -155,12 +157,18 @@ def assets(tmp_path_factory, image):
                                                    instance_prompt=PROMPTS[0], steps=2, checkpoint_every=2,
                                                    learning_rate=1e-2, progress=False),
                                   tiny_sd_pipeline(zero_snr=True)).out
+    inversion = train_textual_inversion(
+        TextualInversionConfig(out=root / "ti", instance_dir=instances, placeholder_token="<zs-shape>",
+                               initializer_token="circle", steps=2, batch_size=1, progress=False,
+                               templates=("a {}",)),
+        tiny_sd_pipeline(zero_snr=True)).result
     image.save(root / "reference.png")
     torch.set_num_threads(previous)
-    return {"lora": lora, "dreambooth": dreambooth, "controlnet": random_controlnet(tiny_sd_pipeline()),
+    return {"lora": lora, "dreambooth": dreambooth, "textual_inversion": inversion, "controlnet": random_controlnet(tiny_sd_pipeline()),
             "image": root / "reference.png"}
 
 
+METHOD_PROMPTS = {"textual_inversion": ("a red <zs-shape>", "a blue <zs-shape>")}  # the learned word in use
 METHODS = {
     "img2img": lambda a: [Img2Img(image=a["image"], strength=0.7)],
     "ddpm_edit": lambda a: [DdpmEdit(image=a["image"], source_prompt="a cat", source_cfg=3.0)],
@@ -171,14 +179,15 @@ METHODS = {
     "consistent_subject": lambda a: [ConsistentSubject(subject="circle")],
     "consistent_subject_real": lambda a: [ConsistentSubject(subject="cat", reference_image=str(a["image"]),
                                                             reference_image_prompt="a cat")],
+    "textual_inversion": lambda a: [TextualInversion(embeddings=str(a["textual_inversion"]))],
     "controlnet": lambda a: [ControlNet(controlnets=a["controlnet"], images=shape_image("circle", COLOURS["red"], 32))],
 }
 
 
-def _context(pipe, seeds=(0, 1), steps=3, **call_kwargs) -> GenerationContext:
+def _context(pipe, seeds=(0, 1), steps=3, prompts=PROMPTS, **call_kwargs) -> GenerationContext:
     """One batch as ``series.generate_batch`` builds it."""
     return GenerationContext(
-        pipe=pipe, prompts=list(PROMPTS[: len(seeds)]), negative_prompts=None,
+        pipe=pipe, prompts=list(prompts[: len(seeds)]), negative_prompts=None,
         generators=[torch.Generator().manual_seed(seed) for seed in seeds],
         call_kwargs={"num_inference_steps": steps, "guidance_scale": 3.0, "height": 32, "width": 32, **call_kwargs},
     )
@@ -190,12 +199,13 @@ def test_every_registered_method_is_covered():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_each_method_gives_finite_deterministic_images(zsnr, assets, name):
-    first = run(_context(zsnr), METHODS[name](assets), output_type="np")
-    again = run(_context(zsnr), METHODS[name](assets), output_type="np")
+    prompts = METHOD_PROMPTS.get(name, PROMPTS)
+    first = run(_context(zsnr, prompts=prompts), METHODS[name](assets), output_type="np")
+    again = run(_context(zsnr, prompts=prompts), METHODS[name](assets), output_type="np")
     assert len(first) == 2 and all(image.shape == (32, 32, 3) for image in first)
     assert all(np.isfinite(image).all() for image in first), "NaN/inf in the decoded images"
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)), "same seeds, same images"
-    plain = run(_context(zsnr), [], output_type="np")
+    plain = run(_context(zsnr, prompts=prompts), [], output_type="np")
     assert max(np.abs(a - b).max() for a, b in zip(first, plain, strict=True)) > 1e-4, "the method acted"
 
 

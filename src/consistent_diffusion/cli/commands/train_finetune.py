@@ -1,6 +1,6 @@
-"""`consistent-diffusion train dreambooth | lora | controlnet`: fine-tune a model (resumable).
+"""`consistent-diffusion train dreambooth | lora | textual-inversion | controlnet`: fine-tune a model (resumable).
 
-``register_train_subcommands(kinds)`` adds the three sub-subcommands to the ``train`` parser's
+``register_train_subcommands(kinds)`` adds the four sub-subcommands to the ``train`` parser's
 subparsers (``commands/train.py`` calls it).
 """
 
@@ -15,11 +15,11 @@ from consistent_diffusion.core.errors import ConfigError
 
 
 def _loop_arguments(parser: argparse.ArgumentParser, lr: float, checkpoint_every: int, steps: int,
-                    prompts: bool = True) -> None:
+                    prompts: bool = True, batch: int = 1) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--out", required=True, type=Path, help="run folder (checkpoints, validation images, result)")
     group.add_argument("--steps", type=int, default=steps, help=f"optimisation steps in total (default {steps})")
-    group.add_argument("--batch-size", type=int, default=1, help="examples per step and process (default 1)")
+    group.add_argument("--batch-size", type=int, default=batch, help=f"examples per step and process (default {batch})")
     group.add_argument("--learning-rate", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
     group.add_argument("--lr-warmup-steps", type=int, default=0)
     group.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
@@ -78,6 +78,28 @@ def register_train_subcommands(kinds: argparse._SubParsersAction) -> None:
                        help="also write the adapter in the kohya/A1111 format to FILE")
     _loop_arguments(lora, lr=1e-4, checkpoint_every=100, steps=400)
     lora.set_defaults(func=run_lora)
+
+    inversion = kinds.add_parser(
+        "textual-inversion", help="textual inversion: learn a new word for a concept from 3-20 images (model frozen)",
+        description="Learn the embedding of a new token (Gal et al. 2023) so that prompts with it draw the "
+        "concept. Writes OUT/embeddings (learned_embeds.safetensors, + learned_embeds_2 for SDXL), loadable with stock "
+        "diffusers pipe.load_textual_inversion and by `generate --textual-inversion`.",
+        epilog="example:\n  consistent-diffusion train textual-inversion --instance-dir cat_photos --token '<my-cat>' "
+        "--initializer cat --template '{}, twitter style' --out runs/ti-cat",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(inversion)
+    group = inversion.add_argument_group("concept")
+    group.add_argument("--instance-dir", required=True, type=Path, help="folder of 3-20 images of the concept")
+    group.add_argument("--token", required=True, dest="placeholder_token", help="the new word, e.g. '<my-cat>' (lower case)")
+    group.add_argument("--initializer", required=True, dest="initializer_token",
+                       help="a word close to the concept; its embedding is the starting point (e.g. 'cat')")
+    group.add_argument("--vectors", type=int, default=1, dest="num_vectors", help="vectors behind the token (default 1)")
+    group.add_argument("--template", action="append", default=None, metavar="TEXT",
+                       help="training prompt with {} for the token (repeatable), or 'object' / 'style' for diffusers' "
+                       "template sets (default: object)")
+    _loop_arguments(inversion, lr=5e-3, checkpoint_every=100, steps=500, batch=4)
+    inversion.set_defaults(func=run_textual_inversion)
 
     controlnet = kinds.add_parser(
         "controlnet", help="train a ControlNet (canny/silhouette/scribble) for a model that has none",
@@ -167,3 +189,20 @@ def run_controlnet(args: argparse.Namespace) -> int:
     check_out_folder(config)  # before the (slow) model load
     result = train_controlnet(config, load_model_from_args(args))
     return _report(result, f"{args.condition} ControlNet")
+
+
+def run_textual_inversion(args: argparse.Namespace) -> int:
+    from consistent_diffusion.training.loop import check_out_folder
+    from consistent_diffusion.training.textual_inversion import (
+        TextualInversionConfig,
+        train_textual_inversion,
+    )
+
+    config = TextualInversionConfig(
+        **_loop_options(args), instance_dir=args.instance_dir, placeholder_token=args.placeholder_token,
+        initializer_token=args.initializer_token, num_vectors=args.num_vectors,
+        templates=tuple(args.template or ("object",)), validation_prompts=tuple(args.validation_prompts or ()),
+    )
+    check_out_folder(config)  # before the (slow) model load
+    result = train_textual_inversion(config, load_model_from_args(args))
+    return _report(result, f"textual inversion {args.placeholder_token!r} (use it with --textual-inversion)")

@@ -1,10 +1,11 @@
 """Command-line options for DreamBooth, LoRA and ControlNet at generation time.
 
-``add_finetune_arguments(parser)`` adds ``--dreambooth RUN``, ``--lora PATH[:SCALE]`` (repeatable) and
+``add_finetune_arguments(parser)`` adds ``--textual-inversion PATH[:TOKEN]``, ``--dreambooth RUN``,
+``--lora PATH[:SCALE]`` (repeatable) and
 ``--controlnet SPEC --control-image IMG [--control-scale S] [--control-preprocess P]`` (each
 repeatable, matched by position); ``finetune_methods_from_args(args)`` returns the methods to
-append after the training-free ones (DreamBooth, then LoRA, then ControlNet; they compose with
-each other and with StyleAligned).
+append after the training-free ones (textual inversion, DreamBooth, LoRA, then ControlNet; they
+compose with each other and with StyleAligned).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                        help="apply a LoRA (file or folder; our LoRA DreamBooth output, diffusers or kohya/A1111 format) "
                        "with a strength (default 1); repeat to mix several")
+    group.add_argument("--textual-inversion", action="append", default=None, metavar="PATH[:TOKEN]",
+                       help="use learned token embeddings (our `train textual-inversion` folder, diffusers' or A1111's "
+                       "file); put the token in --prompt; :TOKEN renames it; repeat for several")
     group = parser.add_argument_group("ControlNet")
     group.add_argument("--controlnet", action="append", default=None, metavar="SPEC",
                        help="a ControlNet folder, cached hub id, embedded-<condition>, or 'default' (the embedded "
@@ -54,8 +58,12 @@ def finetune_methods_from_args(args: argparse.Namespace) -> list[Method]:
     from consistent_diffusion.methods.controlnet import ControlNet
     from consistent_diffusion.methods.dreambooth import DreamBooth
     from consistent_diffusion.methods.lora import LoRA
+    from consistent_diffusion.methods.textual_inversion import TextualInversion
 
     methods: list[Method] = []
+    for spec in getattr(args, "textual_inversion", None) or ():
+        path, token = (spec, None) if os.path.exists(spec) or ":" not in spec else spec.rsplit(":", 1)
+        methods.append(TextualInversion(embeddings=path, token=token))
     if getattr(args, "dreambooth", None):
         methods.append(DreamBooth(model=args.dreambooth))
     loras = getattr(args, "lora", None)
