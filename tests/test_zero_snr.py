@@ -144,7 +144,10 @@ def assets(tmp_path_factory, image):
     targets), a ControlNet, a reference image file: what each method needs."""
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
-    from consistent_diffusion.training.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from consistent_diffusion.training.textual_inversion import (
+        TextualInversionConfig,
+        train_textual_inversion,
+    )
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
