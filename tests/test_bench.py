@@ -287,8 +287,11 @@ def test_training_suite_errors_are_clear(tmp_path):
     bad.write_text('[training.x]\nkind="lora"\ninstance_prompt="sks"\nout="here"\n' + head + with_references)
     with pytest.raises(ConfigError, match="unknown options \\['out'\\]"):
         check_trainings(load_suite(bad))
-    bad.write_text('[training.x]\nkind="textual_inversion"\n' + head + task)
-    with pytest.raises(ConfigError, match="not one of dreambooth, lora"):
+    bad.write_text('[training.x]\nkind="hypernetwork"\n' + head + task)
+    with pytest.raises(ConfigError, match="not one of dreambooth, lora, textual_inversion"):
+        load_suite(bad)
+    bad.write_text('[training.x]\nkind="textual_inversion"\ninstance_prompt="sks"\n' + head + task)
+    with pytest.raises(ConfigError, match="needs placeholder_token, initializer_token"):
         load_suite(bad)
     bad.write_text('[methods.m]\nuses=[]\nprompt="sks"\n' + task)
     with pytest.raises(ConfigError, match="template"):
@@ -417,3 +420,50 @@ def test_a_new_subject_cell_runs_on_a_tiny_pipeline(tiny_sd_folder, tmp_path):
     assert {"object", "reference_object", "reference_fidelity", "reference_psnr"} <= set(record.scores)
     assert record.trainings[0].options["prior_preservation"] is True and record.cost.trainable_parameters > 0
     assert record == CellRecord.from_dict(json.loads((tmp_path / "cells" / cell.id / "cell.json").read_text()))
+
+
+def test_textual_inversion_and_consistent_subject_cells(suite_file, tiny_sd_folder, tmp_path):
+    """A textual-inversion training (no class images, its own required options) and a
+    consistent-subject stack whose subject word comes from the task (``{subject}``)."""
+    path = tmp_path / "new.toml"
+    path.write_text("""
+name = "new-methods"
+steps = 2
+guidance = 3.0
+
+[training.concept_ti]
+kind = "textual_inversion"
+placeholder_token = "<sks-thing>"
+initializer_token = "cat"
+templates = ["a {}"]
+steps = 2
+batch_size = 1
+
+[methods.textual_inversion]
+uses = [{ method = "textual_inversion", embeddings = "{trained:concept_ti}" }]
+prompt = "<sks-thing>, {prompt}"
+
+[methods.consistent_subject]
+uses = [{ method = "consistent_subject", subject = "{subject}", reference_image = "{reference}", reference_image_prompt = "a {subject}" }]
+
+[[tasks]]
+name = "object-red"
+kind = "object"
+subject = "cat"
+prompts = ["a red cat", "a blue cat"]
+seeds = [0]
+references = ["reference.png"]
+methods = ["textual_inversion", "consistent_subject"]
+""")
+    suite = load_suite(path)
+    from consistent_diffusion.bench.prepare import check_trainings
+
+    check_trainings(suite)
+    out = tmp_path / "bench"
+    done = run_bench(suite, out, lambda: load_pipeline(str(tiny_sd_folder)), make_scorer(EXTRACTORS), progress=False)
+    assert sorted(done) == ["object-red__consistent_subject", "object-red__textual_inversion"]
+    prepared = json.loads((out / "prepared" / "object-red__concept_ti" / "prepared.json").read_text())
+    assert prepared["kind"] == "textual_inversion" and prepared["trainable_parameters"] == 32  # one 32-d vector
+    stack = json.loads((out / "cells" / "object-red__consistent_subject" / "series" / "manifest.json").read_text())
+    assert stack["methods"][0]["options"]["subject"] == "cat"
+    assert stack["methods"][0]["options"]["reference_image_prompt"] == "a cat"

@@ -1,6 +1,6 @@
 """The bench's prepare stage: fine-tune once per (task, training) before the cells that need it.
 
-A suite's ``[training.NAME]`` (DreamBooth or LoRA DreamBooth) is trained on a task's reference
+A suite's ``[training.NAME]`` (DreamBooth, LoRA DreamBooth or textual inversion) is trained on a task's reference
 images, from a fresh float32 copy of the benchmarked model, and cached::
 
     prepared/<task>__<training>/prepared.json   what was trained, its cost, where the artifact is
@@ -32,11 +32,17 @@ SET_BY_RUNNER = frozenset({"out", "instance_dir", "resume", "progress", "class_i
 
 
 def training_kind(kind: str) -> tuple[type, Callable[..., Any]]:
-    """(config dataclass, train function) of a suite training of ``kind`` (``dreambooth`` | ``lora``)."""
+    """(config dataclass, train function) of a suite training of ``kind`` (``dreambooth`` | ``lora`` |
+    ``textual_inversion``)."""
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
+    from consistent_diffusion.training.textual_inversion import (
+        TextualInversionConfig,
+        train_textual_inversion,
+    )
 
-    return {"dreambooth": (DreamBoothConfig, train_dreambooth), "lora": (LoraDreamBoothConfig, train_lora)}[kind]
+    return {"dreambooth": (DreamBoothConfig, train_dreambooth), "lora": (LoraDreamBoothConfig, train_lora),
+            "textual_inversion": (TextualInversionConfig, train_textual_inversion)}[kind]
 
 
 def check_trainings(suite: Suite) -> None:
@@ -49,9 +55,15 @@ def check_trainings(suite: Suite) -> None:
         if unknown:
             raise ConfigError(f"training {training.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
         try:
-            config_class(out=Path("."), instance_dir=Path("."), resume=True, progress=False, **training.options)
+            config_class(out=Path("."), instance_dir=Path("."), resume=True, progress=False,
+                         **_normalised(training.options))
         except ConfigError as error:
             raise ConfigError(f"training {training.name!r}: {error}") from None
+
+
+def _normalised(options: dict[str, Any]) -> dict[str, Any]:
+    """Suite options as the configs take them (TOML arrays -> tuples)."""
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in options.items()}
 
 
 def prepared_dir(out_dir: Path, task: Task, training: TrainingSpec) -> Path:
@@ -72,13 +84,13 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
     config_class, train = training_kind(training.kind)
     start = time.perf_counter()
     pipe = load_pipe()
-    options = dict(training.options)
+    options = _normalised(training.options)
     options.setdefault("checkpoint_every", max(1, int(options.get("steps", 400)) // 2))
     options.setdefault("device", "cpu" if pipe.device.type == "cpu" else str(pipe.device))
-    config = config_class(
-        out=run, instance_dir=_instance_folder(task, run.parent / "instance"), class_images_dir=class_images,
-        resume=True, progress=progress, **options,
-    )
+    if any(f.name == "class_images_dir" for f in dataclasses.fields(config_class)):
+        options["class_images_dir"] = class_images
+    config = config_class(out=run, instance_dir=_instance_folder(task, run.parent / "instance"), resume=True,
+                          progress=progress, **options)
     result = train(config, pipe)
     return result, time.perf_counter() - start
 
@@ -86,7 +98,7 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
 def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],
                     progress: bool = False) -> TrainingRecord:
     """The record of ``training`` on ``task`` (trained now if not cached); its ``artifact`` is an
-    absolute path to pass to the ``dreambooth`` / ``lora`` method."""
+    absolute path to pass to the ``dreambooth`` / ``lora`` / ``textual_inversion`` method."""
     final = prepared_dir(out_dir, task, training)
     if not (final / "prepared.json").is_file():
         # one partial folder per process: shards that need the same training never share one

@@ -99,7 +99,8 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
     reference = cell.task.references[0] if cell.task.references else None
     prepared = prepare_cell(suite, cell, out_dir, load_train_pipe, progress=progress)
     trained = {training.training: training.artifact for training in prepared}
-    methods = [get_method(name, **options) for name, options in cell.method.resolved(reference, trained)]
+    methods = [get_method(name, **options)
+               for name, options in cell.method.resolved(reference, trained, subject=cell.task.subject)]
     config = SeriesConfig(
         prompts=cell.method.prompts(cell.task.prompts),
         seeds=cell.task.seeds,

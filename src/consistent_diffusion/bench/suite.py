@@ -5,12 +5,14 @@ A suite lists *tasks* (a kind of consistency, prompts, seeds, optional reference
 asks for is one *cell*. Strings ``"{reference}"`` in method options are replaced by the task's
 first reference image (an absolute path), so one method definition serves every task.
 
-Methods that need training first (DreamBooth, LoRA DreamBooth) name a *training* of the suite:
-``"{trained:NAME}"`` in an option becomes the artifact of ``[training.NAME]`` trained on the
-task's reference images (a DreamBooth run folder or a LoRA folder), trained once per task and
+Methods that need training first (DreamBooth, LoRA DreamBooth, textual inversion) name a
+*training* of the suite: ``"{trained:NAME}"`` in an option becomes the artifact of
+``[training.NAME]`` trained on the task's reference images (a DreamBooth run folder, a LoRA folder,
+an embeddings folder), trained once per task and
 cached by the runner. A method's ``prompt`` template (default ``"{prompt}"``) rewrites the
 task's prompts for its cells, e.g. ``"sks emoji, {prompt}"`` to call a DreamBooth subject by its
-token; metrics still compare images with the task's own prompts.
+token; metrics still compare images with the task's own prompts. ``"{subject}"`` inside an option's
+text becomes the task's ``subject`` word (``consistent_subject``'s ``subject = "{subject}"``).
 
 Example::
 
@@ -62,7 +64,13 @@ BUILTIN_SUITES_DIR = Path(__file__).parent / "suites"
 REFERENCE_PLACEHOLDER = "{reference}"
 PROMPT_PLACEHOLDER = "{prompt}"
 TRAINED_PLACEHOLDER = re.compile(r"^\{trained:([A-Za-z0-9_-]+)\}$")
-TRAINING_KINDS = ("dreambooth", "lora")  # configs and train functions: bench.prepare.training_kind
+TRAINING_KINDS = ("dreambooth", "lora", "textual_inversion")  # configs and train functions: bench.prepare.training_kind
+REQUIRED_TRAINING_OPTIONS = {
+    "dreambooth": ("instance_prompt",),
+    "lora": ("instance_prompt",),
+    "textual_inversion": ("placeholder_token", "initializer_token"),
+}
+SUBJECT_PLACEHOLDER = "{subject}"
 
 
 def trained_name(value: Any) -> str | None:
@@ -88,8 +96,10 @@ class TrainingSpec:
     def __post_init__(self) -> None:
         if self.kind not in TRAINING_KINDS:
             raise ConfigError(f"training {self.name!r}: kind {self.kind!r} is not one of {', '.join(TRAINING_KINDS)}")
-        if "instance_prompt" not in self.options:
-            raise ConfigError(f"training {self.name!r} needs an instance_prompt (e.g. \"sks emoji\")")
+        missing = [name for name in REQUIRED_TRAINING_OPTIONS[self.kind] if name not in self.options]
+        if missing:
+            raise ConfigError(f"training {self.name!r} ({self.kind}) needs {', '.join(missing)} "
+                              "(e.g. instance_prompt = \"sks emoji\"; placeholder_token = \"<sks-emoji>\")")
 
 
 @dataclass(frozen=True)
@@ -123,13 +133,19 @@ class MethodSpec:
         """The task's prompts through this method's template."""
         return tuple(self.prompt.replace(PROMPT_PLACEHOLDER, prompt) for prompt in prompts)
 
-    def resolved(self, reference: str | None, trained: dict[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """(method name, options) pairs with ``{reference}`` replaced by ``reference`` and
-        ``{trained:NAME}`` by ``trained[NAME]`` (the path of that training's artifact)."""
+    def resolved(self, reference: str | None, trained: dict[str, str] | None = None,
+                 subject: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(method name, options) pairs with ``{reference}`` replaced by ``reference``,
+        ``{trained:NAME}`` by ``trained[NAME]`` (the path of that training's artifact) and
+        ``{subject}`` inside texts by the task's subject word."""
         stack = []
         for use in self.uses:
             options = {k: v for k, v in use.items() if k != "method"}
             for key, value in options.items():
+                if isinstance(value, str) and SUBJECT_PLACEHOLDER in value:
+                    if not subject:
+                        raise ConfigError(f"method {self.name!r} needs the task's subject but the task names none")
+                    options[key] = value = value.replace(SUBJECT_PLACEHOLDER, subject)
                 if value == REFERENCE_PLACEHOLDER:
                     if reference is None:
                         raise ConfigError(f"method {self.name!r} needs a reference image but the task has none")
@@ -154,6 +170,7 @@ class Task:
     methods: tuple[str, ...]
     references: tuple[str, ...] = ()  # absolute paths after loading
     description: str = ""
+    subject: str = ""  # the word naming the task's subject in its prompts (``{subject}`` in method options)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -251,6 +268,7 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
             methods=tuple(task["methods"]),
             references=tuple(str(_resolve(base, ref)) for ref in task.get("references", ())),
             description=task.get("description", ""),
+            subject=task.get("subject", ""),
         )
         for task in data.get("tasks", ())
     )
