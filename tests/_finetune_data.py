@@ -119,3 +119,27 @@ def random_controlnet(pipe, seed: int = 0):
             if "zero_conv" in name or "controlnet_mid_block" in name or "controlnet_down_blocks" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     return model
+
+
+def step_spy(callback):
+    """A method (stacked last) that calls ``callback(pipeline, step, timestep, callback_kwargs)``
+    at every step of the call, to see what the other methods installed while they are active."""
+    import contextlib
+
+    from consistent_diffusion.methods.base import Method
+
+    class Spy(Method):
+        name = "spy"
+
+        @contextlib.contextmanager
+        def applied(self, ctx):
+            ctx.call_kwargs["callback_on_step_end"] = callback
+            try:
+                yield ctx
+            finally:
+                ctx.call_kwargs.pop("callback_on_step_end", None)
+
+        def describe(self):
+            return {"name": "spy", "options": {}}
+
+    return Spy()

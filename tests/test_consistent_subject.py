@@ -335,8 +335,7 @@ def test_feature_injection_acts_and_its_first_pass_rewinds_the_noise(tiny_sd):
 def test_subject_style_controlnet_and_lora_stack(tmp_path):
     """Subject from the anchors, style from a generated reference, a ControlNet and a LoRA, in one
     series: every part is active during the call and everything is restored after it."""
-    from _finetune_data import COLOURS, instance_folder, random_controlnet, shape_image
-    from consistent_diffusion.methods.base import Method
+    from _finetune_data import COLOURS, instance_folder, random_controlnet, shape_image, step_spy
     from consistent_diffusion.methods.controlnet import ControlNet
     from consistent_diffusion.methods.lora import LoRA
     from consistent_diffusion.methods.style_aligned import SharedAttentionProcessor
@@ -349,33 +348,13 @@ def test_subject_style_controlnet_and_lora_stack(tmp_path):
     original = dict(pipe.unet.attn_processors)
     seen: dict = {}
 
-    class Spy(Method):
-        name = "spy"
-
-        def applied(self, ctx):
-            import contextlib
-
-            def spy(pipeline, step, timestep, callback_kwargs):
-                processors = list(pipeline.unet.attn_processors.values())
-                seen["style"] = any(isinstance(p, SharedAttentionProcessor) for p in processors)
-                seen["subject"] = any(isinstance(getattr(p, "inner", None), SubjectAttentionProcessor)
-                                      for p in processors)
-                seen["lora"] = any("lora" in n for n, _ in pipeline.unet.named_parameters())
-                seen["controlnet"] = type(pipeline).__name__
-                return callback_kwargs
-
-            @contextlib.contextmanager
-            def inner():
-                ctx.call_kwargs["callback_on_step_end"] = spy
-                try:
-                    yield ctx
-                finally:
-                    ctx.call_kwargs.pop("callback_on_step_end", None)
-
-            return inner()
-
-        def describe(self):
-            return {"name": "spy", "options": {}}
+    def spy(pipeline, step, timestep, callback_kwargs):
+        processors = list(pipeline.unet.attn_processors.values())
+        seen["style"] = any(isinstance(p, SharedAttentionProcessor) for p in processors)
+        seen["subject"] = any(isinstance(getattr(p, "inner", None), SubjectAttentionProcessor) for p in processors)
+        seen["lora"] = any("lora" in n for n, _ in pipeline.unet.named_parameters())
+        seen["controlnet"] = type(pipeline).__name__
+        return callback_kwargs
 
     methods = [
         ConsistentSubject(subject="cat"),
@@ -384,7 +363,7 @@ def test_subject_style_controlnet_and_lora_stack(tmp_path):
         LoRA(weights=str(lora), scales=0.8),
     ]
     config = SeriesConfig(prompts=("a cat on grass", "a cat in snow"), seeds=(0, 1), steps=3, batch_size=4)
-    result = generate_series(pipe, config, [*methods, Spy()], progress=False)
+    result = generate_series(pipe, config, [*methods, step_spy(spy)], progress=False)
     assert len(result.images) == 4
     assert seen == {"style": True, "subject": True, "lora": True, "controlnet": "StableDiffusionControlNetPipeline"}
     assert all(pipe.unet.attn_processors[k] is v for k, v in original.items()), "everything restored"

@@ -17,6 +17,7 @@ from _finetune_data import (
     one_thread,
     random_controlnet,
     shape_image,
+    step_spy,
 )
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.methods.base import GenerationContext, get_method
@@ -195,28 +196,7 @@ def test_style_aligned_controlnet_and_lora_stack(tmp_path):
     ]
     config = SeriesConfig(prompts=("a red circle", "a blue square"), seeds=(0, 1), steps=2, batch_size=4)
 
-    from consistent_diffusion.methods.base import Method
-
-    class Spy(Method):
-        name = "spy"
-
-        def applied(self, ctx):
-            import contextlib
-
-            @contextlib.contextmanager
-            def inner():
-                ctx.call_kwargs["callback_on_step_end"] = spy
-                try:
-                    yield ctx
-                finally:
-                    ctx.call_kwargs.pop("callback_on_step_end", None)
-
-            return inner()
-
-        def describe(self):
-            return {"name": "spy", "options": {}}
-
-    result = generate_series(pipe, config, [*methods, Spy()], progress=False)
+    result = generate_series(pipe, config, [*methods, step_spy(spy)], progress=False)
     assert len(result.images) == 4
     assert seen == {"shared": True, "lora": True, "controlnet": "StableDiffusionControlNetPipeline"}
     assert all(pipe.unet.attn_processors[k] is v for k, v in original.items()), "everything restored"
