@@ -303,6 +303,7 @@ class Report:
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     format: str = REPORT_FORMAT
+    intervals: dict[str, Any] = field(default_factory=dict)  # ``bench.stats.report_intervals`` (absent in old reports)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
@@ -313,11 +314,11 @@ class Report:
             complete=data.get("complete", not missing), missing_cells=missing,
             table=data["table"] if "table" in data else summary_table(cells),
             created=data.get("created", ""), versions=dict(data.get("versions", {})),
-            format=data.get("format", REPORT_FORMAT),
+            format=data.get("format", REPORT_FORMAT), intervals=dict(data.get("intervals", {})),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": self.format,
             "suite": self.suite.to_dict(),
             "model": self.model,
@@ -328,6 +329,15 @@ class Report:
             "created": self.created,
             "versions": self.versions,
         }
+        if self.intervals:
+            data["intervals"] = self.intervals
+        return data
+
+    def cell_interval(self, cell_id: str, metric: str, key: str = "interval") -> Any:
+        """The stored 95% interval of ``metric`` in a cell (``key``: "interval" or "vs_plain"), or None."""
+        from consistent_diffusion.bench.stats import interval_from
+
+        return interval_from(self.intervals.get("cells", {}).get(cell_id, {}).get(metric), key)
 
     def select(self, components: Sequence[str] | None = None, kind: str | None = None,
                task: str | None = None) -> list[CellRecord]:

@@ -19,6 +19,9 @@ from consistent_diffusion.bench.plots import scatter_svg
 from consistent_diffusion.bench.records import Report, Score, as_report
 
 UNVALIDATED = "†"
+INTERVALS_NOTE = ("Intervals: 95% bootstrap of the mean over the cell's images (over its prompts where the method "
+                  "ignores the seed, as a DDPM edit does); *vs plain*: the paired difference to plain generation "
+                  "on the same prompts and seeds. An interval that contains 0 is no evidence either way.")
 
 
 def _metric_cell(score: Score | None, needs_validation: bool = True) -> str:
@@ -29,16 +32,23 @@ def _metric_cell(score: Score | None, needs_validation: bool = True) -> str:
     return f"{score.aggregate:.3f}{flag}"
 
 
+def _with_interval(text: str, interval: Any) -> str:
+    return text if interval is None or text == "–" else f"{text} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
 def main_table_rows(report: Report) -> list[dict[str, Any]]:
-    """One row per cell: task, kind, method, consistency, text, diversity, s/img, params."""
+    """One row per cell: task, kind, method, consistency (with its 95% interval and the paired
+    difference to plain), text, diversity, s/img, params."""
     rows = []
     for cell in report.cells:
+        difference = report.cell_interval(cell.id, cell.kind, "vs_plain")
         rows.append({
             "cell": cell.id,
             "task": cell.task,
             "kind": cell.kind,
             "method": cell.method,
-            "consistency": _metric_cell(cell.consistency),
+            "consistency": _with_interval(_metric_cell(cell.consistency), report.cell_interval(cell.id, cell.kind)),
+            "vs_plain": difference.text(signed=True) if difference is not None else "–",
             "text": _metric_cell(cell.scores.get("text")),
             "diversity": _metric_cell(cell.scores.get("diversity"), needs_validation=False),  # a guard, not a claim
             "seconds_per_image": f"{cell.cost.seconds_per_image:.2f}",
@@ -48,7 +58,8 @@ def main_table_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consistency", "consistency"),
+COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consistency", "consistency [95% CI]"),
+           ("vs_plain", "vs plain, paired [95% CI]"),
            ("text", "text alignment"), ("diversity", "diversity"), ("seconds_per_image", "s / image"),
            ("trainable_parameters", "trainable params"), ("train_seconds", "training s")]
 
@@ -65,7 +76,7 @@ def render_markdown(report: Report, claims: list[dict[str, Any]]) -> str:
     for row in main_table_rows(report):
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
     lines += ["", f"{UNVALIDATED} metric not validated on real data (missed its bar or never validated): "
-              "read with care.", "", "## Claims", "",
+              "read with care.", "", INTERVALS_NOTE, "", "## Claims", "",
               "| claim | verdict | evidence |", "|---|---|---|"]
     for claim in claims:
         lines.append(f"| {claim['claim']} | **{claim['verdict']}** | {claim['evidence']} |")

@@ -5,7 +5,8 @@ Output folder::
     cells/<task>__<method>/series/...   the cell's series (PNGs, contact sheet, manifest)
     cells/<task>__<method>/cell.json    scores + cost; written last, inside an atomic folder
     prepared/<task>__<training>/...     fine-tunings the cells need (``bench.prepare``), cached
-    report.json                         every cell, the method x kind table, validation status
+    report.json                         every cell, the method x kind table, validation status, and
+                                        95% bootstrap intervals (``bench.stats``)
 
 A cell's folder appears only when complete, so a killed run resumes by skipping finished
 cells. Sharding: process i of n runs cells[i::n] (cells sorted by id); the main process merges
@@ -36,6 +37,7 @@ from consistent_diffusion.bench.records import (
     TrainingRecord,
     summary_table,
 )
+from consistent_diffusion.bench.stats import report_intervals
 from consistent_diffusion.bench.suite import Cell, Suite
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import get_method
@@ -198,5 +200,6 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         created=utc_now(),
         versions=library_versions(),
     )
+    report = dataclasses.replace(report, intervals=report_intervals(report))
     write_json_atomic(report.to_dict(), out_dir / "report.json")
     return report
