@@ -1,24 +1,62 @@
-"""The survey's qualitative claims, each checked against a bench report's numbers.
+"""The survey's qualitative claims, each checked against a bench report's numbers, with intervals.
 
-A claim is *held* or *not held* when the cells it needs exist and their metrics were computed;
-otherwise it is *not measurable here* (saying which cells are missing). Cells are found by the
-registered method names in their stacks (``CellRecord.components``), so suites may name their method
-stacks freely. Verdicts quote the numbers behind them.
+Every claim rests on comparisons, each a difference predicted to be positive: a method against
+plain generation (or against another method) on the same prompts and seeds, pooled over the tasks
+of one kind (``bench.stats``: paired differences, two-stage bootstrap over tasks and seeds, 95%).
+A comparison that is exact rather than a mean over samples (trainable parameters, a reconstruction
+against its ceiling) is a zero-width interval. The claim is *held* when every comparison's interval
+lies above zero, *not held* when every interval excludes zero and one lies below, and
+*inconclusive* otherwise (``stats.verdict``); *not measurable here* when the cells it needs are
+missing. Cells are found by the registered method names in their stacks
+(``CellRecord.components``), so suites may name their method stacks freely. Verdicts quote the
+intervals behind them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from consistent_diffusion.bench import stats
 from consistent_diffusion.bench.records import CellRecord, Report, as_report, by_task
 
-HELD, NOT_HELD, NOT_MEASURABLE = "held", "not held", "not measurable here"
+HELD, NOT_HELD, INCONCLUSIVE = stats.HELD, stats.NOT_HELD, stats.INCONCLUSIVE
+NOT_MEASURABLE = "not measurable here"
+IDENTITY_MARGIN = 0.05  # "not identity": similarity to the reference subject rises by less than this
+RECONSTRUCTION_SLACK_DB = 0.5  # "exact": within this of the VAE round trip's PSNR
 
 
-def _verdict(claim: str, ok: bool | None, evidence: str) -> dict[str, str]:
-    verdict = NOT_MEASURABLE if ok is None else (HELD if ok else NOT_HELD)
-    return {"claim": claim, "verdict": verdict, "evidence": evidence}
+@dataclass
+class Comparison:
+    """One predicted-positive difference, pooled over tasks: each task's paired samples."""
+
+    label: str
+    kind: str
+    per_task: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, task: str, values: list[float]) -> None:
+        if values:
+            self.per_task.setdefault(task, []).extend(values)
+
+    def interval(self) -> stats.Interval | None:
+        return stats.bootstrap_interval(list(self.per_task.values()))
+
+    def evidence(self) -> str:
+        interval = self.interval()
+        tasks = ", ".join(self.per_task)
+        if interval.low == interval.high and abs(interval.mean) >= 1000:  # an exact count
+            return f"{self.label} ({self.kind}: {tasks}): {interval.mean:+,.0f}"
+        return f"{self.label} ({self.kind}: {tasks}): {interval.text(signed=True)}, {interval.samples} samples"
+
+
+def _judge(claim: str, comparisons: list[Comparison], missing: str, notes: list[str] = ()) -> dict[str, str]:
+    measured = [c for c in comparisons if c.per_task]
+    if not measured:
+        return {"claim": claim, "verdict": NOT_MEASURABLE, "evidence": missing}
+    intervals = [c.interval() for c in measured]
+    evidence = "; ".join([c.evidence() for c in measured] + list(notes))
+    return {"claim": claim, "verdict": stats.verdict(intervals), "evidence": evidence}
 
 
 def _by_stack(cells: list[CellRecord]) -> dict[tuple[str, ...], CellRecord]:
@@ -26,124 +64,95 @@ def _by_stack(cells: list[CellRecord]) -> dict[tuple[str, ...], CellRecord]:
     return {tuple(cell.components): cell for cell in cells}
 
 
+def _exact(value: float) -> list[float]:
+    """An exact difference as one sample (a zero-width interval)."""
+    return [float(value)]
+
+
 def claim_img2img_loses_detail(report: Report) -> dict[str, str]:
     claim = "img2img is simplest but loses fine details of the reference as noise strength rises"
-    evidence, checks = [], []
+    comparisons: dict[str, Comparison] = {}
     for task, cells in by_task(report.select(["img2img"])).items():
-        points = sorted((c.option("img2img", "strength"), c.aggregate("reference_fidelity")) for c in cells)
-        points = [(s, f) for s, f in points if s is not None and f is not None]
-        if len(points) >= 2:
-            checks.append(all(a[1] > b[1] for a, b in zip(points, points[1:], strict=False)))
-            evidence.append(f"{task}: " + ", ".join(f"strength {s:g} -> fidelity {f:.3f}" for s, f in points))
-    if not checks:
-        return _verdict(claim, None, "needs img2img cells at two or more strengths with reference fidelity")
-    return _verdict(claim, all(checks), "; ".join(evidence))
+        ordered = sorted((c for c in cells if c.option("img2img", "strength") is not None),
+                         key=lambda c: c.option("img2img", "strength"))
+        for weaker, stronger in zip(ordered, ordered[1:], strict=False):
+            kind = weaker.kind
+            comparison = comparisons.setdefault(kind, Comparison(
+                "reference fidelity at the lower strength minus at the higher", kind))
+            comparison.add(task, stats.paired_between(report, weaker, stronger, "reference_fidelity"))
+    return _judge(claim, list(comparisons.values()), "needs img2img cells at two or more strengths with reference fidelity")
 
 
 def claim_dreambooth_vs_lora(report: Report) -> dict[str, str]:
     claim = ("DreamBooth gives object consistency; LoRA DreamBooth is cheaper to train "
              "but weaker on complex new concepts")
-    parts, checks = [], []
+    beats_plain = Comparison("object consistency, DreamBooth minus plain", "object")
+    beats_lora = Comparison("concept consistency, DreamBooth minus LoRA", "concept")
+    cheaper = Comparison("trainable parameters, DreamBooth minus LoRA (exact)", "object+concept")
     for kind in ("object", "concept"):
         for task, cells in by_task(report.select(kind=kind)).items():
             found = _by_stack(cells)
             full, lora, plain = found.get(("dreambooth",)), found.get(("lora",)), found.get(())
-            if not (full and lora):
-                continue
-            f, l_ = full.aggregate(kind), lora.aggregate(kind)
-            if plain is not None and kind == "object":
-                p = plain.aggregate(kind)
-                checks.append(f is not None and p is not None and f > p)
-                parts.append(f"{task}: object DreamBooth {f:.3f} vs plain {p:.3f}")
-            cheaper = lora.cost.trainable_parameters < full.cost.trainable_parameters
-            checks.append(cheaper and f is not None and l_ is not None and l_ <= f)
-            parts.append(f"{task}: {kind} LoRA {l_:.3f} vs DreamBooth {f:.3f}; trainable "
-                         f"{lora.cost.trainable_parameters:,} vs {full.cost.trainable_parameters:,}")
-    if not checks:
-        return _verdict(claim, None, "needs dreambooth and lora cells on object/concept tasks")
-    return _verdict(claim, all(checks), "; ".join(parts))
-
-
-IDENTITY_MARGIN = 0.05  # "not identity": similarity to the reference subject rises by at most this much
-
-
-def doubles_or_halves_error(score: float, baseline: float) -> bool:
-    """"At least 2x better" for a score in [0, 1]: twice the baseline's score, or half its error
-    (1 - score). The second reading matters where chance agreement is high (dense edge maps)."""
-    return score >= 2 * baseline or (1 - score) <= 0.5 * (1 - baseline)
+            if full is not None and plain is not None and kind == "object":
+                beats_plain.add(task, stats.paired_between(report, full, plain, "object"))
+            if full is not None and lora is not None:
+                cheaper.add(task, _exact(full.cost.trainable_parameters - lora.cost.trainable_parameters))
+                if kind == "concept":
+                    beats_lora.add(task, stats.paired_between(report, full, lora, "concept"))
+    return _judge(claim, [beats_plain, beats_lora, cheaper], "needs dreambooth and lora cells on object/concept tasks")
 
 
 def claim_controlnet_shape_not_identity(report: Report) -> dict[str, str]:
     claim = "ControlNet controls shape, not identity"
-    parts, checks = [], []
+    shape = Comparison("shape adherence, ControlNet minus plain", "shape")
+    identity = Comparison(f"{IDENTITY_MARGIN} minus the rise of similarity to the reference subject", "shape")
+    notes = []
     for task, cells in by_task(report.select(kind="shape")).items():
         found = _by_stack(cells)
         control, plain = found.get(("controlnet",)), found.get(())
-        if not (control and plain):
+        if control is None or plain is None:
             continue
+        shape.add(task, stats.paired_between(report, control, plain, "shape"))
+        rise = stats.paired_between(report, control, plain, "reference_object")
+        identity.add(task, [IDENTITY_MARGIN - value for value in rise])
         c, p = control.aggregate("shape"), plain.aggregate("shape")
-        co, po = control.aggregate("reference_object"), plain.aggregate("reference_object")
-        if None in (c, p):
-            continue
-        shape_ok = doubles_or_halves_error(c, p)
-        identity_ok = co is None or po is None or co <= po + IDENTITY_MARGIN
-        checks.append(shape_ok and identity_ok)
-        parts.append(f"{task}: shape {c:.3f} vs plain {p:.3f} ({c / max(p, 1e-9):.2f}x; shape error "
-                     f"{1 - c:.3f} vs {1 - p:.3f})"
-                     + (f"; reference identity {co:.3f} vs plain {po:.3f}" if co is not None and po is not None else ""))
-    if not checks:
-        return _verdict(claim, None, "needs controlnet and plain cells on a shape task")
-    return _verdict(claim, all(checks), "; ".join(parts))
+        if c is not None and p is not None:
+            notes.append(f"{task}: shape {c:.3f} vs plain {p:.3f} ({c / max(p, 1e-9):.2f}x)")
+    return _judge(claim, [shape, identity], "needs controlnet and plain cells on a shape task", notes)
 
 
 def claim_inversion_exact(report: Report) -> dict[str, str]:
-    """Exact: a skip-0 re-sampling with the source prompt matches the reference as well as the
-    VAE round trip does (the inversion is exact in latent space; only the VAE loses detail).
-    Controlled: an edit (skip > 0, new prompt) stays closer to the reference's subject than
-    plain generation of the same prompts."""
+    """Exact: a skip-0 re-sampling with the source prompt matches the reference within 0.5 dB of
+    the VAE round trip (the inversion is exact in latent space; only the VAE loses detail).
+    Controlled: an edit (skip > 0, new prompt) stays closer to the reference's subject than plain
+    generation of the same prompts."""
     claim = "noise inversion reconstructs exactly and allows controlled edits"
-    parts, checks = [], []
+    exact = Comparison(f"reconstruction PSNR minus (VAE round trip - {RECONSTRUCTION_SLACK_DB} dB)", "inversion")
+    controlled = Comparison("similarity to the reference subject, edit minus plain", "object")
     for cell in report.select(["ddpm_edit"]):
         skip = cell.option("ddpm_edit", "skip") or 0
         if skip == 0 and cell.reference_vae_psnr is not None:
-            psnr, ceiling = cell.aggregate("reference_psnr"), cell.reference_vae_psnr
-            if psnr is not None:
-                checks.append(psnr >= ceiling - 0.5)
-                parts.append(f"{cell.task}: reconstruction PSNR {psnr:.2f} dB vs VAE round trip {ceiling:.2f} dB")
-        elif skip > 0:
-            plain = report.plain(cell.task)
-            edited, baseline = cell.aggregate("reference_object"), plain and plain.aggregate("reference_object")
-            if edited is not None and baseline is not None:
-                checks.append(edited > baseline)
-                parts.append(f"{cell.task}: edit (skip {skip}) keeps the subject {edited:.3f} vs plain {baseline:.3f}")
-    if not checks:
-        return _verdict(claim, None, "needs ddpm_edit cells (skip 0 with the source prompt, and an edit) with references")
-    return _verdict(claim, all(checks), "; ".join(parts))
+            floor = cell.reference_vae_psnr - RECONSTRUCTION_SLACK_DB
+            exact.add(cell.task, [value - floor for value in stats.cell_samples(report, cell, "reference_psnr")])
+        elif skip > 0 and report.plain(cell.task) is not None:
+            controlled.add(cell.task, stats.paired_between(report, cell, report.plain(cell.task), "reference_object"))
+    return _judge(claim, [exact, controlled],
+                  "needs ddpm_edit cells (skip 0 with the source prompt, and an edit) with references")
 
 
 def claim_style_aligned(report: Report) -> dict[str, str]:
     claim = "StyleAligned gives style consistency but does not copy objects"
-    parts, checks = [], []
+    style = Comparison("style consistency, StyleAligned minus plain", "style")
+    leakage = Comparison("similarity to the reference object, img2img minus StyleAligned", "style")
     for task, cells in by_task(report.select(kind="style")).items():
         found = _by_stack(cells)
         aligned, plain, img2img = found.get(("style_aligned",)), found.get(()), found.get(("img2img",))
-        if not (aligned and plain):
+        if aligned is None or plain is None:
             continue
-        a, p = aligned.aggregate("style"), plain.aggregate("style")
-        if None in (a, p):
-            continue
-        ok = a > p
-        text = f"{task}: style {a:.3f} vs plain {p:.3f}"
+        style.add(task, stats.paired_between(report, aligned, plain, "style"))
         if img2img is not None:
-            ao, io = aligned.aggregate("reference_object"), img2img.aggregate("reference_object")
-            if ao is not None and io is not None:
-                ok = ok and ao < io
-                text += f"; similarity to the reference object {ao:.3f} vs img2img {io:.3f}"
-        checks.append(ok)
-        parts.append(text)
-    if not checks:
-        return _verdict(claim, None, "needs style_aligned and plain cells on a style task")
-    return _verdict(claim, all(checks), "; ".join(parts))
+            leakage.add(task, stats.paired_between(report, img2img, aligned, "reference_object"))
+    return _judge(claim, [style, leakage], "needs style_aligned and plain cells on a style task")
 
 
 CLAIMS: list[Callable[[Report], dict[str, str]]] = [

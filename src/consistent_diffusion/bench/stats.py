@@ -135,16 +135,24 @@ def cell_samples(report: Any, cell: Any, metric: str) -> list[float]:
     return samples(score.per_image, _seeds(report, cell.task), seed_independent(cell))
 
 
+def paired_between(report: Any, cell: Any, other: Any, metric: str, other_metric: str | None = None) -> list[float]:
+    """``metric`` in ``cell`` minus ``other_metric`` (default the same) in ``other``, a cell of the same
+    task, image by image (per prompt when either ignores the seed); empty when either lacks the
+    metric or the two were not generated on the same number of images."""
+    mine, theirs = cell.scores.get(metric), other.scores.get(other_metric or metric)
+    if mine is None or theirs is None or len(mine.per_image) != len(theirs.per_image) or not mine.per_image:
+        return []
+    return paired_samples(mine.per_image, theirs.per_image, _seeds(report, cell.task),
+                          seed_independent(cell) or seed_independent(other))
+
+
 def paired_cell_samples(report: Any, cell: Any, metric: str) -> list[float]:
-    """``metric`` in ``cell`` minus the task's plain cell, paired (empty without a plain cell, for the
-    plain cell itself, or when the two were not generated on the same images)."""
+    """``metric`` in ``cell`` minus the task's plain cell, paired (empty without a plain cell or for
+    the plain cell itself)."""
     plain = report.plain(cell.task)
     if plain is None or cell.is_plain:
         return []
-    mine, theirs = cell.scores.get(metric), plain.scores.get(metric)
-    if mine is None or theirs is None or len(mine.per_image) != len(theirs.per_image) or not mine.per_image:
-        return []
-    return paired_samples(mine.per_image, theirs.per_image, _seeds(report, cell.task), seed_independent(cell))
+    return paired_between(report, cell, plain, metric)
 
 
 def _entry(groups: list[list[float]], paired: list[list[float]]) -> dict[str, Any]:
