@@ -17,20 +17,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Rank the benchmarked methods and combinations for what you need to keep "
         "consistent, explaining each with its measured numbers. Uses --report DIR (a bench output) "
         "or the reference report shipped with the package.",
-        epilog="example:\n  consistent-diffusion advise --need style,object --have reference-images --no-training",
+        epilog="examples:\n  consistent-diffusion advise --need style,object --have reference-images --no-training\n"
+        "  consistent-diffusion advise --need object --min-diversity 0.5 --max-seconds 2 --report runs/bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--need", required=True, help="comma list of: style, object, shape, concept")
     parser.add_argument("--have", default="reference-images", choices=["reference-images", "text-only"],
                         help="what you can give the method (default: reference-images)")
     parser.add_argument("--no-training", action="store_true", help="exclude methods that train weights")
+    parser.add_argument("--min-text", type=float, default=None, metavar="X",
+                        help="drop methods whose text alignment is below X")
+    parser.add_argument("--min-diversity", type=float, default=None, metavar="X",
+                        help="drop methods whose diversity is below X")
+    parser.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                        help="drop methods slower than S seconds per image (training spread over the images)")
+    parser.add_argument("--allow-low-diversity", action="store_true",
+                        help="keep methods whose diversity is below half of plain generation's (they copy the reference)")
     parser.add_argument("--report", metavar="DIR", help="a bench output folder (default: the shipped reference report)")
     parser.add_argument("--top", type=int, default=5, help="how many to show (default: 5)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.bench.advisor import advise, format_advice, parse_needs
+    from consistent_diffusion.bench.advisor import Constraints, advise, format_advice, parse_needs
     from consistent_diffusion.bench.records import load_report
     from consistent_diffusion.core.errors import ConfigError
 
@@ -40,5 +49,8 @@ def run(args: argparse.Namespace) -> int:
     report = load_report(path)
     needs = parse_needs(args.need)
     print(f"from {path}:")
-    print(format_advice(advise(report, needs, have=args.have, allow_training=not args.no_training, top=args.top), needs))
+    constraints = Constraints(have=args.have, allow_training=not args.no_training, min_text=args.min_text,
+                              min_diversity=args.min_diversity, max_seconds=args.max_seconds,
+                              allow_low_diversity=args.allow_low_diversity)
+    print(format_advice(advise(report, needs, top=args.top, constraints=constraints), needs))
     return 0
