@@ -129,6 +129,11 @@ def test_run_kill_resume_and_report(suite_file, tiny_sd_folder, tmp_path):
     md, page = write_reports(report, out)
     assert "style-red__plain" in md.read_text() and "<svg" in page.read_text()
     assert "cells/style-red__plain/series/contact_sheet.png" in page.read_text()
+    assert (out / "references" / "style-red.png").is_file(), "the reference travels with the report"
+    assert "stroke-opacity" in page.read_text(), "error bars on the plots"
+    assert "vs plain, paired [95% CI]" in md.read_text()
+    difference = report.cell_interval("style-red__img2img", "style", "vs_plain")
+    assert difference is not None and difference.low <= difference.mean <= difference.high
 
 
 def test_two_processes_merge_equals_single_process(suite_file, tiny_sd_folder, tmp_path):
@@ -467,3 +472,47 @@ methods = ["textual_inversion", "consistent_subject"]
     stack = json.loads((out / "cells" / "object-red__consistent_subject" / "series" / "manifest.json").read_text())
     assert stack["methods"][0]["options"]["subject"] == "cat"
     assert stack["methods"][0]["options"]["reference_image_prompt"] == "a cat"
+
+
+def test_training_cells_under_two_processes_equal_one_process(tiny_sd_folder, tmp_path):
+    """Each shard fine-tunes what its own cells need inside its own process (not data-parallel
+    across the processes, which crashed: rank 0 trained a DreamBooth while rank 1 trained a LoRA),
+    so a sharded run's scores are those of a one-process run."""
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "trained.toml"
+    path.write_text(TRAINING_SUITE)
+    suite = load_suite(path)
+    single = tmp_path / "single"
+    run_bench(suite, single, lambda: load_pipeline(str(tiny_sd_folder)), make_scorer(EXTRACTORS), progress=False)
+    expected = merge_report(suite, single)
+    sharded = tmp_path / "sharded"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model", str(tiny_sd_folder),
+               "--out", str(sharded), "--quiet", "--extractors", json.dumps(EXTRACTORS)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    merged = load_report(sharded)
+    assert merged.complete and sorted(c.id for c in merged.cells) == sorted(c.id for c in expected.cells)
+    assert _approx_equal(_scores(merged), _scores(expected), tolerance=1e-6)
+    for name in ("object-red__subject_lora", "object-red__subject_full"):
+        assert (sharded / "prepared" / name / "prepared.json").is_file()
+
+
+def test_a_trained_cell_does_not_depend_on_the_thread_count(tiny_sd_folder, tmp_path):
+    """Two fresh processes, --threads 1 and 2: the same scores to the last bit. Trainings (and the
+    class images they generate) run at one fixed thread count (``prepare.TRAINING_THREADS``)."""
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "trained.toml"
+    path.write_text(TRAINING_SUITE)
+    reports = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"threads{threads}"
+        command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
+                   str(tiny_sd_folder), "--out", str(out), "--quiet", "--threads", threads,
+                   "--extractors", json.dumps(EXTRACTORS)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                                   env={**os.environ, "OMP_NUM_THREADS": threads})
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        reports.append(_scores(load_report(out)))
+    assert reports[0] == reports[1]

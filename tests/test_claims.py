@@ -105,3 +105,17 @@ def test_style_aligned():
     assert verdicts(cells(0.9, 0.5))["StyleAligned"] == HELD
     assert verdicts(cells(0.7, 0.5))["StyleAligned"] == NOT_HELD
     assert verdicts(cells(0.9, 0.8))["StyleAligned"] == NOT_HELD, "copied the reference object"
+
+
+def test_claims_name_the_cells_they_compare_and_the_html_shows_them():
+    from consistent_diffusion.bench.records import as_report
+    from consistent_diffusion.bench.report import render_html
+
+    cells = [cell("s", "style", style=0.8, reference_object=0.4),
+             cell("s", "style", [("style_aligned", {})], style=0.9, reference_object=0.5),
+             cell("s", "style", [("img2img", {"strength": 0.4})], style=0.9, reference_object=0.7)]
+    claim = next(c for c in evaluate_claims({"cells": cells}) if c["claim"].startswith("StyleAligned"))
+    assert claim["figures"] == [{"task": "s", "cells": ["s__plain", "s__style_aligned"]},
+                                {"task": "s", "cells": ["s__style_aligned", "s__img2img"]}], "baseline first"
+    page = render_html(as_report({"cells": cells}), [claim], [], references={"s"})
+    assert "references/s.png" in page and "cells/s__style_aligned/series/contact_sheet.png" in page

@@ -34,10 +34,15 @@ class Comparison:
     label: str
     kind: str
     per_task: dict[str, list[float]] = field(default_factory=dict)
+    figures: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (task, the compared cells' ids)
 
-    def add(self, task: str, values: list[float]) -> None:
+    def add(self, task: str, values: list[float], *cells: CellRecord) -> None:
+        """The task's paired samples, and the cells they compare (baseline last), shown as evidence."""
         if values:
             self.per_task.setdefault(task, []).extend(values)
+            figure = (task, tuple(cell.id for cell in reversed(cells)))
+            if cells and figure not in self.figures:
+                self.figures.append(figure)
 
     def interval(self) -> stats.Interval | None:
         return stats.bootstrap_interval(list(self.per_task.values()))
@@ -56,7 +61,12 @@ def _judge(claim: str, comparisons: list[Comparison], missing: str, notes: list[
         return {"claim": claim, "verdict": NOT_MEASURABLE, "evidence": missing}
     intervals = [c.interval() for c in measured]
     evidence = "; ".join([c.evidence() for c in measured] + list(notes))
-    return {"claim": claim, "verdict": stats.verdict(intervals), "evidence": evidence}
+    figures = []
+    for comparison in measured:
+        for task, cells in comparison.figures:
+            if {"task": task, "cells": list(cells)} not in figures:
+                figures.append({"task": task, "cells": list(cells)})
+    return {"claim": claim, "verdict": stats.verdict(intervals), "evidence": evidence, "figures": figures}
 
 
 def _by_stack(cells: list[CellRecord]) -> dict[tuple[str, ...], CellRecord]:
@@ -79,7 +89,7 @@ def claim_img2img_loses_detail(report: Report) -> dict[str, str]:
             kind = weaker.kind
             comparison = comparisons.setdefault(kind, Comparison(
                 "reference fidelity at the lower strength minus at the higher", kind))
-            comparison.add(task, stats.paired_between(report, weaker, stronger, "reference_fidelity"))
+            comparison.add(task, stats.paired_between(report, weaker, stronger, "reference_fidelity"), weaker, stronger)
     return _judge(claim, list(comparisons.values()), "needs img2img cells at two or more strengths with reference fidelity")
 
 
@@ -94,11 +104,11 @@ def claim_dreambooth_vs_lora(report: Report) -> dict[str, str]:
             found = _by_stack(cells)
             full, lora, plain = found.get(("dreambooth",)), found.get(("lora",)), found.get(())
             if full is not None and plain is not None and kind == "object":
-                beats_plain.add(task, stats.paired_between(report, full, plain, "object"))
+                beats_plain.add(task, stats.paired_between(report, full, plain, "object"), full, plain)
             if full is not None and lora is not None:
                 cheaper.add(task, _exact(full.cost.trainable_parameters - lora.cost.trainable_parameters))
                 if kind == "concept":
-                    beats_lora.add(task, stats.paired_between(report, full, lora, "concept"))
+                    beats_lora.add(task, stats.paired_between(report, full, lora, "concept"), full, lora)
     return _judge(claim, [beats_plain, beats_lora, cheaper], "needs dreambooth and lora cells on object/concept tasks")
 
 
@@ -112,7 +122,7 @@ def claim_controlnet_shape_not_identity(report: Report) -> dict[str, str]:
         control, plain = found.get(("controlnet",)), found.get(())
         if control is None or plain is None:
             continue
-        shape.add(task, stats.paired_between(report, control, plain, "shape"))
+        shape.add(task, stats.paired_between(report, control, plain, "shape"), control, plain)
         rise = stats.paired_between(report, control, plain, "reference_object")
         identity.add(task, [IDENTITY_MARGIN - value for value in rise])
         c, p = control.aggregate("shape"), plain.aggregate("shape")
@@ -133,9 +143,10 @@ def claim_inversion_exact(report: Report) -> dict[str, str]:
         skip = cell.option("ddpm_edit", "skip") or 0
         if skip == 0 and cell.reference_vae_psnr is not None:
             floor = cell.reference_vae_psnr - RECONSTRUCTION_SLACK_DB
-            exact.add(cell.task, [value - floor for value in stats.cell_samples(report, cell, "reference_psnr")])
+            exact.add(cell.task, [value - floor for value in stats.cell_samples(report, cell, "reference_psnr")], cell)
         elif skip > 0 and report.plain(cell.task) is not None:
-            controlled.add(cell.task, stats.paired_between(report, cell, report.plain(cell.task), "reference_object"))
+            controlled.add(cell.task, stats.paired_between(report, cell, report.plain(cell.task), "reference_object"), cell,
+                           report.plain(cell.task))
     return _judge(claim, [exact, controlled],
                   "needs ddpm_edit cells (skip 0 with the source prompt, and an edit) with references")
 
@@ -149,9 +160,9 @@ def claim_style_aligned(report: Report) -> dict[str, str]:
         aligned, plain, img2img = found.get(("style_aligned",)), found.get(()), found.get(("img2img",))
         if aligned is None or plain is None:
             continue
-        style.add(task, stats.paired_between(report, aligned, plain, "style"))
+        style.add(task, stats.paired_between(report, aligned, plain, "style"), aligned, plain)
         if img2img is not None:
-            leakage.add(task, stats.paired_between(report, img2img, aligned, "reference_object"))
+            leakage.add(task, stats.paired_between(report, img2img, aligned, "reference_object"), img2img, aligned)
     return _judge(claim, [style, leakage], "needs style_aligned and plain cells on a style task")
 
 

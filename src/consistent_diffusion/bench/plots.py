@@ -19,11 +19,17 @@ def _marker(kind: str, x: float, y: float, colour: str) -> str:
     return f"<circle cx='{x:.1f}' cy='{y:.1f}' r='5' fill='{colour}'/>"
 
 
+Bar = tuple[float, float] | None  # (low, high) of a 95% interval, or None
+
+
 def scatter_svg(points: list[tuple[float, float, str, str]], x_label: str, y_label: str, title: str,
-                width: int = 560, height: int = 380) -> str:
-    """points: (x, y, series label, kind). Returns an inline <svg> element."""
+                width: int = 560, height: int = 380, errors: list[tuple[Bar, Bar]] | None = None) -> str:
+    """points: (x, y, series label, kind); errors: per point, the (x, y) intervals drawn as error bars.
+    Returns an inline <svg> element."""
     left, right, top, bottom = 60, 170, 30, 50
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    errors = errors or [(None, None)] * len(points)
+    xs = [p[0] for p in points] + [v for bar, _ in errors if bar for v in bar]
+    ys = [p[1] for p in points] + [v for _, bar in errors if bar for v in bar]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x0, x1 = (x0 - 0.05, x1 + 0.05) if x1 - x0 < 1e-9 else (x0 - 0.05 * (x1 - x0), x1 + 0.05 * (x1 - x0))
@@ -47,8 +53,15 @@ def scatter_svg(points: list[tuple[float, float, str, str]], x_label: str, y_lab
         out.append(f"<text x='{left - 40}' y='{sy(vy) + 4:.1f}'>{vy:.2f}</text>")
     out.append(f"<text x='{(left + width - right) / 2 - 30}' y='{height - 12}'>{html.escape(x_label)}</text>")
     out.append(f"<text x='12' y='{top - 10}'>{html.escape(y_label)}</text>")
-    for x, y, label, kind in points:
-        out.append(_marker(kind, sx(x), sy(y), colours[label]))
+    for (x, y, label, kind), (x_bar, y_bar) in zip(points, errors, strict=True):
+        colour = colours[label]
+        if x_bar is not None:
+            out.append(f"<line x1='{sx(x_bar[0]):.1f}' y1='{sy(y):.1f}' x2='{sx(x_bar[1]):.1f}' y2='{sy(y):.1f}' "
+                       f"stroke='{colour}' stroke-opacity='0.6'/>")
+        if y_bar is not None:
+            out.append(f"<line x1='{sx(x):.1f}' y1='{sy(y_bar[0]):.1f}' x2='{sx(x):.1f}' y2='{sy(y_bar[1]):.1f}' "
+                       f"stroke='{colour}' stroke-opacity='0.6'/>")
+        out.append(_marker(kind, sx(x), sy(y), colour))
     for i, label in enumerate(labels):
         y = top + 14 * i
         out.append(f"<circle cx='{width - right + 14}' cy='{y + 6}' r='5' fill='{colours[label]}'/>")

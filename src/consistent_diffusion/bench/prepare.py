@@ -10,16 +10,22 @@ images, from a fresh float32 copy of the benchmarked model, and cached::
 The folder is renamed into place only when training finished, so a killed bench resumes the
 training from the run's own checkpoints (in ``<id>.partial<rank>``) and never uses half a model.
 Its cost (training seconds, trainable parameters) is added to every cell that uses it.
+
+Under ``torchrun`` each training runs inside the one process that needs it (``single_process``),
+not data-parallel across the processes: a shard trains for its own cells, and the weights (so
+the scores) are those of a one-process run. Two shards that need the same training both train
+it; the first to finish is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,9 @@ from consistent_diffusion.bench.suite import Suite, Task, TrainingSpec
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.core.outputs import write_json_atomic
 
-SET_BY_RUNNER = frozenset({"out", "instance_dir", "resume", "progress", "class_images_dir"})  # not suite options
+TRAINING_THREADS = 1  # torch CPU threads of every prepare-stage training (a suite may set ``threads``)
+SET_BY_RUNNER = frozenset({"out", "instance_dir", "resume", "progress", "class_images_dir",
+                           "single_process"})  # not suite options
 
 
 def training_kind(kind: str) -> tuple[type, Callable[..., Any]]:
@@ -86,13 +94,34 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
     pipe = load_pipe()
     options = _normalised(training.options)
     options.setdefault("checkpoint_every", max(1, int(options.get("steps", 400)) // 2))
+    # One torch thread unless the suite says otherwise: CPU kernels sum in an order that depends on
+    # the thread count, and hundreds of fine-tuning steps grow those last-bit differences into other
+    # weights; at a fixed count the trained weights (so the scores) do not depend on --threads.
+    options.setdefault("threads", TRAINING_THREADS)
     options.setdefault("device", "cpu" if pipe.device.type == "cpu" else str(pipe.device))
     if any(f.name == "class_images_dir" for f in dataclasses.fields(config_class)):
         options["class_images_dir"] = class_images
+    # Each training stays in this process, also under torchrun: a shard trains what its cells need, and
+    # the weights are the same however many processes the bench ran in (``loop.LocalAccelerator``).
     config = config_class(out=run, instance_dir=_instance_folder(task, run.parent / "instance"), resume=True,
-                          progress=progress, **options)
-    result = train(config, pipe)
+                          progress=progress, single_process=True, **options)
+    with torch_threads(config.threads):  # class images (prior preservation) are made at the same count
+        result = train(config, pipe)
     return result, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU thread count set to ``count`` (None: unchanged) inside the block, restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],

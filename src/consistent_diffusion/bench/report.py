@@ -86,13 +86,26 @@ def render_markdown(report: Report, claims: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str]) -> str:
+def _figure_html(figure: dict[str, Any], references: set[str]) -> str:
+    """One claim's evidence on one task: the reference, then the compared cells' contact sheets."""
+    esc = html.escape
+    items = []
+    if figure["task"] in references:
+        items.append((f"references/{figure['task']}.png", f"{figure['task']}: reference"))
+    items += [(f"cells/{cell}/series/contact_sheet.png", cell.split("__", 1)[-1]) for cell in figure["cells"]]
+    return "".join(f"<div class='cell'><small>{esc(caption)}</small><br><img class='evidence' src='{esc(src)}' "
+                   f"alt='{esc(caption)}'></div>" for src, caption in items)
+
+
+def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str],
+                references: set[str] | None = None) -> str:
+    """The HTML report; ``references``: tasks whose reference image is in ``references/``."""
     esc = html.escape
     head = ("<!doctype html><html><head><meta charset='utf-8'><title>consistent-diffusion bench</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f4f4f4}"
             ".cell{display:inline-block;margin:8px;vertical-align:top}.cell img{image-rendering:pixelated;"
-            "width:320px}.held{color:#080}.not-held{color:#b00}.nm{color:#777}</style></head><body>")
+            "width:320px}.cell img.evidence{width:240px}.held{color:#080}.not-held{color:#b00}.nm{color:#777}</style></head><body>")
     parts = [head, f"<h1>Consistency benchmark: suite <code>{esc(report.suite.name)}</code></h1>"]
     model = report.model or {}
     parts.append(f"<p>Model <code>{esc(str(model.get('spec', '?')))}</code> ({esc(str(model.get('pipeline_class', '?')))}), "
@@ -108,6 +121,9 @@ def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str]) 
         css = {"held": "held", "not held": "not-held"}.get(claim["verdict"], "nm")
         parts.append(f"<tr><td>{esc(claim['claim'])}</td><td class='{css}'><b>{esc(claim['verdict'])}</b></td>"
                      f"<td>{esc(claim['evidence'])}</td></tr>")
+        figures = "".join(_figure_html(figure, references or set()) for figure in claim.get("figures", ())[:3])
+        if figures:
+            parts.append(f"<tr><td colspan='3'>{figures}</td></tr>")
     parts.append("</table><h2>Trade-offs</h2>")
     parts.extend(plots)
     parts.append("<h2>Images</h2>")
@@ -122,15 +138,21 @@ def trade_off_plots(report: Report) -> list[str]:
     """Consistency vs diversity and vs text alignment, one point per cell (SVG)."""
     plots = []
     for other, label in (("diversity", "diversity"), ("text", "text alignment")):
-        points = []
+        points, errors = [], []
         for cell in report.cells:
             x, y = cell.aggregate(other), cell.aggregate(cell.kind)
             if x is not None and y is not None:
                 points.append((float(x), float(y), cell.method, cell.kind))
+                errors.append((report.cell_interval(cell.id, other), report.cell_interval(cell.id, cell.kind)))
         if points:
             plots.append(scatter_svg(points, x_label=label, y_label="consistency (own kind)",
-                                     title=f"consistency vs {label}"))
+                                     title=f"consistency vs {label} (bars: 95% intervals)",
+                                     errors=[_bar(ex, ey) for ex, ey in errors]))
     return plots
+
+
+def _bar(x: Any, y: Any) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+    return ((x.low, x.high) if x is not None else None, (y.low, y.high) if y is not None else None)
 
 
 def write_reports(report: Report | Mapping[str, Any], out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -140,5 +162,6 @@ def write_reports(report: Report | Mapping[str, Any], out_dir: str | os.PathLike
     report, out_dir = as_report(report), Path(out_dir)
     claims = evaluate_claims(report)
     md = write_text_atomic(render_markdown(report, claims), out_dir / "report.md")
-    page = write_text_atomic(render_html(report, claims, trade_off_plots(report)), out_dir / "report.html")
+    references = {path.stem for path in (out_dir / "references").glob("*.png")}
+    page = write_text_atomic(render_html(report, claims, trade_off_plots(report), references), out_dir / "report.html")
     return md, page

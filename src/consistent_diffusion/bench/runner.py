@@ -5,6 +5,7 @@ Output folder::
     cells/<task>__<method>/series/...   the cell's series (PNGs, contact sheet, manifest)
     cells/<task>__<method>/cell.json    scores + cost; written last, inside an atomic folder
     prepared/<task>__<training>/...     fine-tunings the cells need (``bench.prepare``), cached
+    references/<task>.png               each task's first reference (shown in the report)
     report.json                         every cell, the method x kind table, validation status, and
                                         95% bootstrap intervals (``bench.stats``)
 
@@ -174,6 +175,20 @@ def run_bench(
     return ran
 
 
+REFERENCES_DIR = "references"
+
+
+def copy_references(suite: Suite, out_dir: Path) -> None:
+    """Each task's first reference as ``references/<task>.png`` in the output folder, so the report
+    shows it beside the cells without naming a path of the machine that ran it."""
+    from consistent_diffusion.core.images import load_image, save_png_atomic
+
+    for task in suite.tasks:
+        target = out_dir / REFERENCES_DIR / f"{task.name}.png"
+        if task.references and not target.is_file():
+            save_png_atomic(load_image(task.references[0]), target)
+
+
 def merge_report(suite: Suite, out_dir: str | Path) -> Report:
     """Collect every finished cell into ``report.json`` (complete only if no cell is missing)."""
     out_dir = Path(out_dir)
@@ -201,5 +216,6 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         versions=library_versions(),
     )
     report = dataclasses.replace(report, intervals=report_intervals(report))
+    copy_references(suite, out_dir)
     write_json_atomic(report.to_dict(), out_dir / "report.json")
     return report

@@ -67,7 +67,7 @@ CHECKPOINT_PATTERN = "step_{:06d}.pt"
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "progress", "resume", "validation_prompts",
                      "validation_steps", "validation_count", "log_every", "threads", "max_minutes",
                      "checkpoint_minutes", "stop_after_steps", "pause_after_minutes", "warm_start",
-                     "mixed_precision"}
+                     "mixed_precision", "single_process"}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -102,6 +102,7 @@ class LoopConfig:
     log_every: int = 1  # steps between log.jsonl records
     resume: bool = False  # continue the run in ``out`` from its newest checkpoint
     progress: bool = True  # tqdm progress bar with the loss
+    single_process: bool = False  # train in this process only, even under torchrun (``LocalAccelerator``)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -134,6 +135,8 @@ class LoopConfig:
             check_int(self, "resolution", minimum=8)
         if self.threads is not None:
             check_int(self, "threads", minimum=1)
+        if self.single_process and self.mixed_precision == "fp16":
+            raise ConfigError("single_process training supports mixed_precision 'no' or 'bf16' (fp16 needs a loss scaler)")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -392,6 +395,59 @@ class _StopFlag:
                 signal.signal(sig, old)
 
 
+# ----------------------------------------------------------------------------- one process on purpose
+
+
+class LocalAccelerator:
+    """The part of ``accelerate.Accelerator`` the loop uses, for a run that stays in this process even
+    when the program runs under ``torchrun`` / ``accelerate launch`` (where every ``Accelerator``
+    shares the distributed state and would wrap the model for data parallelism across processes).
+
+    The bench's prepare stage trains this way: each shard fine-tunes what its own cells need, and a
+    run gives the same weights whether the bench ran in one process or several. Process index 0,
+    the device is the CPU or this process's own GPU (``LOCAL_RANK``), bf16 autocast if asked."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+    sync_gradients = True
+
+    def __init__(self, cpu: bool, mixed_precision: str = "no") -> None:
+        import os
+
+        if cpu or not torch.cuda.is_available():
+            self.device = torch.device("cpu")
+        else:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.mixed_precision = mixed_precision
+
+    def prepare(self, *objects: Any) -> tuple[Any, ...]:
+        for item in objects:
+            if isinstance(item, torch.nn.Module):
+                item.to(self.device)
+        return objects
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        return None
+
+    def print(self, *args: Any) -> None:
+        print(*args)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -461,7 +517,10 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     record = {"format": f"consistent-diffusion/train/{kind}/v1", "kind": kind, "created": utc_now(),
               "config": config.to_dict(), "model": task.identity(), "versions": library_versions()}
     _check_run_folder(config, record)
-    accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    if config.single_process:
+        accelerator: Any = LocalAccelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
+    else:
+        accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=config.mixed_precision)
     device = accelerator.device
     task.prepare(accelerator, device)
     params = task.trainable_parameters()
