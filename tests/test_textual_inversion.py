@@ -178,3 +178,31 @@ def test_cli_trains_and_generates_with_the_token(tiny_sd_folder, tmp_path, capsy
                  "--steps", "2", "--quiet", "--textual-inversion", str(embeddings), "--out", str(out)]) == 0
     methods = json.loads((out / "manifest.json").read_text())["methods"]
     assert methods == [{"name": "textual_inversion", "options": {"embeddings": str(embeddings.resolve()), "token": None}}]
+
+
+def test_a_learned_word_can_be_the_consistent_subject(tmp_path):
+    """Textual inversion first, then consistent_subject finds the new word as one token (the CLI
+    stacks them so)."""
+    import argparse
+
+    from consistent_diffusion.cli.options import methods as method_options
+    from consistent_diffusion.methods.consistent_subject import ConsistentSubject
+
+    result = train_textual_inversion(_config(tmp_path), tiny_sd_pipeline()).result
+    parser = argparse.ArgumentParser()
+    method_options.add_method_arguments(parser)
+    args = parser.parse_args(["--subject", TOKEN, "--textual-inversion", str(result)])
+    stack = method_options.methods_from_args(args)
+    assert [m.name for m in stack] == ["textual_inversion", "consistent_subject"]
+    both = _images(tiny_sd_pipeline(), stack)
+    only = _images(tiny_sd_pipeline(), [TextualInversion(embeddings=str(result))])
+    assert max(np.abs(a - b).max() for a, b in zip(both, only, strict=True)) > 1e-4
+    pipe = tiny_sd_pipeline()
+    with stack[0].applied(GenerationContext(pipe=pipe, prompts=[f"a {TOKEN}"], negative_prompts=None,
+                                            generators=[torch.Generator()], call_kwargs={})):
+        from consistent_diffusion.methods.consistent_subject import subject_token_positions
+
+        found = subject_token_positions(pipe.tokenizer, [f"a photo of a {TOKEN}"], TOKEN)
+        assert len(found[0]) == 1, "the learned word is one token for the call's tokenizer"
+    with pytest.raises(ConfigError, match="no anchor prompt names the subject"):
+        _images(tiny_sd_pipeline(), [ConsistentSubject(subject="dog")])

@@ -1,7 +1,8 @@
 """Command-line options for the training-free methods, shared by `generate` (and any command
 that makes a series): ``add_method_arguments(parser)`` then ``methods_from_args(args)``.
 
-Methods are stacked in a fixed, valid order: img2img or ddpm_edit (they set the starting
+Methods are stacked in a fixed, valid order: textual inversion (it changes how prompts are
+tokenized, for every method after it), img2img or ddpm_edit (they set the starting
 point), then consistent_subject (it prepends its anchors), then StyleAligned (it prepends its
 reference to whatever the others prepared, and takes the subject anchors into its attention), then
 LoRA adapters and ControlNets (`cli/options/finetune.py`). Options only: every rule about what
@@ -129,8 +130,11 @@ def methods_from_args(args: argparse.Namespace) -> list[Method]:
         given = [f"--{name.replace('_', '-')}" for name in _STYLE_ONLY if getattr(args, name, None) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --style-aligned")
-    methods += finetune_methods_from_args(args)  # LoRA adapters and ControlNets stack last
-    return methods
+    finetuned = finetune_methods_from_args(args)
+    # Textual inversion goes first: it changes the tokenizer, and the methods after it (the subject
+    # search of consistent_subject, a real reference's inversion) must read prompts as the call does.
+    words = [m for m in finetuned if m.name == "textual_inversion"]
+    return words + methods + [m for m in finetuned if m.name != "textual_inversion"]  # LoRA, ControlNet last
 
 
 def _subject_options(args: argparse.Namespace) -> dict[str, Any]:
