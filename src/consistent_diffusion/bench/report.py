@@ -17,6 +17,7 @@ from typing import Any
 from consistent_diffusion.bench.claims import evaluate_claims
 from consistent_diffusion.bench.plots import scatter_svg
 from consistent_diffusion.bench.records import Report, Score, as_report
+from consistent_diffusion.bench.stats import seed_independent
 
 UNVALIDATED = "†"
 INTERVALS_NOTE = ("Intervals: 95% bootstrap of the mean over the cell's images (over its prompts where the method "
@@ -46,7 +47,7 @@ def main_table_rows(report: Report) -> list[dict[str, Any]]:
             "cell": cell.id,
             "task": cell.task,
             "kind": cell.kind,
-            "method": cell.method,
+            "method": cell.method + (" (deterministic: one sample per prompt)" if seed_independent(cell) else ""),
             "consistency": _with_interval(_metric_cell(cell.consistency), report.cell_interval(cell.id, cell.kind)),
             "vs_plain": difference.text(signed=True) if difference is not None else "–",
             "text": _metric_cell(cell.scores.get("text")),
