@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "metrics",
     "score",
     "inspect",
+    "app",
 ]
 
 

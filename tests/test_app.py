@@ -1,0 +1,193 @@
+"""The web app: its jobs as library calls, and the page in a real (headless) browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+import zipfile
+
+import pytest
+from PIL import Image
+
+from consistent_diffusion.app import jobs
+from consistent_diffusion.core.errors import ConfigError
+
+
+@pytest.fixture
+def uploads(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(good)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    return {"good": good, "corrupt": corrupt, "empty": empty, "root": tmp_path}
+
+
+def test_uploads_are_checked_with_messages_a_person_can_act_on(uploads):
+    assert jobs.check_image(uploads["good"]) == uploads["good"]
+    with pytest.raises(ConfigError, match="corrupt.png is not a readable image"):
+        jobs.check_image(uploads["corrupt"])
+    with pytest.raises(ConfigError, match="empty.png is empty"):
+        jobs.check_image(uploads["empty"])
+    with pytest.raises(ConfigError, match="the limit is 100 pixels"):
+        jobs.check_image(uploads["good"], jobs.UploadLimits(max_pixels=100))
+    with pytest.raises(ConfigError, match="MB; the limit"):
+        jobs.check_image(uploads["good"], jobs.UploadLimits(max_bytes=10))
+    with pytest.raises(ConfigError, match="the limit is 2"):
+        jobs.check_images([uploads["good"]] * 3, jobs.UploadLimits(max_files=2))
+
+
+def test_the_form_is_read_as_the_cli_would(uploads):
+    form = jobs.SeriesForm(prompts="a cat\n\n a dog ", seeds="0, 7 9", subject="cat", style_aligned=True,
+                           init_image=str(uploads["good"]))
+    assert form.prompt_list() == ("a cat", "a dog") and form.seed_list() == (0, 7, 9)
+    assert [m.name for m in jobs.form_methods(form)] == ["img2img", "consistent_subject", "style_aligned"]
+    with pytest.raises(ConfigError, match="at least one prompt"):
+        jobs.SeriesForm(prompts=" \n").prompt_list()
+    with pytest.raises(ConfigError, match="whole numbers"):
+        jobs.SeriesForm(prompts="x", seeds="one").seed_list()
+    with pytest.raises(ConfigError, match="not a readable image"):
+        jobs.form_methods(jobs.SeriesForm(prompts="x", init_image=str(uploads["corrupt"])))
+
+
+def test_a_series_job_writes_what_the_cli_would(tiny_sd, tmp_path):
+    from consistent_diffusion.series import load_series_request
+
+    job = jobs.make_series(tiny_sd, jobs.SeriesForm(prompts="a cat\na dog", seeds="0 1", steps=2), tmp_path,
+                           progress=False)
+    assert len(job.images) == 4 and all(p.is_file() for p in job.images) and job.contact_sheet.is_file()
+    assert load_series_request(job.manifest).config.prompts == ("a cat", "a dog"), "the CLI can re-create it"
+    with zipfile.ZipFile(job.archive) as archive:
+        assert f"{job.folder.name}/manifest.json" in archive.namelist()
+    assert {"style", "object", "text", "diversity"} <= set(job.scores)
+    assert all("validated" in s for s in job.scores.values())
+    again = jobs.make_series(tiny_sd, jobs.SeriesForm(prompts="a cat", seeds="0", steps=2), tmp_path, progress=False)
+    assert again.folder != job.folder, "one folder per job"
+
+
+def test_training_from_the_page_cancels_and_keeps_the_last_checkpoint(uploads):
+    from consistent_diffusion.testing import tiny_sd_pipeline
+
+    images = []
+    for index in range(3):
+        path = uploads["root"] / f"subject{index}.png"
+        Image.new("RGB", (32, 32), (40 * index, 90, 200)).save(path)
+        images.append(path)
+    cancel = threading.Event()
+
+    def on_step(step, loss):
+        if step == 27:
+            cancel.set()
+
+    result = jobs.train_subject(tiny_sd_pipeline(), images, uploads["root"] / "out", steps=40, on_step=on_step,
+                                cancel=cancel)
+    assert result.cancelled and result.steps == 25 and result.result is None
+    with pytest.raises(ConfigError, match="3-20 images"):
+        jobs.train_subject(tiny_sd_pipeline(), images[:2], uploads["root"] / "out")
+    with pytest.raises(ConfigError, match="not a readable image"):
+        jobs.train_subject(tiny_sd_pipeline(), [*images, uploads["corrupt"]], uploads["root"] / "out")
+
+
+def test_the_cli_teaches_and_warns_off_loopback(capsys):
+    from consistent_diffusion.cli.commands.app import loopback
+    from consistent_diffusion.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["app", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "127.0.0.1" in text and "--max-upload-mb" in text
+    assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1") and not loopback("0.0.0.0")
+
+
+# -- the page in a real browser -----------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does, as root)")
+    pytest.importorskip("selenium", reason="selenium is part of the test extra")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2400"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait(condition, timeout=120.0, what="the page"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _tab(browser, title):
+    from selenium.webdriver.common.by import By
+
+    tabs = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if title in t.text]
+    assert tabs, f"no tab {title!r}"
+    browser.execute_script("arguments[0].click()", tabs[0])
+
+
+def test_the_page_generates_and_shows_errors_in_a_real_browser(browser, uploads, tmp_path):
+    pytest.importorskip("gradio", reason="gradio is part of the app extra")
+    from selenium.webdriver.common.by import By
+
+    from consistent_diffusion.app.ui import App, launch
+    from consistent_diffusion.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    app = App(lambda: pipe, tmp_path / "jobs", model_label="tiny-sd (built in code)")
+    port = _free_port()
+    page = launch(app, port=port, block=False)
+    try:
+        started = time.monotonic()
+        browser.get(f"http://127.0.0.1:{port}/")
+        prompts = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#prompts textarea"), what="the prompt box")[0]
+        prompts.clear()
+        prompts.send_keys("a red cat\na blue dog")
+        steps = browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
+        steps.clear()
+        steps.send_keys("3")
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        images = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), what="the images")
+        click_to_image = time.monotonic() - started
+        assert len(images) >= 1
+        folders = _wait(lambda: list((tmp_path / "jobs").glob("series-*/manifest.json")), what="the manifest")
+        manifest = json.loads(folders[0].read_text())
+        assert manifest["config"]["prompts"] == ["a red cat", "a blue dog"] and manifest["config"]["steps"] == 3
+        browser.save_screenshot(str(tmp_path / "make.png"))
+        # a corrupt upload: the error shows in the page and the app keeps serving
+        _tab(browser, "Fine-tune a subject")
+        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
+                       what="the upload field")[0]
+        upload.send_keys("\n".join(str(uploads[k]) for k in ("good", "corrupt")) + "\n" + str(uploads["good"]))
+        _wait(lambda: "corrupt.png" in browser.page_source, what="the uploaded files")
+        browser.find_element(By.CSS_SELECTOR, "#train").click()
+        _wait(lambda: "is not a readable image" in browser.page_source, what="the error message")
+        _tab(browser, "Make a series")
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        _wait(lambda: len(list((tmp_path / "jobs").glob("series-*/manifest.json"))) == 2, what="a second job")
+        print(f"click to first image: {click_to_image:.1f} s")
+    finally:
+        page.close()
