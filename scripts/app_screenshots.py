@@ -3,7 +3,8 @@
 
     python scripts/app_screenshots.py --out docs/app [--report docs/bench] [--model embedded]
 
-Starts the app on a free localhost port, generates the default series in "Make a series" (and
+Run it from the repository root (the page shows the relative job and report folders). Starts the
+app on a free localhost port, generates the default series in "Make a series" (and
 prints the time from the click to the first image), shows "Fine-tune a subject", opens the bench
 report folder in "Compare" and asks the advisor; writes make.png, finetune.png and compare.png.
 Needs Debian's chromium and chromium-driver and the app extra (gradio).
@@ -12,9 +13,9 @@ Needs Debian's chromium and chromium-driver and the app extra (gradio).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as jobs:
+    # relative folders, so the page (and the screenshots) show no path of this machine
+    jobs = Path("runs") / f"app-screenshots-{os.getpid()}"
+    try:
         app = App(lambda: pipe, jobs, model_label=args.model)
         port = _free_port()
         page = launch(app, port=port, block=False)
@@ -82,17 +85,22 @@ def main() -> None:
             browser.save_screenshot(str(args.out / "finetune.png"))
             tab("Compare")
             box = [b for b in browser.find_elements(By.CSS_SELECTOR, "textarea") if b.is_displayed()][0]
-            box.send_keys(str(args.report.resolve()))
+            box.send_keys(str(args.report))
             [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Open"][0].click()
             _wait(lambda: "opened" in browser.page_source)
             [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Advise"][0].click()
             _wait(lambda: any("for style, object" in (b.get_attribute("value") or "")
                               for b in browser.find_elements(By.CSS_SELECTOR, "textarea")))
-            time.sleep(1.0)
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            browser.set_window_size(1400, int(height) + 40)  # the whole tab: table, claims, plots, images, advice
+            browser.execute_script("window.scrollTo(0, 0)")
+            time.sleep(1.5)
             browser.save_screenshot(str(args.out / "compare.png"))
         finally:
             browser.quit()
             page.close()
+    finally:
+        shutil.rmtree(jobs, ignore_errors=True)
     print(f"wrote {args.out}/make.png, finetune.png, compare.png")
 
 

@@ -302,6 +302,12 @@ def open_report(folder: str | os.PathLike) -> dict[str, Any]:
     if not (folder / "report.json").is_file():
         raise ConfigError(f"{folder} holds no report.json (a `consistent-diffusion bench --out` folder)")
     report = load_report(folder)
+    if not report.intervals:  # a report from before intervals were stored: compute them
+        import dataclasses
+
+        from consistent_diffusion.bench.stats import report_intervals
+
+        report = dataclasses.replace(report, intervals=report_intervals(report))
     rows = [[row[key] for key, _ in COLUMNS] for row in main_table_rows(report)]
     images = [(folder / "cells" / cell.id / "series" / "contact_sheet.png", cell.id) for cell in report.cells]
     return {"columns": [title for _, title in COLUMNS], "rows": rows, "claims": evaluate_claims(report),

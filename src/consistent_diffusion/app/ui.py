@@ -152,7 +152,8 @@ class App:
             raise _fail(error) from error
         self._report = opened["report"]
         claims = [[c["claim"], c["verdict"], c["evidence"]] for c in opened["claims"]]
-        return (opened["rows"], claims, "\n".join(opened["plots"]), opened["images"], f"opened {folder}")
+        table = {"headers": opened["columns"], "data": opened["rows"]}
+        return (table, claims, "\n".join(opened["plots"]), opened["images"], f"opened {folder}")
 
     def run_bench(self, progress: Any = None) -> tuple:
         import gradio as gr
@@ -272,7 +273,6 @@ def build(app: App) -> Any:
             table = gr.Dataframe(label="Cells")
             claims = gr.Dataframe(headers=["claim", "verdict", "evidence"], label="Claims")
             plots = gr.HTML()
-            grid = gr.Gallery(label="Cells' images", columns=3)
             with gr.Row():
                 needs = gr.Textbox(value="style,object", label="Needs")
                 have = gr.Radio(["reference-images", "text-only"], value="reference-images", label="I have")
@@ -283,6 +283,7 @@ def build(app: App) -> Any:
                 max_seconds = gr.Number(value=0, label="Max seconds per image (0: any)")
             advise_button = gr.Button("Advise")
             advice = gr.Textbox(label="Advice", lines=12)
+            grid = gr.Gallery(label="Cells' images", columns=3)
             open_button.click(app.open_report, folder, [table, claims, plots, grid, compare_status])
             bench_button.click(app.run_bench, None, [table, claims, plots, grid, compare_status])
             advise_button.click(app.advise, [needs, have, no_training, min_text, min_diversity, max_seconds], advice)
