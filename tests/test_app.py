@@ -141,6 +141,18 @@ def _wait(condition, timeout=120.0, what="the page"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _hand_made_report():
+    """A small report.json: plain and StyleAligned on one style task, eight images each."""
+    def cell(method, stack, style):
+        return {"cell": f"s__{method}", "task": "s", "kind": "style", "method": method, "stack": stack,
+                "num_images": 8, "scores": {"style": {"aggregate": style, "per_image": [style] * 8, "validated": True},
+                                            "diversity": {"aggregate": 0.7, "per_image": [0.7] * 8}},
+                "cost": {"seconds_per_image": 0.3}}
+
+    return {"cells": [cell("plain", [], 0.5), cell("style_aligned", [{"method": "style_aligned"}], 0.8)],
+            "suite": {"name": "hand-made", "tasks": [{"name": "s", "kind": "style", "prompts": ["a"], "seeds": list(range(8))}]}}
+
+
 def _tab(browser, title):
     from selenium.webdriver.common.by import By
 
@@ -177,8 +189,27 @@ def test_the_page_generates_and_shows_errors_in_a_real_browser(browser, uploads,
         manifest = json.loads(folders[0].read_text())
         assert manifest["config"]["prompts"] == ["a red cat", "a blue dog"] and manifest["config"]["steps"] == 3
         browser.save_screenshot(str(tmp_path / "make.png"))
-        # a corrupt upload: the error shows in the page and the app keeps serving
+        # a fine-tune that succeeds, then offered to "Make a series"
         _tab(browser, "Fine-tune a subject")
+        subjects = []
+        for index in range(3):
+            subjects.append(tmp_path / f"subject{index}.png")
+            Image.new("RGB", (32, 32), (60 * index, 120, 200)).save(subjects[-1])
+        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
+                       what="the upload field")[0]
+        upload.send_keys("\n".join(str(p) for p in subjects))
+        _wait(lambda: "subject2.png" in browser.page_source, what="the uploaded subject images")
+        steps_box = browser.find_element(By.CSS_SELECTOR, "#train-steps input[type=number]")
+        steps_box.clear()
+        steps_box.send_keys("10")
+        browser.find_element(By.CSS_SELECTOR, "#train").click()
+        _wait(lambda: "it is now in 'Make a series'" in browser.page_source, what="the trained LoRA")
+        assert list((tmp_path / "jobs").glob("train-lora-*/run/lora/pytorch_lora_weights.safetensors"))
+        # a corrupt upload: the error shows in the page and the app keeps serving
+        clear = [b for b in browser.find_elements(By.CSS_SELECTOR, "#train-files button")
+                 if (b.get_attribute("aria-label") or "").lower().startswith("clear")]
+        assert clear, "the file field's clear button"
+        browser.execute_script("arguments[0].click()", clear[0])
         upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
                        what="the upload field")[0]
         upload.send_keys("\n".join(str(uploads[k]) for k in ("good", "corrupt")) + "\n" + str(uploads["good"]))
@@ -188,6 +219,18 @@ def test_the_page_generates_and_shows_errors_in_a_real_browser(browser, uploads,
         _tab(browser, "Make a series")
         browser.find_element(By.CSS_SELECTOR, "#generate").click()
         _wait(lambda: len(list((tmp_path / "jobs").glob("series-*/manifest.json"))) == 2, what="a second job")
+        # Compare: open a report folder, read the claims, ask the advisor
+        report = tmp_path / "report"
+        report.mkdir()
+        (report / "report.json").write_text(json.dumps(_hand_made_report()))
+        _tab(browser, "Compare")
+        folder = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#report-folder textarea, #report-folder input"))
+        folder.send_keys(str(report))
+        browser.find_element(By.CSS_SELECTOR, "#open-report").click()
+        _wait(lambda: "StyleAligned gives style consistency" in browser.page_source, what="the claims")
+        browser.find_element(By.CSS_SELECTOR, "#advise").click()
+        _wait(lambda: "for style, object" in (browser.find_element(By.CSS_SELECTOR, "#advice textarea")
+                                              .get_attribute("value") or ""), what="the advice")
         print(f"click to first image: {click_to_image:.1f} s")
     finally:
         page.close()

@@ -256,7 +256,7 @@ def build(app: App) -> Any:
             with gr.Row():
                 kind = gr.Radio(["lora", "dreambooth"], value="lora", label="Method")
                 instance = gr.Textbox(value="sks emoji", label="Token prompt (use it in your prompts)")
-                train_steps = gr.Slider(10, 1000, value=200, step=10, label="Steps")
+                train_steps = gr.Slider(10, 1000, value=200, step=10, label="Steps", elem_id="train-steps")
             with gr.Row():
                 go = gr.Button("Train", variant="primary", elem_id="train")
                 cancel = gr.Button("Cancel (keeps the last checkpoint)")
@@ -266,8 +266,8 @@ def build(app: App) -> Any:
             cancel.click(app.stop, None, train_status, queue=False)
         with gr.Tab("Compare"):
             with gr.Row():
-                folder = gr.Textbox(label="A bench output folder", scale=3)
-                open_button = gr.Button("Open")
+                folder = gr.Textbox(label="A bench output folder", scale=3, elem_id="report-folder")
+                open_button = gr.Button("Open", elem_id="open-report")
                 bench_button = gr.Button("Run the quick bench")
             compare_status = gr.Markdown()
             table = gr.Dataframe(label="Cells")
@@ -281,8 +281,8 @@ def build(app: App) -> Any:
                 min_text = gr.Number(value=0, label="Min text alignment (0: any)")
                 min_diversity = gr.Number(value=0, label="Min diversity (0: any)")
                 max_seconds = gr.Number(value=0, label="Max seconds per image (0: any)")
-            advise_button = gr.Button("Advise")
-            advice = gr.Textbox(label="Advice", lines=12)
+            advise_button = gr.Button("Advise", elem_id="advise")
+            advice = gr.Textbox(label="Advice", lines=12, elem_id="advice")
             grid = gr.Gallery(label="Cells' images", columns=3)
             open_button.click(app.open_report, folder, [table, claims, plots, grid, compare_status])
             bench_button.click(app.run_bench, None, [table, claims, plots, grid, compare_status])
