@@ -57,3 +57,27 @@ def test_an_inconclusive_top_choice_is_said():
     text = format_advice(advise(report(unsure), ["object"]), ["object"])
     assert text.splitlines()[1].startswith("1. unsure")
     assert "inconclusive on object" in text
+
+
+def style_cell(method, stack, within, to_reference, leakage):
+    """A style cell: within-set style, agreement with the reference's style, object leakage."""
+    def score(mean, seed):
+        values = _values(mean, seed)
+        return {"aggregate": float(np.mean(values)), "per_image": values, "validated": True}
+
+    return {"task": "s", "kind": "style", "method": method, "stack": [{"method": m} for m in stack], "num_images": 8,
+            "scores": {"style": score(within, 0), "reference_style": score(to_reference, 1),
+                       "reference_object": score(leakage, 2), "text": score(0.2, 3), "diversity": score(0.7, 4)},
+            "cost": {"seconds_per_image": 0.3}}
+
+
+def test_style_is_ranked_on_the_reference_and_a_method_that_copies_its_subject_is_dropped():
+    cells = [style_cell("plain", [], 0.95, 0.3, 0.2),  # plain: alike to each other (one default style), not to the reference
+             style_cell("aligned", ["style_aligned"], 0.85, 0.7, 0.22),
+             style_cell("copier", ["img2img"], 0.97, 0.9, 0.6)]  # the reference's style *and* its subject
+    ranked = advise({"cells": cells}, ["style"])
+    assert [r.method for r in ranked] == ["aligned", "plain"], "within-set style would rank the copier first"
+    assert "style agreement with the reference 0.702 [0.697, 0.706], +0.400" in format_advice(ranked, ["style"])
+    assert "object leakage +0.020" in format_advice(ranked, ["style"])
+    kept = advise({"cells": cells}, ["style"], constraints=Constraints(allow_copying=True))
+    assert [r.method for r in kept][:2] == ["copier", "aligned"]

@@ -332,10 +332,13 @@ def test_committed_reference_reports_round_trip_exactly(path):
     from consistent_diffusion.bench.records import summary_table
 
     assert summary_table(report.cells) == report.table, "the table is the mean of the cells' scores"
-    plain = report.plain("object-giraffe")
+    plain = report.plain("object-cricket")
     assert plain is not None and plain.is_plain and plain.consistency is plain.scores["object"]
+    style = report.plain("style-unseen-gear")
+    assert style.family == "style-unseen" and style.consistency is style.scores["reference_style"]
     assert [cell.id for cell in report.select(["ddpm_edit"], task="inversion-giraffe")] == [
         "inversion-giraffe__ddpm_reconstruct"]
+    assert report.suite.tuning["ddpm_edit_skip"].startswith("12"), "the report records how options were chosen"
 
 
 def test_score_keeps_unknown_keys_and_reads_metric_results():
@@ -501,20 +504,22 @@ def test_training_cells_under_two_processes_equal_one_process(tiny_sd_folder, tm
         assert (sharded / "prepared" / name / "prepared.json").is_file()
 
 
-def test_a_trained_cell_does_not_depend_on_the_thread_count(tiny_sd_folder, tmp_path):
-    """Two fresh processes, --threads 1 and 2: the same scores to the last bit. Trainings (and the
-    class images they generate) run at one fixed thread count (``prepare.TRAINING_THREADS``)."""
+def test_a_trained_cell_does_not_depend_on_threads_or_workers(tiny_sd_folder, tmp_path):
+    """Two fresh processes, one at OMP_NUM_THREADS=1 on one worker, one at 2 threads on
+    ``--workers 2`` (its own processes, a file barrier between trainings and cells): the same
+    scores to the last bit. Cells and trainings run at the suite's thread count (1)."""
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
     path = tmp_path / "trained.toml"
     path.write_text(TRAINING_SUITE)
     reports = []
-    for threads in ("1", "2"):
+    for threads, workers in (("1", "1"), ("2", "2")):
         out = tmp_path / f"threads{threads}"
         command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
-                   str(tiny_sd_folder), "--out", str(out), "--quiet", "--threads", threads,
+                   str(tiny_sd_folder), "--out", str(out), "--quiet", "--workers", workers,
                    "--extractors", json.dumps(EXTRACTORS)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
                                    env={**os.environ, "OMP_NUM_THREADS": threads})
         assert completed.returncode == 0, completed.stderr[-2000:]
         reports.append(_scores(load_report(out)))
+    assert (tmp_path / "threads2" / ".workers" / "worker1.log").is_file()  # it did run on two processes
     assert reports[0] == reports[1]

@@ -12,14 +12,14 @@ def values(mean, spread=0.01, seed=0):
     return list(mean + spread * np.random.default_rng(seed).standard_normal(IMAGES))
 
 
-def cell(task, kind, stack=(), params=0, vae_psnr=None, **scores):
+def cell(task, kind, stack=(), params=0, vae_psnr=None, family=None, **scores):
     """A cell dict; a score given as a number gets eight per-image values around it (the same noise
     in every cell, so paired differences are exact), a list is taken as the per-image values."""
     def score(value):
         per_image = value if isinstance(value, list) else values(value)
         return {"aggregate": float(np.mean(per_image)), "per_image": per_image}
 
-    return {"task": task, "kind": kind, "method": "+".join(m for m, _ in stack) or "plain",
+    return {"task": task, "kind": kind, "family": family or kind, "method": "+".join(m for m, _ in stack) or "plain",
             "stack": [{"method": m, **options} for m, options in stack],
             "scores": {name: score(value) for name, value in scores.items()},
             "cost": {"trainable_parameters": params}, "reference_vae_psnr": vae_psnr}
@@ -97,25 +97,44 @@ def test_a_seed_independent_edit_counts_one_sample_per_prompt():
 
 
 def test_style_aligned():
-    def cells(style, copies):
-        return [cell("s", "style", style=0.8, reference_object=0.4),
-                cell("s", "style", [("style_aligned", {})], style=style, reference_object=copies),
-                cell("s", "style", [("img2img", {"strength": 0.4})], style=0.9, reference_object=0.7)]
+    """Judged on agreement with the reference's style (reference_style) and on object leakage (the
+    rise of similarity to the reference's subject over plain must stay under the margin)."""
+    def cells(style, copies, task="s", family="style-unnamed"):
+        return [cell(task, "style", family=family, style=0.9, reference_style=0.5, reference_object=0.4),
+                cell(task, "style", [("style_aligned", {})], family=family, style=0.8, reference_style=style,
+                     reference_object=copies),
+                cell(task, "style", [("img2img", {"strength": 0.4})], family=family, reference_style=0.9,
+                     reference_object=0.7)]
 
-    assert verdicts(cells(0.9, 0.5))["StyleAligned"] == HELD
-    assert verdicts(cells(0.7, 0.5))["StyleAligned"] == NOT_HELD
-    assert verdicts(cells(0.9, 0.8))["StyleAligned"] == NOT_HELD, "copied the reference object"
+    assert verdicts(cells(0.7, 0.42))["StyleAligned"] == HELD, "within-set style fell, but the reference's rose"
+    assert verdicts(cells(0.3, 0.42))["StyleAligned"] == NOT_HELD
+    assert verdicts(cells(0.7, 0.6))["StyleAligned"] == NOT_HELD, "copied the reference object"
+    assert "img2img minus StyleAligned" in evidence(cells(0.7, 0.42), "StyleAligned")
+    both = cells(0.7, 0.42) + cells(0.5, 0.42, task="u", family="style-unseen")
+    assert verdicts(both)["StyleAligned"] == INCONCLUSIVE, "held on unnamed styles, no gain on unseen ones"
+    assert verdicts(cells(0.7, 0.42) + cells(0.8, 0.40, task="u", family="style-unseen"))["StyleAligned"] == HELD
+    assert "style-unseen: u" in evidence(both, "StyleAligned")
+
+
+def test_methods_combine():
+    def cells(style, shape):
+        return [cell("s", "shape", shape=0.2, reference_style=0.5),
+                cell("s", "shape", [("style_aligned", {}), ("controlnet", {})], shape=shape, reference_style=style)]
+
+    assert verdicts(cells(0.7, 0.5))["methods"] == HELD
+    assert verdicts(cells(0.3, 0.5))["methods"] == NOT_HELD, "the style part was lost in the stack"
+    assert verdicts(cells(0.5, 0.5))["methods"] == INCONCLUSIVE
+    assert verdicts([cell("s", "shape", shape=0.2), cell("s", "shape", [("controlnet", {})], shape=0.5)])["methods"] \
+        == NOT_MEASURABLE, "one method is not a combination"
 
 
 def test_claims_name_the_cells_they_compare_and_the_html_shows_them():
     from consistent_diffusion.bench.records import as_report
     from consistent_diffusion.bench.report import render_html
 
-    cells = [cell("s", "style", style=0.8, reference_object=0.4),
-             cell("s", "style", [("style_aligned", {})], style=0.9, reference_object=0.5),
-             cell("s", "style", [("img2img", {"strength": 0.4})], style=0.9, reference_object=0.7)]
+    cells = [cell("s", "style", reference_style=0.5, reference_object=0.4),
+             cell("s", "style", [("style_aligned", {})], reference_style=0.7, reference_object=0.42)]
     claim = next(c for c in evaluate_claims({"cells": cells}) if c["claim"].startswith("StyleAligned"))
-    assert claim["figures"] == [{"task": "s", "cells": ["s__plain", "s__style_aligned"]},
-                                {"task": "s", "cells": ["s__style_aligned", "s__img2img"]}], "baseline first"
+    assert claim["figures"] == [{"task": "s", "cells": ["s__plain", "s__style_aligned"]}], "baseline first"
     page = render_html(as_report({"cells": cells}), [claim], [], references={"s"})
     assert "references/s.png" in page and "cells/s__style_aligned/series/contact_sheet.png" in page

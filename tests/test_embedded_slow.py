@@ -55,3 +55,45 @@ def test_style_probe_tells_two_style_prompts_apart(pipe) -> None:
     twitter = predict(probe, generate(pipe, [f"{n}, twitter style" for n in names]))[:, meta["labels"].index("google")]
     assert google.mean() > twitter.mean() + 0.2
     assert (google > twitter).float().mean() >= 0.75
+
+
+def test_the_committed_reference_report_reproduces_at_any_thread_count(tmp_path) -> None:
+    """Two cells of the committed quick-suite report re-run in fresh processes, one at
+    OMP_NUM_THREADS=1 and one at 2 (cells and trainings run at the suite's one thread): a trained
+    one (LoRA DreamBooth on the cricket, prior preservation included) and plain generation; every
+    score within 1e-6 of the committed numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from consistent_diffusion.bench.records import load_report
+    from consistent_diffusion.bench.suite import load_suite
+
+    committed = load_report(Path(__file__).resolve().parents[1] / "docs" / "bench" / "report.json")
+    quick = load_suite("quick")
+    task = next(t for t in quick.tasks if t.name == "object-cricket")
+    script = ("import dataclasses, sys\n"
+              "from consistent_diffusion.bench.runner import run_bench\n"
+              "from consistent_diffusion.bench.scoring import make_scorer\n"
+              "from consistent_diffusion.bench.suite import load_suite\n"
+              "from consistent_diffusion.models.loading import load_pipeline\n"
+              "suite = load_suite('quick')\n"
+              "task = next(t for t in suite.tasks if t.name == 'object-cricket')\n"
+              "suite = dataclasses.replace(suite, tasks=(dataclasses.replace(task, methods=('plain', 'lora')),))\n"
+              "run_bench(suite, sys.argv[1], lambda: load_pipeline('embedded'), make_scorer(), progress=False)\n")
+    assert "lora" in task.methods
+    for threads in ("1", "2"):
+        out = tmp_path / f"threads{threads}"
+        completed = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                                   timeout=1200, check=False, env={**os.environ, "OMP_NUM_THREADS": threads})
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        for cell_id in ("object-cricket__plain", "object-cricket__lora"):
+            cell = json.loads((out / "cells" / cell_id / "cell.json").read_text())
+            expected = next(c for c in committed.cells if c.id == cell_id)
+            for name, score in cell["scores"].items():
+                want = expected.scores[name].per_image
+                assert len(score["per_image"]) == len(want), (threads, cell_id, name)
+                assert all(abs(a - b) <= 1e-6 for a, b in zip(score["per_image"], want, strict=True)), \
+                    (threads, cell_id, name)

@@ -170,7 +170,8 @@ def test_kind_plan_equals_the_single_metrics(tmp_path):
         image.save(tmp_path / f"ref{i}.png")
         refs.append(str(tmp_path / f"ref{i}.png"))
     object_scores = score(images, kind="object", references=refs, extractors=PALETTE, model="embedded")
-    assert list(object_scores) == ["object", "reference_object", "reference_fidelity", "reference_psnr", "diversity"]
+    assert list(object_scores) == ["object", "reference_object", "reference_style", "reference_fidelity",
+                                   "reference_psnr", "diversity"]
     expected = object_consistency(images, refs, "palette")
     assert object_scores["object"].per_image == expected.per_image
     assert object_scores["reference_object"].per_image == expected.per_image
@@ -181,6 +182,9 @@ def test_kind_plan_equals_the_single_metrics(tmp_path):
 
     style_scores = score(images, kind="style", references=refs, extractors=PALETTE, model="embedded")
     assert style_scores["style"].per_image == style_consistency(images, "palette").per_image  # within the set
+    to_reference = style_consistency(images, "palette", reference=refs)  # the to-reference protocol
+    assert style_scores["reference_style"].per_image == to_reference.per_image != style_scores["style"].per_image
+    assert style_scores["reference_object"].per_image == object_consistency(images, refs, "palette").per_image  # leakage
     shape_scores = score(images, kind="shape", references=refs, extractors=PALETTE, model="embedded")
     assert "reference_fidelity" not in shape_scores and "reference_object" in shape_scores
     assert shape_scores["shape"].per_image == shape_consistency(images, [refs[0]] * 4, resize=True).per_image

@@ -9,7 +9,12 @@ interval over tasks and seeds: ``bench.stats``), its text alignment, its diversi
   diversity below ``min_diversity``, more than ``max_seconds`` per image (training amortised over
   the task's images). By default a stack whose diversity falls below half of plain generation's on
   the same tasks is dropped too: it copies rather than varies (img2img at low strength does);
-  ``allow_low_diversity`` keeps it.
+  ``allow_low_diversity`` keeps it. For style, a stack whose object leakage (similarity of its
+  outputs to the reference's own subject) rises over plain's by more than ``claims.IDENTITY_MARGIN``
+  is dropped as well: it copies the reference instead of carrying its style; ``allow_copying``
+  keeps it.
+- **Style** is ranked on agreement with the reference's style (``reference_style``), not on how
+  alike the outputs are to each other.
 - **Ranking**: the Pareto front of (consistency gain, text alignment, diversity, -seconds per
   image) first, each group by total consistency gain; a stack measured on every need comes before
   one that was not.
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consistent_diffusion.bench import stats
+from consistent_diffusion.bench.claims import IDENTITY_MARGIN
 from consistent_diffusion.bench.records import CellRecord, Report, as_report
 from consistent_diffusion.bench.suite import KINDS
 from consistent_diffusion.core.errors import ConfigError
@@ -42,6 +48,7 @@ class Constraints:
     min_diversity: float | None = None
     max_seconds: float | None = None
     allow_low_diversity: bool = False
+    allow_copying: bool = False
 
     def __post_init__(self) -> None:
         if self.have not in HAVE_CHOICES:
@@ -65,6 +72,7 @@ class Recommendation:
     diversity: float | None = None
     seconds: float = 0.0  # per image, training amortised over the images generated
     pareto: bool = False
+    leakage: stats.Interval | None = None  # style: rise of similarity to the reference's subject over plain
 
     @property
     def inconclusive_needs(self) -> list[str]:
@@ -104,23 +112,33 @@ def _evaluate(report: Report, method: str, cells: list[CellRecord], needs: list[
     recommendation = Recommendation(method=method, stack=cells[0].components or ["plain"], score=0.0)
     used: list[CellRecord] = []
     for need in needs:
-        relevant = [cell for cell in cells if cell.kind == need and cell.aggregate(need) is not None]
-        if not relevant:
+        pairs = [(cell, cell.target_metric) for cell in cells if cell.kind == need]
+        pairs = [(cell, metric) for cell, metric in pairs if cell.aggregate(metric) is not None]
+        if not pairs:
             recommendation.reasons.append(f"{need}: not measured for this method")
             continue
+        relevant = [cell for cell, _ in pairs]
         used += relevant
         recommendation.covered += 1
-        own = stats.bootstrap_interval([stats.cell_samples(report, cell, need) for cell in relevant])
-        gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, need) for cell in relevant])
-        mean_value = own.mean if own is not None else _mean(_measured(relevant, need))
-        reason = f"{need} consistency {own.text() if own is not None else f'{mean_value:.3f}'}"
+        own = stats.bootstrap_interval([stats.cell_samples(report, cell, metric) for cell, metric in pairs])
+        gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell, metric in pairs])
+        mean_value = own.mean if own is not None else _mean([cell.aggregate(metric) for cell, metric in pairs])
+        label = ("style agreement with the reference" if any(m == "reference_style" for _, m in pairs)
+                 else f"{need} consistency")
+        reason = f"{label} {own.text() if own is not None else f'{mean_value:.3f}'}"
         if gain is not None:
             recommendation.gains[need] = gain
             recommendation.score += gain.mean
             reason += f", {gain.text(signed=True)} vs plain"
         recommendation.reasons.append(reason)
-        if any(not cell.scores[need].validated for cell in relevant):
+        if any(not cell.scores[metric].validated for cell, metric in pairs):
             recommendation.unvalidated.append(need)
+        if need == "style":
+            recommendation.leakage = stats.bootstrap_interval(
+                [stats.paired_cell_samples(report, cell, "reference_object") for cell in relevant])
+            if recommendation.leakage is not None:
+                recommendation.reasons.append(f"object leakage {recommendation.leakage.text(signed=True)} vs plain "
+                                              "(similarity to the reference's own subject)")
     recommendation.text = _mean(_measured(used, "text"))
     recommendation.diversity = _mean(_measured(used, "diversity"))
     recommendation.seconds = _seconds_per_image(used) if used else 0.0
@@ -155,6 +173,9 @@ def _excluded(recommendation: Recommendation, cells: list[CellRecord], report: R
         return f"diversity {recommendation.diversity} below {c.min_diversity}"
     if c.max_seconds is not None and recommendation.seconds > c.max_seconds:
         return f"{recommendation.seconds:.2f} s/image over {c.max_seconds}"
+    if not c.allow_copying and recommendation.leakage is not None and recommendation.leakage.mean > IDENTITY_MARGIN:
+        return (f"object leakage {recommendation.leakage.mean:+.3f} over plain (more than {IDENTITY_MARGIN}): it copies "
+                "the reference's subject rather than its style (allow_copying keeps it)")
     plain = _plain_diversity(report, cells)
     if (not c.allow_low_diversity and plain and recommendation.diversity is not None
             and recommendation.diversity < DIVERSITY_COLLAPSE * plain):

@@ -86,9 +86,9 @@ def claim_img2img_loses_detail(report: Report) -> dict[str, str]:
         ordered = sorted((c for c in cells if c.option("img2img", "strength") is not None),
                          key=lambda c: c.option("img2img", "strength"))
         for weaker, stronger in zip(ordered, ordered[1:], strict=False):
-            kind = weaker.kind
-            comparison = comparisons.setdefault(kind, Comparison(
-                "reference fidelity at the lower strength minus at the higher", kind))
+            family = weaker.family
+            comparison = comparisons.setdefault(family, Comparison(
+                "reference fidelity at the lower strength minus at the higher", family))
             comparison.add(task, stats.paired_between(report, weaker, stronger, "reference_fidelity"), weaker, stronger)
     return _judge(claim, list(comparisons.values()), "needs img2img cells at two or more strengths with reference fidelity")
 
@@ -138,7 +138,7 @@ def claim_inversion_exact(report: Report) -> dict[str, str]:
     generation of the same prompts."""
     claim = "noise inversion reconstructs exactly and allows controlled edits"
     exact = Comparison(f"reconstruction PSNR minus (VAE round trip - {RECONSTRUCTION_SLACK_DB} dB)", "inversion")
-    controlled = Comparison("similarity to the reference subject, edit minus plain", "object")
+    controlled = Comparison("similarity to the reference subject, edit minus plain", "object")  # its tasks' family
     for cell in report.select(["ddpm_edit"]):
         skip = cell.option("ddpm_edit", "skip") or 0
         if skip == 0 and cell.reference_vae_psnr is not None:
@@ -152,18 +152,55 @@ def claim_inversion_exact(report: Report) -> dict[str, str]:
 
 
 def claim_style_aligned(report: Report) -> dict[str, str]:
+    """Style: agreement with the reference's style rises over plain, on every style family (a style
+    the prompts do not name; a style the model never saw). Not copying: the outputs' similarity to
+    the reference's own subject (object leakage) rises over plain by less than ``IDENTITY_MARGIN``."""
     claim = "StyleAligned gives style consistency but does not copy objects"
-    style = Comparison("style consistency, StyleAligned minus plain", "style")
-    leakage = Comparison("similarity to the reference object, img2img minus StyleAligned", "style")
+    comparisons: dict[tuple[str, str], Comparison] = {}
+    notes = []
     for task, cells in by_task(report.select(kind="style")).items():
         found = _by_stack(cells)
         aligned, plain, img2img = found.get(("style_aligned",)), found.get(()), found.get(("img2img",))
         if aligned is None or plain is None:
             continue
-        style.add(task, stats.paired_between(report, aligned, plain, "style"), aligned, plain)
+        family = aligned.family
+        style = comparisons.setdefault(("style", family), Comparison(
+            "agreement with the reference's style, StyleAligned minus plain", family))
+        style.add(task, stats.paired_between(report, aligned, plain, aligned.target_metric), aligned, plain)
+        leakage = comparisons.setdefault(("leakage", family), Comparison(
+            f"{IDENTITY_MARGIN} minus the rise of object leakage (similarity to the reference's subject) over plain",
+            family))
+        leakage.add(task, [IDENTITY_MARGIN - value
+                           for value in stats.paired_between(report, aligned, plain, "reference_object")])
         if img2img is not None:
-            leakage.add(task, stats.paired_between(report, img2img, aligned, "reference_object"), img2img, aligned)
-    return _judge(claim, [style, leakage], "needs style_aligned and plain cells on a style task")
+            copies = stats.bootstrap_interval([stats.paired_between(report, img2img, aligned, "reference_object")])
+            if copies is not None:
+                notes.append(f"{task}: object leakage, img2img minus StyleAligned {copies.text(signed=True)}")
+    return _judge(claim, list(comparisons.values()), "needs style_aligned and plain cells on a style task", notes)
+
+
+COMBINED_METRICS = {"style_aligned": "reference_style", "controlnet": "shape", "lora": "reference_object",
+                    "dreambooth": "reference_object"}  # what each component is there to add, as a metric
+
+
+def claim_methods_combine(report: Report) -> dict[str, str]:
+    """Each stack of two or more of StyleAligned, ControlNet and LoRA keeps what each part adds:
+    the part's metric (``COMBINED_METRICS``) rises over plain generation on the same prompts and seeds."""
+    claim = "methods combine: a stack keeps what each of its parts adds (style, shape, subject)"
+    comparisons: dict[tuple[str, str], Comparison] = {}
+    for cell in report.cells:
+        parts = [name for name in cell.components if name in COMBINED_METRICS]
+        plain = report.plain(cell.task)
+        if len(parts) < 2 or plain is None:
+            continue
+        stack = " + ".join(cell.components)
+        for part in parts:
+            metric = COMBINED_METRICS[part]
+            comparison = comparisons.setdefault((stack, part), Comparison(
+                f"{metric.replace('_', ' ')} ({part}'s part), {stack} minus plain", cell.family))
+            comparison.add(cell.task, stats.paired_between(report, cell, plain, metric), cell, plain)
+    return _judge(claim, list(comparisons.values()), "needs stacks of two or more of style_aligned, controlnet, "
+                  "lora with a plain cell on the same task")
 
 
 CLAIMS: list[Callable[[Report], dict[str, str]]] = [
@@ -172,6 +209,7 @@ CLAIMS: list[Callable[[Report], dict[str, str]]] = [
     claim_controlnet_shape_not_identity,
     claim_inversion_exact,
     claim_style_aligned,
+    claim_methods_combine,
 ]
 
 

@@ -173,6 +173,11 @@ class CellRecord:
     scores: dict[str, Score] = field(default_factory=dict)
     reference_vae_psnr: float | None = None
     cost: CellCost = field(default_factory=CellCost)
+    family: str = ""  # the task's family (``Task.family``; default its kind)
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.kind)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CellRecord:
@@ -180,6 +185,7 @@ class CellRecord:
             id=data.get("cell", f"{data['task']}__{data['method']}"),
             task=data["task"],
             kind=data["kind"],
+            family=data.get("family", ""),
             method=data["method"],
             stack=tuple(dict(use) for use in data.get("stack", ())),
             prompt_template=data.get("prompt_template", "{prompt}"),
@@ -195,6 +201,7 @@ class CellRecord:
             "cell": self.id,
             "task": self.task,
             "kind": self.kind,
+            "family": self.family,
             "method": self.method,
             "stack": [dict(use) for use in self.stack],
             "prompt_template": self.prompt_template,
@@ -211,9 +218,18 @@ class CellRecord:
         return score.aggregate if score is not None and score.measured else None
 
     @property
+    def target_metric(self) -> str:
+        """The metric this cell's task is judged on: agreement with the reference's style
+        (``reference_style``) on a style task that has it, else the kind's own consistency (a style
+        task without a reference, or a report made before ``reference_style`` was scored: within-set)."""
+        if self.kind == "style" and self.aggregate("reference_style") is not None:
+            return "reference_style"
+        return self.kind
+
+    @property
     def consistency(self) -> Score | None:
-        """The score of the task's own kind of consistency."""
-        return self.scores.get(self.kind)
+        """The score of the task's target metric (``target_metric``)."""
+        return self.scores.get(self.target_metric)
 
     @property
     def components(self) -> list[str]:
@@ -252,16 +268,17 @@ class TaskSummary:
     seeds: tuple[int, ...] = ()
     methods: tuple[str, ...] = ()
     description: str = ""
+    family: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TaskSummary:
         return cls(name=data["name"], kind=data["kind"], prompts=tuple(data.get("prompts", ())),
                    seeds=tuple(data.get("seeds", ())), methods=tuple(data.get("methods", ())),
-                   description=data.get("description", ""))
+                   description=data.get("description", ""), family=data.get("family", data["kind"]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "prompts": list(self.prompts), "seeds": list(self.seeds),
-                "methods": list(self.methods), "description": self.description}
+        return {"name": self.name, "kind": self.kind, "family": self.family or self.kind, "prompts": list(self.prompts),
+                "seeds": list(self.seeds), "methods": list(self.methods), "description": self.description}
 
 
 @dataclass(frozen=True)
@@ -273,16 +290,18 @@ class SuiteSummary:
     steps: int = 0
     guidance: float = 0.0
     tasks: tuple[TaskSummary, ...] = ()
+    tuning: dict[str, Any] = field(default_factory=dict)  # how the methods' options were chosen (``Suite.tuning``)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SuiteSummary:
         return cls(name=data.get("name", "?"), source=data.get("source", ""), steps=data.get("steps", 0),
                    guidance=data.get("guidance", 0.0),
-                   tasks=tuple(TaskSummary.from_dict(task) for task in data.get("tasks", ())))
+                   tasks=tuple(TaskSummary.from_dict(task) for task in data.get("tasks", ())),
+                   tuning=dict(data.get("tuning", {})))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "steps": self.steps, "guidance": self.guidance,
-                "tasks": [task.to_dict() for task in self.tasks]}
+                "tasks": [task.to_dict() for task in self.tasks], "tuning": self.tuning}
 
 
 @dataclass(frozen=True)

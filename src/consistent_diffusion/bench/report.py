@@ -38,18 +38,25 @@ def _with_interval(text: str, interval: Any) -> str:
 
 
 def main_table_rows(report: Report) -> list[dict[str, Any]]:
-    """One row per cell: task, kind, method, consistency (with its 95% interval and the paired
-    difference to plain), text, diversity, s/img, params."""
+    """One row per cell: task, kind (its family where it has one), method, the metric it is judged
+    on (``CellRecord.target_metric``: a style task's agreement with the reference's style), that
+    consistency with its 95% interval and the paired difference to plain, object leakage on style
+    tasks (the rise of similarity to the reference's own subject over plain), text, diversity,
+    s/img, params."""
     rows = []
     for cell in report.cells:
-        difference = report.cell_interval(cell.id, cell.kind, "vs_plain")
+        metric = cell.target_metric
+        difference = report.cell_interval(cell.id, metric, "vs_plain")
+        leakage = report.cell_interval(cell.id, "reference_object", "vs_plain") if cell.kind == "style" else None
         rows.append({
             "cell": cell.id,
             "task": cell.task,
-            "kind": cell.kind,
+            "kind": cell.family if cell.family != cell.kind else cell.kind,
+            "metric": METRIC_LABELS.get(metric, metric),
             "method": cell.method + (" (deterministic: one sample per prompt)" if seed_independent(cell) else ""),
-            "consistency": _with_interval(_metric_cell(cell.consistency), report.cell_interval(cell.id, cell.kind)),
+            "consistency": _with_interval(_metric_cell(cell.consistency), report.cell_interval(cell.id, metric)),
             "vs_plain": difference.text(signed=True) if difference is not None else "–",
+            "leakage": leakage.text(signed=True) if leakage is not None else "–",
             "text": _metric_cell(cell.scores.get("text")),
             "diversity": _metric_cell(cell.scores.get("diversity"), needs_validation=False),  # a guard, not a claim
             "seconds_per_image": f"{cell.cost.seconds_per_image:.2f}",
@@ -59,8 +66,44 @@ def main_table_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("consistency", "consistency [95% CI]"),
-           ("vs_plain", "vs plain, paired [95% CI]"),
+def family_rows(report: Report) -> list[dict[str, Any]]:
+    """The main table: one row per (family, method), pooled over the family's tasks (two-stage
+    bootstrap, ``bench.stats``): the target metric with its 95% interval, the paired gain over plain,
+    object leakage over plain on style families, mean text alignment and diversity, tasks."""
+    from consistent_diffusion.bench import stats
+
+    grouped: dict[tuple[str, str], list[Any]] = {}
+    for cell in report.cells:
+        grouped.setdefault((cell.family, cell.method), []).append(cell)
+    rows = []
+    for (family, method), cells in sorted(grouped.items()):
+        metric = cells[0].target_metric
+        own = stats.bootstrap_interval([stats.cell_samples(report, cell, metric) for cell in cells])
+        gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell in cells])
+        leakage = (stats.bootstrap_interval([stats.paired_cell_samples(report, cell, "reference_object") for cell in cells])
+                   if cells[0].kind == "style" else None)
+        texts = [c.aggregate("text") for c in cells if c.aggregate("text") is not None]
+        diversities = [c.aggregate("diversity") for c in cells if c.aggregate("diversity") is not None]
+        rows.append({
+            "family": family, "method": method, "metric": METRIC_LABELS.get(metric, metric),
+            "consistency": own.text() if own is not None else "–",
+            "vs_plain": gain.text(signed=True) if gain is not None else "–",
+            "leakage": leakage.text(signed=True) if leakage is not None else "–",
+            "text": f"{sum(texts) / len(texts):.3f}" if texts else "–",
+            "diversity": f"{sum(diversities) / len(diversities):.3f}" if diversities else "–",
+            "tasks": str(len(cells)),
+        })
+    return rows
+
+
+FAMILY_COLUMNS = [("family", "family"), ("method", "method"), ("metric", "measured"),
+                  ("consistency", "consistency [95% CI]"), ("vs_plain", "vs plain, paired [95% CI]"),
+                  ("leakage", "object leakage vs plain"), ("text", "text alignment"), ("diversity", "diversity"),
+                  ("tasks", "tasks")]
+METRIC_LABELS = {"reference_style": "style to reference", "style": "style within set"}
+COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("metric", "measured"),
+           ("consistency", "consistency [95% CI]"), ("vs_plain", "vs plain, paired [95% CI]"),
+           ("leakage", "object leakage vs plain"),
            ("text", "text alignment"), ("diversity", "diversity"), ("seconds_per_image", "s / image"),
            ("trainable_parameters", "trainable params"), ("train_seconds", "training s")]
 
@@ -72,12 +115,21 @@ def render_markdown(report: Report, claims: list[dict[str, Any]]) -> str:
               f"{report.suite.steps} steps, guidance {report.suite.guidance}.", ""]
     if not report.complete:
         lines += [f"**Incomplete**: missing cells {', '.join(report.missing_cells)}.", ""]
+    lines += ["## By family (pooled over tasks)", "", "| " + " | ".join(title for _, title in FAMILY_COLUMNS) + " |",
+              "|" + "---|" * len(FAMILY_COLUMNS)]
+    lines += ["| " + " | ".join(row[key] for key, _ in FAMILY_COLUMNS) + " |" for row in family_rows(report)]
+    lines += ["", "## Cells", ""]
     lines += ["| " + " | ".join(title for _, title in COLUMNS) + " |",
               "|" + "---|" * len(COLUMNS)]
     for row in main_table_rows(report):
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
     lines += ["", f"{UNVALIDATED} metric not validated on real data (missed its bar or never validated): "
-              "read with care.", "", INTERVALS_NOTE, "", "## Claims", "",
+              "read with care.", "", INTERVALS_NOTE, ""]
+    if report.suite.tuning:
+        lines += ["## How the options were chosen", ""]
+        lines += [f"- **{key}**: {value}" for key, value in report.suite.tuning.items()]
+        lines.append("")
+    lines += ["## Claims", "",
               "| claim | verdict | evidence |", "|---|---|---|"]
     for claim in claims:
         lines.append(f"| {claim['claim']} | **{claim['verdict']}** | {claim['evidence']} |")
@@ -113,10 +165,18 @@ def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str],
                  f"{report.suite.steps} steps, guidance {report.suite.guidance}.</p>")
     if not report.complete:
         parts.append(f"<p><b>Incomplete</b>: missing {esc(', '.join(report.missing_cells))}</p>")
+    parts.append("<h2>By family (pooled over tasks)</h2><table><tr>"
+                 + "".join(f"<th>{esc(t)}</th>" for _, t in FAMILY_COLUMNS) + "</tr>")
+    for row in family_rows(report):
+        parts.append("<tr>" + "".join(f"<td>{esc(row[k])}</td>" for k, _ in FAMILY_COLUMNS) + "</tr>")
+    parts.append("</table><h2>Cells</h2>")
     parts.append("<table><tr>" + "".join(f"<th>{esc(t)}</th>" for _, t in COLUMNS) + "</tr>")
     for row in main_table_rows(report):
         parts.append("<tr>" + "".join(f"<td>{esc(str(row[k]))}</td>" for k, _ in COLUMNS) + "</tr>")
     parts.append(f"</table><p>{UNVALIDATED} metric not validated on real data: read with care.</p>")
+    if report.suite.tuning:
+        parts.append("<h2>How the options were chosen</h2><ul>" + "".join(
+            f"<li><b>{esc(str(key))}</b>: {esc(str(value))}</li>" for key, value in report.suite.tuning.items()) + "</ul>")
     parts.append("<h2>Claims</h2><table><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>")
     for claim in claims:
         css = {"held": "held", "not held": "not-held"}.get(claim["verdict"], "nm")
@@ -141,12 +201,12 @@ def trade_off_plots(report: Report) -> list[str]:
     for other, label in (("diversity", "diversity"), ("text", "text alignment")):
         points, errors = [], []
         for cell in report.cells:
-            x, y = cell.aggregate(other), cell.aggregate(cell.kind)
+            x, y = cell.aggregate(other), cell.aggregate(cell.target_metric)
             if x is not None and y is not None:
                 points.append((float(x), float(y), cell.method, cell.kind))
-                errors.append((report.cell_interval(cell.id, other), report.cell_interval(cell.id, cell.kind)))
+                errors.append((report.cell_interval(cell.id, other), report.cell_interval(cell.id, cell.target_metric)))
         if points:
-            plots.append(scatter_svg(points, x_label=label, y_label="consistency (own kind)",
+            plots.append(scatter_svg(points, x_label=label, y_label="consistency (own kind; style: to the reference)",
                                      title=f"consistency vs {label} (bars: 95% intervals)",
                                      errors=[_bar(ex, ey) for ex, ey in errors]))
     return plots

@@ -10,10 +10,16 @@ Output folder::
                                         95% bootstrap intervals (``bench.stats``)
 
 A cell's folder appears only when complete, so a killed run resumes by skipping finished
-cells. Sharding: process i of n runs cells[i::n] (cells sorted by id); the main process merges
-once every process is done, so a sharded run's report equals a single-process one (timings
-aside). Under ``accelerate launch`` / ``torchrun`` the process index and count come from
-``accelerate.PartialState``.
+cells. Two phases: first every (task, training) pair the cells need is trained, process i of n
+taking pairs[i::n]; then, after a barrier, process i runs cells[i::n] (cells sorted by id); the
+main process merges once every process is done, so a sharded run's report equals a
+single-process one (timings aside). Under ``accelerate launch`` / ``torchrun`` the process index
+and count come from ``accelerate.PartialState``; ``bench --workers N`` starts N processes itself.
+
+Every cell generates and scores at ``Suite.threads`` torch threads (default 1), as every training
+does: CPU kernels sum in an order that depends on the thread count, so at a fixed count the images
+and scores are the same on any machine whatever ``--threads`` or ``OMP_NUM_THREADS`` say; a run
+uses more cores through more processes.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from consistent_diffusion.bench.records import (
     summary_table,
 )
 from consistent_diffusion.bench.stats import report_intervals
-from consistent_diffusion.bench.suite import Cell, Suite
+from consistent_diffusion.bench.suite import Cell, Suite, Task, TrainingSpec
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import get_method
 from consistent_diffusion.models.loading import model_identity
@@ -94,6 +100,28 @@ def prepare_cell(suite: Suite, cell: Cell, out_dir: Path, load_train_pipe: Calla
             for name in cell.method.trainings]
 
 
+def training_units(suite: Suite, cells: list[Cell]) -> list[tuple[Task, TrainingSpec]]:
+    """Every (task, training) pair ``cells`` need, once each, in cell order."""
+    units: dict[tuple[str, str], tuple[Task, TrainingSpec]] = {}
+    for cell in cells:
+        for name in cell.method.trainings:
+            units.setdefault((cell.task.name, name), (cell.task, suite.trainings[name]))
+    return list(units.values())
+
+
+def prepare_shard(suite: Suite, cells: list[Cell], out_dir: Path, load_train_pipe: Callable[[], Any],
+                  shard: Shard = Shard(), progress: bool = False) -> None:
+    """Phase one: train this process's share of the trainings ``cells`` need (cached ones are
+    skipped), after checking every training's options (a bad one fails before any work)."""
+    from consistent_diffusion.bench.prepare import check_trainings, ensure_prepared
+
+    units = training_units(suite, cells)
+    if units:
+        check_trainings(suite)
+    for task, training in shard.select(units):
+        ensure_prepared(out_dir, task, training, load_train_pipe, progress=progress)
+
+
 def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8,
              load_train_pipe: Callable[[], Any] | None = None, progress: bool = False) -> CellRecord:
     """Prepare (train what the cell needs), generate, score and write one cell atomically;
@@ -103,7 +131,8 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
     prepared = prepare_cell(suite, cell, out_dir, load_train_pipe, progress=progress)
     trained = {training.training: training.artifact for training in prepared}
     methods = [get_method(name, **options)
-               for name, options in cell.method.resolved(reference, trained, subject=cell.task.subject)]
+               for name, options in cell.method.resolved(reference, trained, subject=cell.task.subject,
+                                                         reference_prompt=cell.task.reference_prompt)]
     config = SeriesConfig(
         prompts=cell.method.prompts(cell.task.prompts),
         seeds=cell.task.seeds,
@@ -111,7 +140,9 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
         guidance_scale=suite.guidance,
         batch_size=batch_size,
     )
-    with atomic_output_dir(cell_dir(out_dir, cell), overwrite=True) as temp:
+    from consistent_diffusion.bench.prepare import torch_threads
+
+    with atomic_output_dir(cell_dir(out_dir, cell), overwrite=True) as temp, torch_threads(suite.threads):
         start = time.perf_counter()
         result = generate_series(pipe, config, methods, out_dir=temp / "series", progress=False)
         seconds = time.perf_counter() - start
@@ -119,6 +150,7 @@ def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer,
             id=cell.id,
             task=cell.task.name,
             kind=cell.task.kind,
+            family=cell.task.family,
             method=cell.method.name,
             stack=tuple(dict(use) for use in cell.method.uses),  # unresolved: "{reference}", no local paths
             prompt_template=cell.method.prompt,
@@ -149,19 +181,22 @@ def run_bench(
     progress: bool = True,
     after_cell: Callable[[Cell], None] | None = None,
     load_train_pipe: Callable[[], Any] | None = None,
+    barrier: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Run this process's unfinished cells; returns the ids it ran. ``load_pipe`` is called
-    once, only if there is work; ``load_train_pipe`` (default ``load_pipe``) once per training
-    a cell needs that is not cached yet: each training gets a fresh pipeline."""
+    """Run this process's unfinished cells; returns the ids it ran. First this process's share
+    of the trainings the unfinished cells need (``prepare_shard``), then ``barrier()`` (every
+    process waits for the others' trainings; None with one process), then the cells.
+    ``load_pipe`` is called once, only if there are cells to run; ``load_train_pipe`` (default
+    ``load_pipe``) once per training not cached yet: each training gets a fresh pipeline."""
     out_dir = Path(out_dir)
+    unfinished = [cell for cell in suite.cells if not is_done(out_dir, cell)]
+    prepare_shard(suite, unfinished, out_dir, load_train_pipe or load_pipe, shard, progress=progress)
+    if barrier is not None:
+        barrier()
     todo = [cell for cell in shard.select(suite.cells) if not is_done(out_dir, cell)]
     ran: list[str] = []
     if not todo:
         return ran
-    if any(cell.method.trainings for cell in todo):
-        from consistent_diffusion.bench.prepare import check_trainings
-
-        check_trainings(suite)  # a bad training option fails now, not after the cells before it ran
     pipe = load_pipe()
     write_json_atomic({"model": model_identity(pipe).to_dict()}, out_dir / f"model.{shard.index}.json")
     with tqdm(todo, desc=f"bench {suite.name}", unit="cell", disable=not progress) as bar:
@@ -205,7 +240,8 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         suite=SuiteSummary(
             name=suite.name, source=suite.source, steps=suite.steps, guidance=suite.guidance,
             tasks=tuple(TaskSummary(name=t.name, kind=t.kind, prompts=t.prompts, seeds=t.seeds, methods=t.methods,
-                                    description=t.description) for t in suite.tasks),
+                                    description=t.description, family=t.family) for t in suite.tasks),
+            tuning=suite.tuning,
         ),
         model=model,
         complete=not missing,

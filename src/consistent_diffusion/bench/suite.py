@@ -12,7 +12,14 @@ an embeddings folder), trained once per task and
 cached by the runner. A method's ``prompt`` template (default ``"{prompt}"``) rewrites the
 task's prompts for its cells, e.g. ``"sks emoji, {prompt}"`` to call a DreamBooth subject by its
 token; metrics still compare images with the task's own prompts. ``"{subject}"`` inside an option's
-text becomes the task's ``subject`` word (``consistent_subject``'s ``subject = "{subject}"``).
+text becomes the task's ``subject`` word (``consistent_subject``'s ``subject = "{subject}"``), and
+``"{reference_prompt}"`` the task's caption of its first reference (a DDPM edit's source prompt).
+
+A task's ``family`` (default: its kind) names the setting a claim is judged on separately, e.g.
+``style-unnamed`` (no style word in the prompts) and ``style-unseen`` (a reference in a style the
+model never saw): a claim holds only where it holds on every family it is about. ``[tuning]``
+records how each method's options were chosen (on which tuning tasks, with what result); the
+report carries it.
 
 Example::
 
@@ -71,6 +78,7 @@ REQUIRED_TRAINING_OPTIONS = {
     "textual_inversion": ("placeholder_token", "initializer_token"),
 }
 SUBJECT_PLACEHOLDER = "{subject}"
+REFERENCE_PROMPT_PLACEHOLDER = "{reference_prompt}"
 
 
 def trained_name(value: Any) -> str | None:
@@ -134,18 +142,21 @@ class MethodSpec:
         return tuple(self.prompt.replace(PROMPT_PLACEHOLDER, prompt) for prompt in prompts)
 
     def resolved(self, reference: str | None, trained: dict[str, str] | None = None,
-                 subject: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+                 subject: str | None = None, reference_prompt: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         """(method name, options) pairs with ``{reference}`` replaced by ``reference``,
-        ``{trained:NAME}`` by ``trained[NAME]`` (the path of that training's artifact) and
-        ``{subject}`` inside texts by the task's subject word."""
+        ``{trained:NAME}`` by ``trained[NAME]`` (the path of that training's artifact), and
+        ``{subject}`` / ``{reference_prompt}`` inside texts by the task's subject word / reference caption."""
+        texts = {SUBJECT_PLACEHOLDER: ("subject", subject), REFERENCE_PROMPT_PLACEHOLDER: ("reference_prompt", reference_prompt)}
         stack = []
         for use in self.uses:
             options = {k: v for k, v in use.items() if k != "method"}
             for key, value in options.items():
-                if isinstance(value, str) and SUBJECT_PLACEHOLDER in value:
-                    if not subject:
-                        raise ConfigError(f"method {self.name!r} needs the task's subject but the task names none")
-                    options[key] = value = value.replace(SUBJECT_PLACEHOLDER, subject)
+                for placeholder, (field_name, text) in texts.items():
+                    if isinstance(value, str) and placeholder in value:
+                        if not text:
+                            raise ConfigError(f"method {self.name!r} needs the task's {field_name} but the task "
+                                              "gives none")
+                        options[key] = value = value.replace(placeholder, text)
                 if value == REFERENCE_PLACEHOLDER:
                     if reference is None:
                         raise ConfigError(f"method {self.name!r} needs a reference image but the task has none")
@@ -171,8 +182,12 @@ class Task:
     references: tuple[str, ...] = ()  # absolute paths after loading
     description: str = ""
     subject: str = ""  # the word naming the task's subject in its prompts (``{subject}`` in method options)
+    reference_prompt: str = ""  # the caption of its first reference (``{reference_prompt}``)
+    family: str = ""  # the setting claims judge separately (default: the kind)
 
     def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.kind)
         if self.kind not in KINDS:
             raise ConfigError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not self.prompts or not self.seeds or not self.methods:
@@ -203,8 +218,12 @@ class Suite:
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     trainings: dict[str, TrainingSpec] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)  # how each method's options were chosen (``[tuning]``)
+    threads: int = 1  # torch CPU threads every cell generates and scores at (``bench.runner``)
 
     def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"suite {self.name!r}: threads must be an integer >= 1, got {self.threads!r}")
         names = [task.name for task in self.tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"suite {self.name!r} repeats a task name: {names}")
@@ -269,10 +288,12 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
             references=tuple(str(_resolve(base, ref)) for ref in task.get("references", ())),
             description=task.get("description", ""),
             subject=task.get("subject", ""),
+            reference_prompt=task.get("reference_prompt", ""),
+            family=task.get("family", ""),
         )
         for task in data.get("tasks", ())
     )
-    known = {"name", "steps", "guidance", "methods", "tasks", "training"}
+    known = {"name", "steps", "guidance", "methods", "tasks", "training", "tuning", "threads"}
     return Suite(
         name=data.get("name", Path(source).stem or "suite"),
         tasks=tasks,
@@ -282,6 +303,8 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
         source=source,
         options={k: v for k, v in data.items() if k not in known},
         trainings=trainings,
+        tuning=dict(data.get("tuning", {})),
+        threads=data.get("threads", 1),
     )
 
 

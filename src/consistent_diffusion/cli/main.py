@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_argv = list(sys.argv[1:] if argv is None else argv)  # e.g. for bench --workers to re-run itself
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -316,8 +316,9 @@ def score(
     images: anything ``as_batch`` takes (N images of one size). Choose the axes with either
     ``metrics`` (any of ``METRIC_NAMES``; default ``DEFAULT_METRICS``) or a bench task ``kind``
     (``TASK_KINDS``), which scores that kind's consistency, "reference_object" (and, except for
-    shape, "reference_fidelity" = SSIM and "reference_psnr" to the first reference) when there are
-    references, "text" and "diversity".
+    shape, "reference_fidelity" = SSIM and "reference_psnr" to the first reference) and
+    "reference_style" (style agreement with the references) when there are references, "text" and
+    "diversity". On a style task "reference_object" is the object leakage.
 
     prompts: one per image (text alignment). references: style / object references, fidelity
     sources, concept exemplars (with ``kind``, style is scored within the set and shape's control
@@ -399,8 +400,11 @@ def _score_kind(kind: str, inputs: _Inputs) -> dict[str, MetricResult]:
     if references is not None:  # shape tasks too: "ControlNet controls shape, not identity" reads it
         if kind == "object":  # the same measurement as the kind's own
             results["reference_object"] = _copy(results["object"])
-        else:
+        else:  # on a style task: object leakage (a style method should not copy the reference's subject)
             results["reference_object"] = _measure("object", lambda: _object(inputs), inputs)["object"]
+        # agreement with the reference's style (the to-reference protocol): a style task's target,
+        # and what a combination with a style method keeps on the other kinds
+        results["reference_style"] = _measure("style", lambda: _style(inputs, to_reference=True), inputs)["style"]
         if kind != "shape":
             fidelity = _fidelity(dataclasses.replace(inputs, references=_first(references)), features=False)
             results["reference_fidelity"] = fidelity["fidelity_ssim"]

@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="drop methods slower than S seconds per image (training spread over the images)")
     parser.add_argument("--allow-low-diversity", action="store_true",
                         help="keep methods whose diversity is below half of plain generation's (they copy the reference)")
+    parser.add_argument("--allow-copying", action="store_true",
+                        help="for style, keep methods whose outputs resemble the reference's own subject more than "
+                             "plain generation's by over 0.05 (object leakage: img2img at low strength)")
     parser.add_argument("--report", metavar="DIR", help="a bench output folder (default: the shipped reference report)")
     parser.add_argument("--top", type=int, default=5, help="how many to show (default: 5)")
     parser.set_defaults(func=run)
@@ -51,6 +54,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"from {path}:")
     constraints = Constraints(have=args.have, allow_training=not args.no_training, min_text=args.min_text,
                               min_diversity=args.min_diversity, max_seconds=args.max_seconds,
-                              allow_low_diversity=args.allow_low_diversity)
+                              allow_low_diversity=args.allow_low_diversity, allow_copying=args.allow_copying)
     print(format_advice(advise(report, needs, top=args.top, constraints=constraints), needs))
     return 0

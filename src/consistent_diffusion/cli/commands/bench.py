@@ -14,8 +14,12 @@ EXAMPLES = """examples:
   consistent-diffusion bench --suite new-subject --out runs/new-subject   # the fine-tuning study
   consistent-diffusion bench --suite my_suite.toml --model path/to/sd15 --device cuda --out runs/bench-sd15
   accelerate launch -m consistent_diffusion bench --device cuda --out runs/bench               # multi-GPU
-  torchrun --nproc_per_node 2 -m consistent_diffusion bench --out runs/bench                   # 2 CPU processes
+  consistent-diffusion bench --workers 4 --out runs/bench          # 4 CPU processes, one core each
+  torchrun --nproc_per_node 2 -m consistent_diffusion bench --out runs/bench                   # the same via a launcher
 A killed run continues where it stopped when re-run with the same --out.
+Every cell and training runs at one torch thread (a suite's `threads` can change it), so the
+numbers do not depend on the machine's cores; more cores are used through more processes
+(--workers, default: the CPU cores, up to 4; 1 on a GPU).
 Cells that need fine-tuning (DreamBooth, LoRA DreamBooth) train first on the task's reference
 images, once per task, cached under OUT/prepared; their training time and trainable parameters
 are part of the cells' cost.
@@ -32,12 +36,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--suite", default="quick", help="built-in suite name (quick, new-subject) or a .toml file (default: quick)")
+    parser.add_argument("--suite", default="quick",
+                        help="built-in suite: quick (the claims, 15 min on 2 CPU cores), full (more subjects and "
+                             "seeds, for GPUs), tuning (where quick's options are chosen), new-subject (the "
+                             "fine-tuning study); or a .toml file (default: quick)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; use 1 per process when sharing the CPU)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="processes to run the cells on, each at the suite's thread count (default: the CPU "
+                             "cores up to 4 on CPU, 1 on a GPU); the report is the same for any N")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # I/N: set by --workers for its processes
     parser.add_argument("--extractors", metavar="JSON",
                         help='override metric extractors, e.g. \'{"style": "palette", "text": null}\'')
     parser.add_argument("--metrics", nargs="+", default=None, metavar="SET",
@@ -50,16 +59,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _shard():
-    """This process's shard: from accelerate when launched with several processes, else (0, 1)."""
+def _shard(worker: str | None, out: Path):
+    """This process's shard and barrier: from ``--worker I/N`` (a process of ``--workers``), from
+    accelerate when launched with several processes, else (0, 1) without a barrier."""
     from consistent_diffusion.bench.runner import Shard
+    from consistent_diffusion.bench.workers import WORKERS_DIR, file_barrier, parse_worker
 
+    if worker is not None:
+        index, count = parse_worker(worker)
+        return Shard(index, count), None, file_barrier(out / WORKERS_DIR, index, count)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Shard(), None
+        return Shard(), None, None
     from accelerate import PartialState
 
     state = PartialState(cpu=not _has_gpu())
-    return Shard(state.process_index, state.num_processes), state
+    return Shard(state.process_index, state.num_processes), state, state.wait_for_everyone
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, or by default the CPU cores up to 4 on CPU and 1 on a GPU."""
+    if getattr(args, "command_argv", None) is None:  # called without the command line: run here
+        return 1
+    if args.workers is not None:
+        return args.workers
+    if not str(args.device).startswith("cpu"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
 
 
 def _has_gpu() -> bool:
@@ -76,20 +102,16 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
         extractors = json.loads(args.extractors) if args.extractors else None
     except json.JSONDecodeError as error:
         raise ConfigError(f"--extractors is not valid JSON: {error}") from None
-    shard, state = _shard()
+    out = Path(args.out)
+    shard, state, barrier = _shard(args.worker, out)
     if state is not None and str(args.device) == "cuda":
         args.device = str(state.device)
-    out = Path(args.out)
     from consistent_diffusion.metrics.score import EXTRACTOR_SETS, parse_feature_models
 
     sets = tuple(args.metrics or ())
@@ -98,12 +120,21 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--metrics takes extractor sets here ({', '.join(EXTRACTOR_SETS)}), got {unknown}")
     options = {name: {"model": path} for name, path in parse_feature_models(args.feature_model).items()}
     scorer = make_scorer(extractors, device=args.device, extractor_sets=sets or None, extractor_options=options)
-    run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=scorer,
-              shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
-              load_train_pipe=lambda: load_model_from_args(args, dtype="float32"))  # fine-tune in full precision
+    workers = _workers(args) if args.worker is None and state is None else 1
+    if workers > 1:
+        from consistent_diffusion.bench.runner import is_done
+        from consistent_diffusion.bench.workers import run_workers
+
+        run_workers(args.command_argv, out, workers, suite.threads, total_cells=len(suite.cells),
+                    done_cells=lambda: sum(is_done(out, cell) for cell in suite.cells), progress=not args.quiet)
+    else:
+        run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=scorer,
+                  shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
+                  load_train_pipe=lambda: load_model_from_args(args, dtype="float32"),  # fine-tune in full precision
+                  barrier=barrier)
     if state is not None:
         state.wait_for_everyone()
-    if shard.index == 0:
+    if shard.index == 0 and args.worker is None:
         report = merge_report(suite, out)
         md, page = write_reports(report, out)
         status = "complete" if report.complete else f"incomplete ({len(report.missing_cells)} cells missing)"

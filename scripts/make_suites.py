@@ -1,0 +1,123 @@
+"""Write the task lists of the built-in `quick` and `full` suites from one table of subjects.
+
+The methods, trainings and the [tuning] record are hand-written at the top of `quick.toml`
+(everything before its first `[[tasks]]`); this script keeps that header, rewrites the tasks, and
+gives `full.toml` the same header with more subjects per family and four seeds per prompt (for
+GPUs and real models). Every reference is a holdout emoji written by `bench_references.py`; none
+is one the tuning suite chooses options on.
+
+    python scripts/make_suites.py          # then: python scripts/bench_references.py --data DIR
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SUITES = Path(__file__).resolve().parents[1] / "src" / "consistent_diffusion" / "bench" / "suites"
+UNNAMED = ["cat face", "rocket", "pizza", "house"]  # prompts without a style word
+STYLED = ["twitter", "google", "openmoji", "fluent-3d"]  # the trained styles a subject is asked in
+
+# (subject, reference style) per family; quick takes the first three (two exemplar concepts), full all
+STYLE_UNNAMED = [("giraffe", "twitter"), ("mango", "google"), ("hiking boot", "fluent-3d"),
+                 ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter")]
+STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), ("rugby football", "openmoji-line"),
+                ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast")]
+OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt"]
+EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks"]
+TEXT_CONCEPTS = [("cat face with sunglasses", "cat"), ("pizza with a face", "pizza"), ("rocket made of flowers", "rocket"),
+                 ("house made of candy", "house"), ("ghost wearing a crown", "ghost"), ("heart made of ice", "heart")]
+SHAPES = [("racing car", "twitter"), ("carpentry saw", "google"), ("astronaut", "twitter"),
+          ("fork and knife", "google"), ("ferris wheel", "twitter"), ("hiking boot", "google")]
+INVERSIONS = [("giraffe", "twitter"), ("mango", "google"), ("goblin", "twitter"),
+              ("cricket", "google"), ("racing car", "twitter"), ("billed cap", "twitter")]
+
+STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "openmoji": "OpenMoji", "fluent-flat": "Fluent flat",
+               "fluent-3d": "Fluent 3D", "openmoji-line": "OpenMoji line art", "fluent-contrast": "Fluent high contrast"}
+STYLE_METHODS = ["plain", "img2img", "style_aligned"]
+OBJECT_METHODS = ["plain", "img2img_40", "img2img_80", "ddpm_edit", "lora", "dreambooth", "consistent_subject",
+                  "consistent_subject_real"]
+EXEMPLAR_METHODS = ["plain", "img2img_40", "lora", "dreambooth", "textual_inversion"]
+SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def asset(name: str, style: str) -> str:
+    return f"../assets/{slug(name).replace('-', '_')}_{style}.png"
+
+
+def tasks(count: int, concepts: int, seeds: int) -> list[dict]:
+    """The task list with ``count`` subjects per family (``concepts`` exemplar concepts)."""
+    two = list(range(seeds))
+    out = []
+    for family, table, what in (("style-unnamed", STYLE_UNNAMED, "the style of a {style} {name}, prompts without a "
+                                                                 "style word"),
+                                ("style-unseen", STYLE_UNSEEN, "{style} (a held-out style) from a {name}")):
+        for name, style in table[:count]:
+            out.append({"name": f"{family}-{slug(name)}", "kind": "style", "family": family,
+                        "description": f"new subjects in {what.format(style=STYLE_NAMES[style], name=name)}",
+                        "prompts": UNNAMED, "seeds": two, "references": [asset(name, style)],
+                        "reference_prompt": f"{name}, {style} style", "methods": STYLE_METHODS})
+    for index, name in enumerate(OBJECTS[:count]):
+        out.append({"name": f"object-{slug(name)}", "kind": "object", "family": "object",
+                    "description": f"keep one new subject (a holdout {name}) across styles and seeds",
+                    "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
+                    "references": [asset(name, "twitter"), asset(name, "google")], "subject": name.split()[-1],
+                    "reference_prompt": f"{name}, twitter style",
+                    "methods": OBJECT_METHODS + (["lora_style_aligned"] if index == 0 else [])})
+    for name in EXEMPLAR_CONCEPTS[:concepts]:
+        out.append({"name": f"concept-{slug(name)}", "kind": "concept", "family": "concept-exemplar",
+                    "description": name, "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
+                    "references": [asset(name, "twitter"), asset(name, "google")], "methods": EXEMPLAR_METHODS})
+    for text, subject in TEXT_CONCEPTS[:count]:
+        out.append({"name": f"concept-{slug(text)}", "kind": "concept", "family": "concept-text", "description": text,
+                    "prompts": [text] + [f"{text}, {style} style" for style in STYLED[:3]], "seeds": two,
+                    "subject": subject, "methods": ["plain", "consistent_subject"]})
+    for index, (name, style) in enumerate(SHAPES[:count]):
+        second = [asset(name, "google" if style == "twitter" else "twitter")] if index == 0 else []
+        out.append({"name": f"shape-{slug(name)}", "kind": "shape", "family": "shape",
+                    "description": f"follow the silhouette and edges of a real {name} ({style}); "
+                                   "style from it in the combination",
+                    "prompts": [name], "seeds": list(range(4 * seeds)), "references": [asset(name, style)] + second,
+                    "methods": SHAPE_METHODS + (["lora_controlnet"] if index == 0 else [])})
+    for name, style in INVERSIONS[:count]:
+        out.append({"name": f"inversion-{slug(name)}", "kind": "object", "family": "inversion",
+                    "description": f"re-sample a real {name} ({style}) from its edit-friendly DDPM inversion "
+                                   "with its own prompt",
+                    "prompts": [f"{name}, {style} style"], "seeds": [0], "references": [asset(name, style)],
+                    "reference_prompt": f"{name}, {style} style", "methods": ["ddpm_reconstruct"]})
+    return out
+
+
+def render(header: str, task_list: list[dict]) -> str:
+    keys = ["name", "kind", "family", "description", "prompts", "seeds", "references", "subject",
+            "reference_prompt", "methods"]
+    lines = [header.rstrip("\n")]
+    for task in task_list:
+        lines.append("\n[[tasks]]")
+        lines += [f"{key} = {json.dumps(task[key], ensure_ascii=False)}" for key in keys if key in task]
+    return "\n".join(lines) + "\n"
+
+
+def references(task_list: list[dict]) -> set[str]:
+    return {Path(path).name for task in task_list for path in task.get("references", ())}
+
+
+def main() -> None:
+    quick_path = SUITES / "quick.toml"
+    text = quick_path.read_text(encoding="utf-8")
+    header = text[: text.index("\n[[tasks]]")] + "\n"
+    quick, full = tasks(3, 2, 2), tasks(6, 4, 4)
+    quick_path.write_text(render(header, quick), encoding="utf-8")
+    full_header = header.replace('name = "quick"', 'name = "full"').replace(
+        "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
+    (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
+    print(f"quick: {len(quick)} tasks; full: {len(full)} tasks; references needed: {len(references(full))}")
+    print("\n".join(sorted(references(full))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""``bench --workers N``: the bench on N local processes without a launcher.
+
+The main process starts N copies of the same ``bench`` command, each with ``--worker i/N``: worker
+i trains its share of the trainings, waits at a file barrier for the others (``file_barrier``),
+then runs its share of the cells (``runner.run_bench``). The main process shows one progress bar
+over every cell, stops all workers when one fails (its log's tail in the error), and merges the
+report when all are done. Each worker's torch runs at the suite's thread count (one by default),
+so N workers use N cores and the numbers are those of a one-process run.
+
+    OUT/.workers/worker<i>.log      what each worker printed (kept after a failure)
+    OUT/.workers/ready.<i>          worker i finished its trainings (the barrier)
+    OUT/.workers/abort              written by the main process when a worker failed
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from consistent_diffusion.core.errors import ConsistentDiffusionError
+
+WORKERS_DIR = ".workers"
+POLL_SECONDS = 0.5
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"i/n"`` as (i, n) with 0 <= i < n."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConsistentDiffusionError(f"--worker takes I/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ConsistentDiffusionError(f"--worker {text}: I must be in 0..N-1")
+    return index, count
+
+
+def file_barrier(folder: Path, index: int, count: int, poll: float = POLL_SECONDS) -> Callable[[], None]:
+    """A barrier over ``count`` processes sharing ``folder``: each call marks ``index`` ready and
+    returns once all are; raises when the main process wrote ``abort`` (another worker failed)."""
+
+    def wait() -> None:
+        (folder / f"ready.{index}").touch()
+        while not all((folder / f"ready.{i}").exists() for i in range(count)):
+            if (folder / "abort").exists():
+                raise ConsistentDiffusionError("another bench worker failed; stopping")
+            time.sleep(poll)
+
+    return wait
+
+
+def _log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_cells: Callable[[], int],
+                total_cells: int, progress: bool = True) -> None:
+    """Run ``consistent-diffusion <argv> --worker i/count`` for every i and wait for all of them.
+
+    argv: the bench command's own arguments (its ``--workers`` is overridden). done_cells: how
+    many cells are finished now (for the progress bar). Raises ConsistentDiffusionError, after
+    stopping the others, when a worker fails; a KeyboardInterrupt stops every worker too."""
+    from tqdm.auto import tqdm
+
+    folder = out / WORKERS_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.pop("WORLD_SIZE", None)
+    processes = []
+    for index in range(count):
+        log = (folder / f"worker{index}.log").open("w", encoding="utf-8")
+        command = [sys.executable, "-m", "consistent_diffusion", *argv, "--workers", "1", "--quiet",
+                   "--worker", f"{index}/{count}"]
+        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**env, "RANK": str(index)}), log))
+    try:
+        with tqdm(total=total_cells, initial=done_cells(), desc=f"bench ({count} workers)", unit="cell",
+                  disable=not progress) as bar:
+            while True:
+                codes = [process.poll() for process, _ in processes]
+                bar.update(done_cells() - bar.n)
+                failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+                if failed:
+                    (folder / "abort").touch()
+                    log = folder / f"worker{failed[0]}.log"
+                    raise ConsistentDiffusionError(
+                        f"bench worker {failed[0]} failed (exit {codes[failed[0]]}); its log {log} ends:\n"
+                        f"{_log_tail(log)}\nre-run the same command to resume")
+                if all(code == 0 for code in codes):
+                    return
+                time.sleep(POLL_SECONDS)
+    finally:
+        for process, log in processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            log.close()

@@ -1,0 +1,157 @@
+"""The evidence-grade bench: task families and placeholders, the tuning record and how options are
+chosen, the quick suite's shape, the report's leakage and tuning sections, --workers failures."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from consistent_diffusion.bench.records import as_report
+from consistent_diffusion.bench.report import family_rows, main_table_rows, render_markdown
+from consistent_diffusion.bench.suite import MethodSpec, load_suite, suite_from_dict
+from consistent_diffusion.bench.tuning import choose
+from consistent_diffusion.core.errors import ConfigError
+
+
+def _values(mean, seed=0):
+    return list(mean + 0.01 * np.random.default_rng(seed).standard_normal(8))
+
+
+def _cell(task, kind, stack=(), family=None, name=None, **scores):
+    method = name or "+".join(m for m, _ in stack) or "plain"
+    return {"task": task, "kind": kind, "family": family or kind, "method": method,
+            "stack": [{"method": m, **options} for m, options in stack], "num_images": 8,
+            "scores": {name: {"aggregate": float(np.mean(_values(v, i))), "per_image": _values(v, i), "validated": True}
+                       for i, (name, v) in enumerate(scores.items())}}
+
+
+def test_families_placeholders_tuning_and_threads_parse(tmp_path):
+    (tmp_path / "ref.png").write_bytes(b"")
+    data = {"name": "s", "tuning": {"skip": "12, chosen on the tuning suite"}, "threads": 1,
+            "methods": {"edit": {"uses": [{"method": "ddpm_edit", "image": "{reference}",
+                                           "source_prompt": "{reference_prompt}"}]}},
+            "tasks": [{"name": "a", "kind": "style", "family": "style-unseen", "prompts": ["x"], "seeds": [0],
+                       "methods": ["edit"], "references": ["ref.png"], "reference_prompt": "giraffe, line style"},
+                      {"name": "b", "kind": "object", "prompts": ["x"], "seeds": [0], "methods": ["edit"]}]}
+    suite = suite_from_dict(data, base=tmp_path)
+    first, second = suite.tasks
+    assert first.family == "style-unseen" and second.family == "object", "a task's family defaults to its kind"
+    assert suite.tuning == {"skip": "12, chosen on the tuning suite"} and suite.threads == 1
+    method = suite.methods["edit"]
+    assert method.resolved("R", reference_prompt=first.reference_prompt)[0][1]["source_prompt"] == "giraffe, line style"
+    with pytest.raises(ConfigError, match="needs the task's reference_prompt"):
+        method.resolved("R", reference_prompt="")
+    with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
+        suite_from_dict({**data, "threads": 0}, base=tmp_path)
+    assert MethodSpec("m", ({"method": "x", "subject": "{subject}"},)).resolved(None, subject="cat")[0][1] == {
+        "subject": "cat"}
+
+
+def test_the_quick_suite_tests_every_claim_on_three_tasks_per_kind_with_its_choices_recorded():
+    suite = load_suite("quick")
+    by_family = {}
+    for task in suite.tasks:
+        by_family.setdefault(task.family, []).append(task)
+        assert task.methods[0] in ("plain", "ddpm_reconstruct"), "every comparison is paired with plain"
+        if task.family != "inversion":
+            assert len(task.prompts) * len(task.seeds) >= 8, f"{task.name}: at least 8 images per cell"
+    for family in ("style-unnamed", "style-unseen", "object", "shape", "inversion"):
+        assert len(by_family[family]) >= 3, family
+    assert len(by_family["concept-text"]) + len(by_family["concept-exemplar"]) >= 3
+    styles = {"twitter", "google", "openmoji", "openmoji-line", "fluent-flat", "fluent-3d", "fluent-contrast"}
+    for task in by_family["style-unnamed"] + by_family["style-unseen"]:
+        assert not any(style in prompt for prompt in task.prompts for style in styles), "no style word in the prompts"
+    assert all("openmoji-line" in t.references[0] or "fluent-contrast" in t.references[0]
+               for t in by_family["style-unseen"]), "unseen styles come from the held-out styles"
+    stacks = {tuple(use["method"] for use in m.uses) for m in suite.methods.values()}
+    assert {("style_aligned", "controlnet"), ("style_aligned", "lora"), ("lora", "controlnet")} <= stacks
+    assert {"style_aligned", "img2img_strength", "ddpm_edit_skip", "controlnet_scale", "lora"} <= set(suite.tuning)
+    tuning = load_suite("tuning")
+    quick_references = {path for task in suite.tasks for path in task.references}
+    assert not quick_references & {path for task in tuning.tasks for path in task.references}, \
+        "options are chosen on references the quick suite never uses"
+
+
+def test_the_full_suite_has_more_subjects_and_seeds_than_quick():
+    quick, full = load_suite("quick"), load_suite("full")  # parsing checks every reference file exists
+    assert full.methods.keys() == quick.methods.keys() and full.tuning == quick.tuning
+    families = {t.family for t in quick.tasks}
+    assert {t.family for t in full.tasks} == families
+    for family in families:
+        assert sum(t.family == family for t in full.tasks) > sum(t.family == family for t in quick.tasks), family
+    assert {t.name: len(t.seeds) for t in full.tasks}["object-cricket"] == 4
+
+
+def _tuning_report():
+    shift = [("style_aligned", {"shared_score_shift": 2.0})]
+    return {"cells": [
+        _cell("t", "style", reference_style=0.3, reference_object=0.2, diversity=0.7),
+        _cell("t", "style", [("style_aligned", {})], reference_style=0.5, reference_object=0.22, diversity=0.7),
+        _cell("t", "style", shift, name="style_aligned_shift2", reference_style=0.8, reference_object=0.5, diversity=0.7),  # copies the subject
+        _cell("t", "style", [("img2img", {"strength": 0.4})], name="img2img_40", reference_style=0.9, reference_object=0.6, diversity=0.3),
+        _cell("t", "style", [("img2img", {"strength": 0.8})], name="img2img_80", reference_style=0.5, reference_object=0.4, diversity=0.6),
+    ]}
+
+
+def test_tuning_takes_the_best_value_that_passes_its_guards_and_says_when_none_does():
+    choices = {choice.option: choice for choice in choose(_tuning_report())}
+    aligned = choices["style_aligned"]
+    assert aligned.chosen.value == {"shared_score_shift": 0.0, "adain_values": False} and not aligned.fallback
+    rejected = next(c for c in aligned.candidates if c.value["shared_score_shift"] == 2.0)
+    assert "object leakage" in rejected.failed[0], "the larger gain came from copying the reference's subject"
+    strength = choices["img2img_strength"]
+    assert strength.fallback and strength.chosen.value == 0.8, "both fail; 0.8 fails one guard, 0.4 two"
+    assert "fallback" in strength.summary() and "fallback" in strength.text()
+    assert choices["ddpm_edit_skip"].chosen is None and choices["ddpm_edit_skip"].summary() == "not measured"
+
+
+def test_the_report_shows_leakage_on_style_rows_and_the_tuning_record():
+    data = _tuning_report()
+    data["suite"] = {"name": "s", "tuning": {"style_aligned": "defaults, on the tuning suite"},
+                     "tasks": [{"name": "t", "kind": "style", "family": "style-unseen", "seeds": [0]}]}
+    report = as_report(data)
+    from consistent_diffusion.bench.stats import report_intervals
+
+    report = type(report)(**{**report.__dict__, "intervals": report_intervals(report)})
+    rows = {row["method"]: row for row in main_table_rows(report)}
+    assert rows["style_aligned"]["metric"] == "style to reference"
+    assert rows["style_aligned"]["leakage"].startswith("+0.020")
+    assert rows["plain"]["leakage"] == "–"
+    pooled = {row["method"]: row for row in family_rows(report)}
+    assert pooled["style_aligned"]["family"] == "style" and pooled["style_aligned"]["vs_plain"].startswith("+0.200")
+    assert pooled["style_aligned"]["leakage"].startswith("+0.020") and pooled["plain"]["vs_plain"] == "–"
+    text = render_markdown(report, [])
+    assert "## By family (pooled over tasks)" in text
+    assert "## How the options were chosen" in text and "defaults, on the tuning suite" in text
+
+
+def test_a_failing_worker_stops_the_run_with_its_log(tiny_sd_folder, tmp_path):
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "broken.toml"
+    path.write_text("""
+name = "broken"
+steps = 2
+[methods.plain]
+uses = []
+[methods.unknown]
+uses = [{ method = "no_such_method" }]
+[[tasks]]
+name = "a"
+kind = "style"
+prompts = ["a red cat"]
+seeds = [0]
+references = ["reference.png"]
+methods = ["plain", "unknown"]
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
+               str(tiny_sd_folder), "--out", str(out), "--quiet", "--workers", "2",
+               "--extractors", json.dumps({"style": "palette", "object": "palette", "text": None, "diversity": None})]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 2
+    assert "bench worker" in completed.stderr and "no_such_method" in completed.stderr, completed.stderr[-2000:]
+    assert "re-run the same command to resume" in completed.stderr
+    assert not (out / "report.json").exists()
