@@ -75,8 +75,11 @@ def test_style_is_ranked_on_the_reference_and_a_method_that_copies_its_subject_i
     cells = [style_cell("plain", [], 0.95, 0.3, 0.2),  # plain: alike to each other (one default style), not to the reference
              style_cell("aligned", ["style_aligned"], 0.85, 0.7, 0.22),
              style_cell("copier", ["img2img"], 0.97, 0.9, 0.6)]  # the reference's style *and* its subject
-    ranked = advise({"cells": cells}, ["style"])
+    dropped = []
+    ranked = advise({"cells": cells}, ["style"], dropped=dropped)
     assert [r.method for r in ranked] == ["aligned", "plain"], "within-set style would rank the copier first"
+    assert dropped[0][0] == "copier" and "copies the reference's subject" in dropped[0][1]
+    assert "dropped copier: object leakage +0.400" in format_advice(ranked, ["style"], dropped)
     assert "style agreement with the reference 0.702 [0.697, 0.706], +0.400" in format_advice(ranked, ["style"])
     assert "object leakage +0.020" in format_advice(ranked, ["style"])
     kept = advise({"cells": cells}, ["style"], constraints=Constraints(allow_copying=True))

@@ -155,3 +155,60 @@ methods = ["plain", "unknown"]
     assert "bench worker" in completed.stderr and "no_such_method" in completed.stderr, completed.stderr[-2000:]
     assert "re-run the same command to resume" in completed.stderr
     assert not (out / "report.json").exists()
+
+
+def _workers_of(out):
+    """PIDs of live processes whose command line names ``out`` and ``--worker``."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out).encode() in cmdline and b"--worker" in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_killing_the_main_process_stops_its_workers_and_a_rerun_finishes(tiny_sd_folder, tmp_path):
+    import signal
+    import time
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "slow.toml"
+    path.write_text("""
+name = "slow"
+steps = 40
+[methods.plain]
+uses = []
+[methods.img2img]
+uses = [{ method = "img2img", image = "{reference}", strength = 0.5 }]
+[[tasks]]
+name = "a"
+kind = "style"
+prompts = ["a red cat", "a blue dog", "a green bird", "a tree"]
+seeds = [0, 1, 2, 3]
+references = ["reference.png"]
+methods = ["plain", "img2img"]
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
+               str(tiny_sd_folder), "--out", str(out), "--quiet", "--workers", "2",
+               "--extractors", json.dumps({"style": "palette", "object": "palette", "text": None, "diversity": None})]
+    main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_workers_of(out)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(_workers_of(out)) == 2, "both workers started"
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.time() + 5  # a worker's own cells take longer than this (steps = 40)
+    while _workers_of(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _workers_of(out), "no orphaned worker keeps running"
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["complete"]

@@ -335,4 +335,5 @@ def advice(report: Any, needs: str, constraints: Any = None) -> str:
     from consistent_diffusion.bench.advisor import advise, format_advice, parse_needs
 
     parsed = parse_needs(needs)
-    return format_advice(advise(report, parsed, constraints=constraints), parsed)
+    dropped: list[tuple[str, str]] = []
+    return format_advice(advise(report, parsed, constraints=constraints, dropped=dropped), parsed, dropped)

@@ -195,8 +195,10 @@ def _dominates(a: Recommendation, b: Recommendation) -> bool:
 
 
 def advise(report: Report | Mapping[str, Any], needs: list[str], have: str = "reference-images",
-           allow_training: bool = True, top: int = 5, constraints: Constraints | None = None) -> list[Recommendation]:
-    """Ranked recommendations (best first) for ``needs`` from ``report`` (a Report or its dict)."""
+           allow_training: bool = True, top: int = 5, constraints: Constraints | None = None,
+           dropped: list[tuple[str, str]] | None = None) -> list[Recommendation]:
+    """Ranked recommendations (best first) for ``needs`` from ``report`` (a Report or its dict).
+    ``dropped``, when given, receives (method, why) for each measured stack a constraint removed."""
     constraints = constraints or Constraints(have=have, allow_training=allow_training)
     report = as_report(report)
     by_method: dict[str, list[CellRecord]] = {}
@@ -209,7 +211,10 @@ def advise(report: Report | Mapping[str, Any], needs: list[str], have: str = "re
         if not recommendation.covered:
             continue
         relevant = [cell for cell in cells if cell.kind in needs]
-        if _excluded(recommendation, relevant, report, constraints) is not None:
+        why = _excluded(recommendation, relevant, report, constraints)
+        if why is not None:
+            if dropped is not None:
+                dropped.append((method, why))
             continue
         recommendation.reasons.append(_guards(recommendation, relevant))
         kept.append(recommendation)
@@ -219,9 +224,12 @@ def advise(report: Report | Mapping[str, Any], needs: list[str], have: str = "re
     return kept[:top]
 
 
-def format_advice(recommendations: list[Recommendation], needs: list[str]) -> str:
+def format_advice(recommendations: list[Recommendation], needs: list[str],
+                  dropped: list[tuple[str, str]] = ()) -> str:
+    """The ranked advice as text, then the stacks the constraints dropped, with why."""
+    drops = [f"dropped {method}: {why}" for method, why in dropped]
     if not recommendations:
-        return f"no measured method fits {', '.join(needs)} with these constraints"
+        return "\n".join([f"no measured method fits {', '.join(needs)} with these constraints", *drops])
     lines = [f"for {', '.join(needs)} (measured on every need first, then the Pareto front of consistency gain, "
              "text alignment, diversity and cost, then by gain over plain; 95% intervals):"]
     for rank, rec in enumerate(recommendations, 1):
@@ -234,4 +242,4 @@ def format_advice(recommendations: list[Recommendation], needs: list[str]) -> st
     if best.inconclusive_needs:
         lines.append(f"note: the evidence for {best.method} is inconclusive on {', '.join(best.inconclusive_needs)}: "
                      "its gain over plain is not above zero at 95% (more tasks or seeds would tell)")
-    return "\n".join(lines)
+    return "\n".join(lines + drops)

@@ -55,5 +55,6 @@ def run(args: argparse.Namespace) -> int:
     constraints = Constraints(have=args.have, allow_training=not args.no_training, min_text=args.min_text,
                               min_diversity=args.min_diversity, max_seconds=args.max_seconds,
                               allow_low_diversity=args.allow_low_diversity, allow_copying=args.allow_copying)
-    print(format_advice(advise(report, needs, top=args.top, constraints=constraints), needs))
+    dropped: list[tuple[str, str]] = []
+    print(format_advice(advise(report, needs, top=args.top, constraints=constraints, dropped=dropped), needs, dropped))
     return 0
