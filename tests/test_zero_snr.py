@@ -220,6 +220,27 @@ def test_ddpm_edit_with_the_source_prompt_reconstructs(zsnr, image):
     assert (latents[0].float().cpu() - inversion.x0[0]).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("rescale", [None, 0.7])
+def test_ddpm_edit_of_an_image_reconstructs_at_the_calls_guidance_rescale(zsnr, assets, rescale):
+    """A series passes guidance_rescale 0.7 on a zero-SNR model: the image is inverted with the
+    call's rescale, so skip 0 with the source prompt and cfg lands on its latent (it missed by
+    far when the inversion ignored the rescale)."""
+    method = DdpmEdit(image=str(assets["image"]), source_prompt="a cat", source_cfg=3.0)
+    extra = {} if rescale is None else {"guidance_rescale": rescale}
+    ctx = _context(zsnr, seeds=(0,), steps=20, **extra)
+    ctx.prompts = ["a cat"]
+    latents = run(ctx, [method], output_type="latent")
+    inversion = next(iter(method._cache.values()))
+    assert inversion.guidance_rescale == rescale
+    assert (latents[0].float().cpu() - inversion.x0[0]).abs().max() < 1e-5
+
+
+def test_invert_defaults_to_the_models_guidance_rescale_and_edit_reuses_it(zsnr, image):
+    inversion = _invert(zsnr, image, 10)
+    assert inversion.guidance_rescale == 0.7, "a series samples this model at 0.7"
+    assert (reconstruct(zsnr, inversion).float().cpu() - inversion.x0).abs().max() < 1e-6
+
+
 def test_style_aligned_real_reference_ends_on_its_image(zsnr, assets):
     """The reference row (internal, so read from the pipeline's output) follows its inversion and
     lands on the real image's latent; the other rows stay finite."""

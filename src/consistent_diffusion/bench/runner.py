@@ -18,7 +18,7 @@ and count come from ``accelerate.PartialState``; ``bench --workers N`` starts N 
 
 Every cell generates and scores at ``Suite.threads`` torch threads (default 1), as every training
 does: CPU kernels sum in an order that depends on the thread count, so at a fixed count the images
-and scores are the same on any machine whatever ``--threads`` or ``OMP_NUM_THREADS`` say; a run
+and scores are the same on any machine whatever ``OMP_NUM_THREADS`` says; a run
 uses more cores through more processes.
 """
 

@@ -18,7 +18,13 @@ import torch
 
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.core.images import load_image
-from consistent_diffusion.methods.base import GenerationContext, Method, register, run
+from consistent_diffusion.methods.base import (
+    GenerationContext,
+    Method,
+    default_guidance_rescale,
+    register,
+    run,
+)
 from consistent_diffusion.methods.common import batch_size, generation_size, restoring, swapped_scheduler
 from consistent_diffusion.methods.inversion.math import sample_trajectory
 from consistent_diffusion.methods.inversion.record import Inversion, inversion_reference
@@ -35,6 +41,9 @@ def _validate(steps: int, cfg: float, eta: float) -> None:
         raise ConfigError(f"eta must be in (0, 1] (1 = DDPM, as in the paper), got {eta!r}")
 
 
+MODEL_DEFAULT = "model default"  # guidance_rescale: the model's own (``methods.base.default_guidance_rescale``)
+
+
 @torch.no_grad()
 def invert(
     pipe: Any,
@@ -48,6 +57,7 @@ def invert(
     generator: torch.Generator | None = None,
     size: tuple[int, int] | None = None,
     model: str | None = None,
+    guidance_rescale: float | None | str = MODEL_DEFAULT,
 ) -> Inversion:
     """Edit-friendly DDPM inversion of ``image`` (Huberman-Spiegelglas et al. 2024, Algorithm 1).
 
@@ -55,10 +65,15 @@ def invert(
     image: path or PIL image; resized + centre-cropped to ``size`` = (width, height), default
     the pipeline's native size. prompt / cfg: the source description and guidance (the paper
     inverts with the source prompt and cfg 3.5). eta: 1 is DDPM. generator: draws the
-    independent noises of eq. 6 (seed it for reproducible noise maps).
+    independent noises of eq. 6 (seed it for reproducible noise maps). guidance_rescale: the
+    rescale of the guided prediction (Lin et al. 2024, eq. 16) the noise maps are computed with;
+    by default the model's, as a series samples it (0.7 at zero terminal SNR), None for none. A
+    reconstruction is exact only with the same prediction, so ``edit`` re-uses it.
     One pipeline call with ``steps`` UNet evaluations (conditional + unconditional batched).
     """
     _validate(steps, cfg, eta)
+    if guidance_rescale == MODEL_DEFAULT:
+        guidance_rescale = default_guidance_rescale(pipe)
     width, height = size or native_size(pipe)
     x0 = encode_image(pipe, image, (width, height))
     scheduler = noise_map_scheduler(pipe.scheduler)
@@ -77,6 +92,7 @@ def invert(
             "height": height,
             "width": width,
             "latents": xs[:1].to(device=pipe.unet.device, dtype=dtype),
+            **({} if guidance_rescale is None else {"guidance_rescale": float(guidance_rescale)}),
         },
     )
     with swapped_scheduler(pipe, scheduler):
@@ -93,6 +109,7 @@ def invert(
         "width": width,
         "scheduler": {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
         "pipeline": type(pipe).__name__,
+        "guidance_rescale": None if guidance_rescale is None else float(guidance_rescale),
     }
     if model is not None:
         config["model"] = model
@@ -123,7 +140,8 @@ def edit(
     """Re-sample an inversion with a target prompt from step ``skip`` (paper section 5).
 
     prompt: target prompt(s) (default: the source prompt); one output per prompt, all sharing
-    the inversion's noise maps. cfg_tar: target guidance (default: the inversion's cfg).
+    the inversion's noise maps. cfg_tar: target guidance (default: the inversion's cfg); the
+    guidance rescale is the inversion's.
     skip: number of leading steps skipped (0..steps-1; larger keeps more of the input).
     With the source prompt, source cfg and skip=0 this reconstructs the input exactly.
     Returns a list of PIL images, or for ``output_type="latent"`` a (B, C, h, w) latent tensor.
@@ -135,7 +153,8 @@ def edit(
         prompts=prompts,
         negative_prompts=None if negative is None else [negative] * len(prompts),
         generators=[torch.Generator() for _ in prompts],  # unused: the noise is the inversion's
-        call_kwargs={"guidance_scale": inversion.cfg if cfg_tar is None else cfg_tar},
+        call_kwargs={"guidance_scale": inversion.cfg if cfg_tar is None else cfg_tar,
+                     **({} if inversion.guidance_rescale is None else {"guidance_rescale": inversion.guidance_rescale})},
     )
     images = run(ctx, [DdpmEdit(inversion=inversion, skip=skip)], output_type=output_type)
     if output_type in ("latent", "pt"):
@@ -172,8 +191,10 @@ class DdpmEdit(Method):
     """Edit an inverted image: every batch element re-samples the inversion with its own prompt.
 
     Either ``inversion`` (an ``Inversion`` or the folder it was saved in) or ``image`` (a path,
-    inverted at first use with the call's steps and size, ``source_prompt``, ``source_cfg`` and
-    ``seed``, then cached). The batch's guidance scale (``guidance_scale``) is the target cfg.
+    inverted at first use with the call's steps, size and guidance rescale, ``source_prompt``,
+    ``source_cfg`` (default: the call's guidance scale) and ``seed``, then cached). The batch's
+    guidance scale (``guidance_scale``) is the target cfg: with the source prompt, the source cfg
+    and skip 0 the batch reconstructs the image exactly.
     The call's steps and size become the inversion's (a warning says so when they differ).
     """
 
@@ -181,7 +202,7 @@ class DdpmEdit(Method):
     skip: int = 0  # steps skipped at the start (0 = start from x_T), 0 <= skip < steps
     image: Any = None  # instead of an inversion: an image to invert (path or PIL)
     source_prompt: str = ""  # with image: its description, used to invert it
-    source_cfg: float = 3.5  # with image: guidance of its inversion (the paper's 3.5)
+    source_cfg: float | None = None  # with image: guidance of its inversion (None: the call's guidance_scale)
     seed: int = 0  # with image: seed of the inversion's independent noises
     _cache: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
 
@@ -198,7 +219,8 @@ class DdpmEdit(Method):
             _check_skip(self.skip, self.inversion.steps)
         if self.image is not None:
             load_image(self.image)  # fail early: missing, corrupt or empty image
-            _validate(1, self.source_cfg, 1.0)
+            if self.source_cfg is not None:
+                _validate(1, self.source_cfg, 1.0)
             if not isinstance(self.seed, int) or isinstance(self.seed, bool):
                 raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
@@ -218,11 +240,14 @@ class DdpmEdit(Method):
         size = generation_size(ctx)
         from consistent_diffusion.models.identity import sampling_key
 
-        key = (sampling_key(ctx.pipe), steps, size)  # weights + scheduler, not id()
+        rescale = ctx.call_kwargs.get("guidance_rescale")
+        cfg = float(ctx.call_kwargs.get("guidance_scale", 3.5)) if self.source_cfg is None else self.source_cfg
+        key = (sampling_key(ctx.pipe), steps, size, rescale, cfg)  # weights + scheduler, not id()
         if key not in self._cache:
             self._cache.clear()
-            self._cache[key] = invert(ctx.pipe, self.image, self.source_prompt, steps=steps, cfg=self.source_cfg,
-                                      size=size, generator=torch.Generator().manual_seed(self.seed))
+            self._cache[key] = invert(ctx.pipe, self.image, self.source_prompt, steps=steps, cfg=cfg,
+                                      size=size, generator=torch.Generator().manual_seed(self.seed),
+                                      guidance_rescale=rescale)
         return self._cache[key]
 
     @contextlib.contextmanager
@@ -234,6 +259,8 @@ class DdpmEdit(Method):
         _check_skip(self.skip, inv.steps)
         with restoring(ctx):
             match_inversion_size(ctx, inv, "ddpm_edit")
+            if "guidance_rescale" not in ctx.call_kwargs and inv.guidance_rescale is not None:
+                ctx.call_kwargs["guidance_rescale"] = inv.guidance_rescale  # the call gives none: the inversion's
             unet = ctx.pipe.unet
             batch = batch_size(ctx)
             start = inv.xs[self.skip : self.skip + 1].expand(batch, -1, -1, -1)

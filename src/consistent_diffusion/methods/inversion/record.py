@@ -61,6 +61,13 @@ class Inversion:
         return int(self.config["width"]), int(self.config["height"])
 
     @property
+    def guidance_rescale(self) -> float | None:
+        """The guidance rescale the inversion's predictions used (None: none), so that a
+        reconstruction uses the same prediction and lands on ``x0`` exactly."""
+        value = self.config.get("guidance_rescale")
+        return None if value is None else float(value)
+
+    @property
     def scheduler_config(self) -> dict[str, Any] | None:
         """The config of the scheduler the inversion ran (its training schedule), if recorded."""
         return self.config.get("scheduler") or None

@@ -111,8 +111,9 @@ def cached_reference_inversion(
     """The ``Inversion`` of the real reference ``image`` for this call, inverted at first use.
 
     Inverted with the call's steps, guidance ``cfg`` (default: the call's ``guidance_scale``, 3.5
-    if unset) and size, its noises seeded with ``seed``. ``cache`` holds the last one, keyed by
-    what it depends on (the pipeline's weights + scheduler identity, steps, guidance, size).
+    if unset), guidance rescale and size, its noises seeded with ``seed`` (so the reference row,
+    sampled with the same prediction, lands on the image). ``cache`` holds the last one, keyed by
+    what it depends on (the pipeline's weights + scheduler identity, steps, guidance, rescale, size).
     """
     if "image" in ctx.call_kwargs:
         raise ConfigError("a real StyleAligned reference cannot be combined with img2img in one call; "
@@ -123,7 +124,8 @@ def cached_reference_inversion(
     if cfg is None:
         cfg = float(ctx.call_kwargs.get("guidance_scale", 3.5))
     size = generation_size(ctx)
-    key = (sampling_key(ctx.pipe), steps, cfg, size)  # weights + scheduler, not id()
+    rescale = ctx.call_kwargs.get("guidance_rescale")
+    key = (sampling_key(ctx.pipe), steps, cfg, size, rescale)  # weights + scheduler, not id()
     if key not in cache:
         cache.clear()
         cache[key] = invert(
@@ -134,6 +136,7 @@ def cached_reference_inversion(
             cfg=cfg,
             size=size,
             generator=_seeded(seed),
+            guidance_rescale=rescale,
         )
     return cache[key]
 
