@@ -128,6 +128,15 @@ def test_the_report_shows_leakage_on_style_rows_and_the_tuning_record():
     assert "## How the options were chosen" in text and "defaults, on the tuning suite" in text
 
 
+PALETTE_ONLY = {"style": "palette", "object": "palette", "text": None, "diversity": None}
+
+
+def _bench_on_two_workers(suite_path, model, out):
+    """The CLI command running ``suite_path`` on ``--workers 2`` with the cheap palette metrics."""
+    return [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(suite_path), "--model", str(model),
+            "--out", str(out), "--quiet", "--workers", "2", "--extractors", json.dumps(PALETTE_ONLY)]
+
+
 def test_a_failing_worker_stops_the_run_with_its_log(tiny_sd_folder, tmp_path):
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
     path = tmp_path / "broken.toml"
@@ -147,10 +156,8 @@ references = ["reference.png"]
 methods = ["plain", "unknown"]
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
-               str(tiny_sd_folder), "--out", str(out), "--quiet", "--workers", "2",
-               "--extractors", json.dumps({"style": "palette", "object": "palette", "text": None, "diversity": None})]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    completed = subprocess.run(_bench_on_two_workers(path, tiny_sd_folder, out), capture_output=True, text=True,
+                               timeout=600, check=False)
     assert completed.returncode == 2
     assert "bench worker" in completed.stderr and "no_such_method" in completed.stderr, completed.stderr[-2000:]
     assert "re-run the same command to resume" in completed.stderr
@@ -195,9 +202,7 @@ references = ["reference.png"]
 methods = ["plain", "img2img"]
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "consistent_diffusion", "bench", "--suite", str(path), "--model",
-               str(tiny_sd_folder), "--out", str(out), "--quiet", "--workers", "2",
-               "--extractors", json.dumps({"style": "palette", "object": "palette", "text": None, "diversity": None})]
+    command = _bench_on_two_workers(path, tiny_sd_folder, out)
     main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(_workers_of(out)) < 2 and time.time() < deadline:

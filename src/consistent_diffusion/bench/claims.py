@@ -138,7 +138,7 @@ def claim_inversion_exact(report: Report) -> dict[str, str]:
     generation of the same prompts."""
     claim = "noise inversion reconstructs exactly and allows controlled edits"
     exact = Comparison(f"reconstruction PSNR minus (VAE round trip - {RECONSTRUCTION_SLACK_DB} dB)", "inversion")
-    controlled = Comparison("similarity to the reference subject, edit minus plain", "object")  # its tasks' family
+    controlled = Comparison("similarity to the reference subject, edit minus plain", "object")
     for cell in report.select(["ddpm_edit"]):
         skip = cell.option("ddpm_edit", "skip") or 0
         if skip == 0 and cell.reference_vae_psnr is not None:
