@@ -217,3 +217,39 @@ methods = ["plain", "img2img"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert json.loads((out / "report.json").read_text())["complete"]
+
+
+def test_the_apps_bench_runs_on_worker_processes_with_the_same_numbers(tiny_sd_folder, tmp_path):
+    """The app's "run the bench" on two processes of the CLI (the model given as its command-line
+    arguments) writes the report an in-process run does, and counts progress in both."""
+    from consistent_diffusion.app import jobs
+    from consistent_diffusion.models.loading import load_pipeline
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
+    path = tmp_path / "small.toml"
+    path.write_text("""
+name = "small"
+steps = 2
+[methods.plain]
+uses = []
+[methods.img2img]
+uses = [{ method = "img2img", image = "{reference}", strength = 0.5 }]
+[[tasks]]
+name = "a"
+kind = "style"
+prompts = ["a red cat", "a blue dog"]
+seeds = [0, 1]
+references = ["reference.png"]
+methods = ["plain", "img2img"]
+""")
+    counts = {"here": [], "workers": []}
+    here = jobs.run_quick_bench(lambda: load_pipeline(str(tiny_sd_folder)), tmp_path / "here", suite=str(path),
+                                on_progress=lambda done, total: counts["here"].append((done, total)))
+    there = jobs.run_quick_bench(None, tmp_path / "workers", suite=str(path), workers=2,
+                                 model_argv=["--model", str(tiny_sd_folder)],
+                                 on_progress=lambda done, total: counts["workers"].append((done, total)))
+    assert (there / ".workers" / "worker1.log").is_file()
+    here_scores, there_scores = ([cell["scores"] for cell in json.loads((folder / "report.json").read_text())["cells"]]
+                                 for folder in (here, there))
+    assert here_scores == there_scores
+    assert counts["here"][-1] == (2, 2) and counts["workers"][-1] == (2, 2)

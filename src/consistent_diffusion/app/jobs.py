@@ -316,16 +316,35 @@ def open_report(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, suite: str = "quick",
-                    after_cell: Callable[[Any], None] | None = None) -> Path:
-    """Run a bench suite into a new job folder (resumable like the CLI's), merge and render it."""
+                    after_cell: Callable[[Any], None] | None = None, model_argv: list[str] | None = None,
+                    workers: int = 1, on_progress: Callable[[int, int], None] | None = None) -> Path:
+    """Run a bench suite into a new job folder (resumable like the CLI's), merge and render it.
+
+    With ``model_argv`` (the model's command-line arguments) and ``workers`` > 1 the cells run on
+    that many processes of ``consistent-diffusion bench`` (``bench.workers``), else here, one
+    thread per cell. after_cell(cell) / on_progress(done, total): progress, per cell or counted."""
     from consistent_diffusion.bench.report import write_reports
-    from consistent_diffusion.bench.runner import merge_report, run_bench
+    from consistent_diffusion.bench.runner import is_done, merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
 
     loaded = load_suite(suite)
     folder = job_folder(out_root, "bench")
-    run_bench(loaded, folder, load_pipe, make_scorer(), progress=False, after_cell=after_cell)
+    total = len(loaded.cells)
+    if model_argv is not None and workers > 1:
+        from consistent_diffusion.bench.workers import run_workers
+
+        run_workers(["bench", "--suite", suite, "--out", str(folder), *model_argv], folder, workers, loaded.threads,
+                    done_cells=lambda: sum(is_done(folder, cell) for cell in loaded.cells), total_cells=total,
+                    progress=False, on_progress=None if on_progress is None else lambda done: on_progress(done, total))
+    else:
+        def counted(cell: Any) -> None:
+            if after_cell is not None:
+                after_cell(cell)
+            if on_progress is not None:
+                on_progress(sum(is_done(folder, c) for c in loaded.cells), total)
+
+        run_bench(loaded, folder, load_pipe, make_scorer(), progress=False, after_cell=counted)
     write_reports(merge_report(loaded, folder), folder)
     return folder
 

@@ -47,8 +47,9 @@ class App:
     """The page's state: the pipeline, where jobs write, upload limits, the running training."""
 
     def __init__(self, load_pipe: Any, out_root: str | os.PathLike, limits: jobs.UploadLimits | None = None,
-                 model_label: str = "embedded") -> None:
+                 model_label: str = "embedded", model_argv: list[str] | None = None, bench_workers: int = 1) -> None:
         self.load_pipe, self.out_root, self.model_label = load_pipe, Path(out_root), model_label
+        self.model_argv, self.bench_workers = model_argv, bench_workers  # the bench on processes (CLI-loadable model)
         self.limits = limits or jobs.UploadLimits()
         self._pipe: Any = None
         self.cancel = threading.Event()
@@ -162,14 +163,14 @@ class App:
         from consistent_diffusion.bench.suite import load_suite
 
         total = len(load_suite("quick").cells)
-        done: list[str] = []
+        progress(0, desc=f"0/{total} cells (fine-tunings first)")
 
-        def after(cell: Any) -> None:
-            done.append(cell.id)
-            progress(len(done) / total, desc=f"{len(done)}/{total} cells: {cell.id}")
+        def counted(done: int, total: int) -> None:
+            progress(done / total, desc=f"{done}/{total} cells")
 
         try:
-            folder = jobs.run_quick_bench(self.load_pipe, self.out_root, after_cell=after)
+            folder = jobs.run_quick_bench(self.load_pipe, self.out_root, model_argv=self.model_argv,
+                                          workers=self.bench_workers, on_progress=counted)
         except (ConsistentDiffusionError, OSError) as error:
             raise _fail(error) from error
         return (*self.open_report(str(folder))[:4], f"bench written to {folder}")

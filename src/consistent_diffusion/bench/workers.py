@@ -73,12 +73,13 @@ def _log_tail(path: Path, chars: int = 3000) -> str:
 
 
 def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_cells: Callable[[], int],
-                total_cells: int, progress: bool = True) -> None:
+                total_cells: int, progress: bool = True, on_progress: Callable[[int], None] | None = None) -> None:
     """Run ``consistent-diffusion <argv> --worker i/count`` for every i and wait for all of them.
 
     argv: the bench command's own arguments (its ``--workers`` is overridden). done_cells: how
-    many cells are finished now (for the progress bar). Raises ConsistentDiffusionError, after
-    stopping the others, when a worker fails; a KeyboardInterrupt stops every worker too."""
+    many cells are finished now (for the progress bar, and ``on_progress(done)`` whenever it
+    grows). Raises ConsistentDiffusionError, after stopping the others, when a worker fails; a
+    KeyboardInterrupt stops every worker too."""
     from tqdm.auto import tqdm
 
     folder = out / WORKERS_DIR
@@ -99,7 +100,10 @@ def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_c
                   disable=not progress) as bar:
             while True:
                 codes = [process.poll() for process, _ in processes]
-                bar.update(done_cells() - bar.n)
+                done = done_cells()
+                if done != bar.n and on_progress is not None:
+                    on_progress(done)
+                bar.update(done - bar.n)
                 failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
                 if failed:
                     (folder / "abort").touch()

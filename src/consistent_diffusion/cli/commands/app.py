@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import sys
 
-from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
+from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args, model_argv
 
 EXAMPLES = """examples:
   consistent-diffusion app                                 # the embedded model, http://127.0.0.1:7860
@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
               "and read what they write; there is no login", file=sys.stderr)
     limits = jobs.UploadLimits(max_bytes=args.max_upload_mb * 2**20, max_pixels=args.max_pixels,
                                max_files=args.max_files)
-    app = App(lambda: load_model_from_args(args), args.out, limits, model_label=args.model or "embedded")
+    from consistent_diffusion.cli.commands.bench import default_workers
+
+    app = App(lambda: load_model_from_args(args), args.out, limits, model_label=args.model or "embedded",
+              model_argv=model_argv(args), bench_workers=default_workers(args.device))
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops); jobs write under {args.out}")
     launch(app, host=args.host, port=args.port, block=True)
     return 0

@@ -76,16 +76,19 @@ def _shard(worker: str | None, out: Path):
     return Shard(state.process_index, state.num_processes), state, state.wait_for_everyone
 
 
-def _workers(args: argparse.Namespace) -> int:
-    """--workers, or by default the CPU cores up to 4 on CPU and 1 on a GPU."""
-    if getattr(args, "command_argv", None) is None:  # called without the command line: run here
-        return 1
-    if args.workers is not None:
-        return args.workers
-    if not str(args.device).startswith("cpu"):
+def default_workers(device: str) -> int:
+    """Bench processes by default: the CPU cores up to 4 on CPU, 1 on a GPU."""
+    if not str(device).startswith("cpu"):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores))
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """--workers, or ``default_workers``; 1 when called without a command line to start again."""
+    if getattr(args, "command_argv", None) is None:
+        return 1
+    return args.workers if args.workers is not None else default_workers(args.device)
 
 
 def _has_gpu() -> bool:

@@ -24,6 +24,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights dtype (default: float32)")
 
 
+def model_argv(args: argparse.Namespace) -> list[str]:
+    """The model arguments of ``args`` as a command line (to start another command on the same model)."""
+    argv = ["--model", str(args.model), "--device", str(args.device), "--dtype", str(args.dtype)]
+    for name in ("config", "revision"):
+        if getattr(args, name, None):
+            argv += [f"--{name}", str(getattr(args, name))]
+    return argv + (["--allow-download"] if getattr(args, "allow_download", False) else [])
+
+
 def load_model_from_args(args: argparse.Namespace, spec: str | None = None, dtype: str | None = None) -> Any:
     return load_pipeline(
         spec or args.model,
