@@ -53,16 +53,26 @@ def file_barrier(folder: Path, index: int, count: int, poll: float = POLL_SECOND
     return wait
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the worker gets SIGTERM when the main process dies (even by kill -9), so a re-run
-    never races an orphaned worker for the same cell."""
+PARENT_ENV = "CONSISTENT_DIFFUSION_BENCH_PARENT"  # the main process's pid, given to each worker
+
+
+def die_with_parent() -> None:
+    """In a worker (Linux): receive SIGTERM when the main process dies, even by kill -9, so a
+    re-run never races an orphaned worker for the same cell. Set by the worker itself (no
+    ``preexec_fn``, which is unsafe in a threaded parent such as the app); a worker whose parent
+    is already gone stops at once."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
     try:
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != int(parent):
+        raise SystemExit("the bench's main process is gone; stopping")
 
 
 def _log_tail(path: Path, chars: int = 3000) -> str:
@@ -92,9 +102,8 @@ def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_c
         log = (folder / f"worker{index}.log").open("w", encoding="utf-8")
         command = [sys.executable, "-m", "consistent_diffusion", *argv, "--workers", "1", "--quiet",
                    "--worker", f"{index}/{count}"]
-        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**env, "RANK": str(index)},
-                                           preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None),
-                          log))
+        processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**env, "RANK": str(index), PARENT_ENV: str(os.getpid())}), log))
     try:
         with tqdm(total=total_cells, initial=done_cells(), desc=f"bench ({count} workers)", unit="cell",
                   disable=not progress) as bar:
