@@ -137,24 +137,34 @@ def _bench_on_two_workers(suite_path, model, out):
             "--out", str(out), "--quiet", "--workers", "2", "--extractors", json.dumps(PALETTE_ONLY)]
 
 
-def test_a_failing_worker_stops_the_run_with_its_log(tiny_sd_folder, tmp_path):
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
-    path = tmp_path / "broken.toml"
-    path.write_text("""
-name = "broken"
-steps = 2
+IMG2IMG = ("img2img", '{ method = "img2img", image = "{reference}", strength = 0.5 }')
+
+
+def _style_suite(folder, name, prompts, seeds, steps=2, second=IMG2IMG):
+    """A one-task style suite in ``folder`` (with its red reference): plain beside one other method."""
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "reference.png")
+    method, uses = second
+    path = folder / f"{name}.toml"
+    path.write_text(f"""
+name = "{name}"
+steps = {steps}
 [methods.plain]
 uses = []
-[methods.unknown]
-uses = [{ method = "no_such_method" }]
+[methods.{method}]
+uses = [{uses}]
 [[tasks]]
 name = "a"
 kind = "style"
-prompts = ["a red cat"]
-seeds = [0]
+prompts = {json.dumps(list(prompts))}
+seeds = {list(seeds)}
 references = ["reference.png"]
-methods = ["plain", "unknown"]
+methods = ["plain", "{method}"]
 """)
+    return path
+
+
+def test_a_failing_worker_stops_the_run_with_its_log(tiny_sd_folder, tmp_path):
+    path = _style_suite(tmp_path, "broken", ["a red cat"], [0], second=("unknown", '{ method = "no_such_method" }'))
     out = tmp_path / "out"
     completed = subprocess.run(_bench_on_two_workers(path, tiny_sd_folder, out), capture_output=True, text=True,
                                timeout=600, check=False)
@@ -184,23 +194,7 @@ def test_killing_the_main_process_stops_its_workers_and_a_rerun_finishes(tiny_sd
     import signal
     import time
 
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
-    path = tmp_path / "slow.toml"
-    path.write_text("""
-name = "slow"
-steps = 40
-[methods.plain]
-uses = []
-[methods.img2img]
-uses = [{ method = "img2img", image = "{reference}", strength = 0.5 }]
-[[tasks]]
-name = "a"
-kind = "style"
-prompts = ["a red cat", "a blue dog", "a green bird", "a tree"]
-seeds = [0, 1, 2, 3]
-references = ["reference.png"]
-methods = ["plain", "img2img"]
-""")
+    path = _style_suite(tmp_path, "slow", ["a red cat", "a blue dog", "a green bird", "a tree"], range(4), steps=40)
     out = tmp_path / "out"
     command = _bench_on_two_workers(path, tiny_sd_folder, out)
     main = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -225,23 +219,7 @@ def test_the_apps_bench_runs_on_worker_processes_with_the_same_numbers(tiny_sd_f
     from consistent_diffusion.app import jobs
     from consistent_diffusion.models.loading import load_pipeline
 
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "reference.png")
-    path = tmp_path / "small.toml"
-    path.write_text("""
-name = "small"
-steps = 2
-[methods.plain]
-uses = []
-[methods.img2img]
-uses = [{ method = "img2img", image = "{reference}", strength = 0.5 }]
-[[tasks]]
-name = "a"
-kind = "style"
-prompts = ["a red cat", "a blue dog"]
-seeds = [0, 1]
-references = ["reference.png"]
-methods = ["plain", "img2img"]
-""")
+    path = _style_suite(tmp_path, "small", ["a red cat", "a blue dog"], [0, 1])
     counts = {"here": [], "workers": []}
     here = jobs.run_quick_bench(lambda: load_pipeline(str(tiny_sd_folder)), tmp_path / "here", suite=str(path),
                                 on_progress=lambda done, total: counts["here"].append((done, total)))

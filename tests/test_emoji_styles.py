@@ -106,6 +106,18 @@ def test_heldout_styles_never_trainable(tmp_path: Path, seven_packages: list[Pat
     assert all(dataset.records[i]["split"] == "val" for i in dataset.trainable("val"))
 
 
+def test_training_images_from_the_dataset_leave_out_the_heldout_styles(tmp_path: Path,
+                                                                       seven_packages: list[Path]) -> None:
+    """ControlNet (and any image-set training) reads only trainable rows, as the base model does."""
+    from consistent_diffusion.training.data import load_captioned_images
+
+    dataset = load_emoji_dataset(build_seven(tmp_path, seven_packages))
+    loaded = load_captioned_images(tmp_path / "seven", 64)
+    assert loaded.captions == [dataset.records[i]["caption"] for i in dataset.trainable()]
+    assert not any(style in caption for caption in loaded.captions for style in dataset.heldout_styles)
+    assert len(load_captioned_images(tmp_path / "seven", 64, split=None).captions) == len(dataset.records)
+
+
 def test_split_is_the_same_in_the_seven_style_build(tmp_path: Path, seven_packages: list[Path]) -> None:
     dataset = load_emoji_dataset(build_seven(tmp_path, seven_packages))
     holdout = {r["identity"] for r in dataset.records if r["split"] == "holdout"}

@@ -324,7 +324,7 @@ def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, s
     that many processes of ``consistent-diffusion bench`` (``bench.workers``), else here, one
     thread per cell. after_cell(cell) / on_progress(done, total): progress, per cell or counted."""
     from consistent_diffusion.bench.report import write_reports
-    from consistent_diffusion.bench.runner import is_done, merge_report, run_bench
+    from consistent_diffusion.bench.runner import finished_cells, merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
 
@@ -335,14 +335,14 @@ def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, s
         from consistent_diffusion.bench.workers import run_workers
 
         run_workers(["bench", "--suite", suite, "--out", str(folder), *model_argv], folder, workers, loaded.threads,
-                    done_cells=lambda: sum(is_done(folder, cell) for cell in loaded.cells), total_cells=total,
+                    done_cells=lambda: finished_cells(folder, loaded), total_cells=total,
                     progress=False, on_progress=None if on_progress is None else lambda done: on_progress(done, total))
     else:
         def counted(cell: Any) -> None:
             if after_cell is not None:
                 after_cell(cell)
             if on_progress is not None:
-                on_progress(sum(is_done(folder, c) for c in loaded.cells), total)
+                on_progress(finished_cells(folder, loaded), total)
 
         run_bench(loaded, folder, load_pipe, make_scorer(), progress=False, after_cell=counted)
     write_reports(merge_report(loaded, folder), folder)

@@ -77,6 +77,11 @@ def is_done(out_dir: Path, cell: Cell) -> bool:
     return (cell_dir(out_dir, cell) / "cell.json").is_file()
 
 
+def finished_cells(out_dir: Path, suite: Suite) -> int:
+    """How many of the suite's cells have their record in ``out_dir`` (progress, resume)."""
+    return sum(is_done(out_dir, cell) for cell in suite.cells)
+
+
 def vae_roundtrip_psnr(pipe: Any, reference: str, size: tuple[int, int]) -> float:
     """PSNR (dB) of ``reference`` after the pipeline's VAE encode+decode: the ceiling any
     latent-space method (e.g. an exact inversion) can reach in pixel space."""

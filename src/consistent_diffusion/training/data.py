@@ -127,8 +127,9 @@ def load_captioned_images(
 ) -> CaptionedImages:
     """Images with captions from one of:
 
-    - an emoji dataset folder (``images.npy`` + ``labels.json``, see ``data.emoji``): rows of
-      ``split`` (None: all rows) with their ``caption``;
+    - an emoji dataset folder (``images.npy`` + ``labels.json``, see ``data.emoji``): the rows of
+      ``split`` in trained styles (``EmojiDataset.trainable``: never a held-out style; None: every
+      row) with their ``caption``;
     - an image folder with ``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``, the
       Hugging Face imagefolder convention) or a ``NAME.txt`` caption beside each image; images
       without a caption get ``default_caption``.
@@ -138,10 +139,10 @@ def load_captioned_images(
         from consistent_diffusion.data.emoji import load_emoji_dataset
 
         dataset = load_emoji_dataset(folder)
-        rows = dataset.indices(split=split) if split else range(len(dataset.records))
+        rows = dataset.trainable(split) if split else range(len(dataset.records))
         rows = list(rows)[:limit] if limit else list(rows)
         if not rows:
-            raise ConfigError(f"{folder} has no rows in split {split!r}")
+            raise ConfigError(f"{folder} has no rows in split {split!r} in a trained style")
         images = [load_image(Image.fromarray(dataset.images[i]), size) for i in rows]
         captions = [str(dataset.records[i].get("caption") or default_caption) for i in rows]
         return CaptionedImages(images=images, captions=captions)

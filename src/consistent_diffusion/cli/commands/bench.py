@@ -125,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
     scorer = make_scorer(extractors, device=args.device, extractor_sets=sets or None, extractor_options=options)
     workers = _workers(args) if args.worker is None and state is None else 1
     if workers > 1:
-        from consistent_diffusion.bench.runner import is_done
+        from consistent_diffusion.bench.runner import finished_cells
         from consistent_diffusion.bench.workers import run_workers
 
         run_workers(args.command_argv, out, workers, suite.threads, total_cells=len(suite.cells),
-                    done_cells=lambda: sum(is_done(out, cell) for cell in suite.cells), progress=not args.quiet)
+                    done_cells=lambda: finished_cells(out, suite), progress=not args.quiet)
     else:
         run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=scorer,
                   shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
