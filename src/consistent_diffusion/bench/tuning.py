@@ -12,6 +12,8 @@ over the tuning tasks (``bench.stats``, with its 95% interval):
 | img2img strength | ``img2img`` strength | ``reference_style`` | leakage, diversity |
 | DDPM edit skip | ``ddpm_edit`` skip > 0 | ``reference_object`` | text |
 | ControlNet scale | ``controlnet`` scale | ``shape`` | text |
+| LoRA steps | ``lora`` fine-tuning steps | ``reference_object`` | text |
+| DreamBooth steps | ``dreambooth`` fine-tuning steps | ``reference_object`` | text |
 
 Guards: *leakage*, object leakage (similarity to the reference's own subject) may rise over plain
 by at most ``claims.IDENTITY_MARGIN`` (the method must carry a style, not copy the subject);
@@ -19,6 +21,10 @@ by at most ``claims.IDENTITY_MARGIN`` (the method must carry a style, not copy t
 least ``TEXT_SHARE`` of plain's (the edit or control must not override the prompt). Where no
 value passes, the one failing the fewest guards (then with the largest gain) is the *fallback*,
 marked as such: the suite still needs a value, and the record says it failed.
+
+A *cost* option (fine-tuning steps) does not take the largest gain: among the passing values whose
+mean gain reaches the lower end of the best one's 95% interval (not measurably worse than the best),
+it takes the cheapest (the fewest steps), since each step costs every bench run its time.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Option:
     value: Callable[[CellRecord], Any]  # the candidate value of a cell (None: not a candidate)
     target: str
     guards: tuple[str, ...]
+    cheapest: bool = False  # a cost: the smallest value not measurably worse than the best
 
 
 def _option_values(method: str, keys: tuple[str, ...], defaults: Mapping[str, Any]) -> Callable[[CellRecord], Any]:
@@ -69,6 +76,13 @@ def _scale(cell: CellRecord) -> Any:
     return (list(scales) if isinstance(scales, (list, tuple)) else [scales]) if scales is not None else [1.0]
 
 
+def _training_steps(kind: str) -> Callable[[CellRecord], Any]:
+    def value(cell: CellRecord) -> Any:
+        return next((training.steps for training in cell.trainings if training.kind == kind), None)
+
+    return value
+
+
 OPTIONS = (
     Option("style_aligned", "style_aligned",
            _option_values("style_aligned", ("shared_score_shift", "adain_values"),
@@ -78,6 +92,9 @@ OPTIONS = (
            ("leakage", "diversity")),
     Option("ddpm_edit_skip", "ddpm_edit", _skip, "reference_object", ("text",)),
     Option("controlnet_scale", "controlnet", _scale, "shape", ("text",)),
+    Option("lora_steps", "lora", _training_steps("lora"), "reference_object", ("text",), cheapest=True),
+    Option("dreambooth_steps", "dreambooth", _training_steps("dreambooth"), "reference_object", ("text",),
+           cheapest=True),
 )
 
 
@@ -96,6 +113,7 @@ class Choice:
     chosen: Candidate | None
     candidates: list[Candidate]
     fallback: bool = False  # no candidate passed its guards; ``chosen`` failed the fewest
+    cheapest: bool = False  # a cost option: ``chosen`` is the smallest value not measurably worse
 
     def summary(self) -> str:
         """One line for a suite's ``[tuning]`` record: the value, its gain, whether it is a fallback."""
@@ -104,10 +122,15 @@ class Choice:
         gain = self.chosen.gain.text(signed=True) if self.chosen.gain is not None else "not measured"
         tasks = ", ".join(cell.task for cell in self.chosen.cells)
         note = f"; fallback, no value passed its guards ({'; '.join(self.chosen.failed)})" if self.fallback else ""
+        if self.cheapest and not self.fallback:
+            others = [c for c in self.candidates if c is not self.chosen and c.gain is not None]
+            note = "; the cheapest value not measurably worse than the best" + (
+                f" ({', '.join(f'{c.value}: {c.gain.text(signed=True)}' for c in others)})" if others else "")
         return f"{self.chosen.value}: {self.target} {gain} vs plain on {tasks}{note}"
 
     def text(self) -> str:
-        lines = [f"{self.option} (maximise {self.target} over plain):"]
+        goal = "the fewest steps not measurably worse in" if self.cheapest else "maximise"
+        lines = [f"{self.option} ({goal} {self.target} over plain):"]
         for candidate in self.candidates:
             gain = candidate.gain.text(signed=True) if candidate.gain is not None else "not measured"
             mark = ("  <- chosen" + (" (fallback)" if self.fallback else "")) if candidate is self.chosen else ""
@@ -168,11 +191,21 @@ def choose(report: Report | Mapping[str, Any], options: tuple[Option, ...] = OPT
         measured = [c for c in candidates if c.gain is not None]
         passing = [c for c in measured if not c.failed]
         if passing:
-            choices.append(Choice(option.name, option.target, max(passing, key=lambda c: c.gain.mean), candidates))
+            choices.append(Choice(option.name, option.target, _pick(passing, option.cheapest), candidates,
+                                  cheapest=option.cheapest))
         else:
             fallback = min(measured, key=lambda c: (len(c.failed), -c.gain.mean)) if measured else None
-            choices.append(Choice(option.name, option.target, fallback, candidates, fallback=fallback is not None))
+            choices.append(Choice(option.name, option.target, fallback, candidates, fallback=fallback is not None,
+                                  cheapest=option.cheapest))
     return choices
+
+
+def _pick(passing: list[Candidate], cheapest: bool) -> Candidate:
+    """The largest mean gain; for a cost, the smallest value whose gain reaches the best's lower bound."""
+    best = max(passing, key=lambda c: c.gain.mean)
+    if not cheapest:
+        return best
+    return min((c for c in passing if c.gain.mean >= best.gain.low), key=lambda c: c.value)
 
 
 def format_choices(choices: list[Choice]) -> str:
