@@ -293,10 +293,32 @@ def test_the_default_guidance_rescale_is_0_7_only_at_zero_terminal_snr(zsnr):
     assert np.array_equal(first_image(plain), first_image(plain, guidance_rescale=0.0))
 
 
-def test_guidance_rescale_is_dropped_with_a_warning_where_the_pipeline_lacks_it(zsnr, assets):
-    """diffusers' SD img2img pipeline has no guidance_rescale and would swallow it in **kwargs."""
-    methods = METHODS["img2img"](assets)
-    plain = run(_context(zsnr), methods, output_type="np")
-    with pytest.warns(UserWarning, match="StableDiffusionImg2ImgPipeline has no `guidance_rescale`"):
+def test_the_unet_hook_gives_the_native_guidance_rescale(zsnr):
+    """``rescaled_guidance`` (for pipelines without the argument) equals diffusers' own
+    ``guidance_rescale`` in the text-to-image pipeline, which has it."""
+    from consistent_diffusion.methods.base import rescaled_guidance
+
+    native = run(_context(zsnr, guidance_rescale=0.7), [], output_type="latent")
+    with rescaled_guidance(zsnr.unet, 3.0, 0.7):
+        hooked = run(_context(zsnr, guidance_rescale=0.0), [], output_type="latent")
+    plain = run(_context(zsnr, guidance_rescale=0.0), [], output_type="latent")
+    assert max((a - b).abs().max().item() for a, b in zip(native, hooked, strict=True)) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(native, plain, strict=True)) > 1e-3
+    assert not zsnr.unet._forward_hooks, "the hook is removed after the call"
+
+
+@pytest.mark.parametrize("name", ["img2img", "controlnet"])
+def test_pipelines_without_the_argument_get_guidance_rescale_through_the_hook(zsnr, assets, name):
+    """diffusers' SD img2img and ControlNet pipelines have no guidance_rescale (they would swallow it
+    in **kwargs): ``run`` applies it on the UNet instead, so it changes their images, deterministically."""
+    import warnings
+
+    methods = METHODS[name](assets)
+    unrescaled = run(_context(zsnr, guidance_rescale=0.0), methods, output_type="np")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         rescaled = run(_context(zsnr, guidance_rescale=0.7), methods, output_type="np")
-    assert all(np.array_equal(a, b) for a, b in zip(plain, rescaled, strict=True))
+    again = run(_context(zsnr, guidance_rescale=0.7), methods, output_type="np")
+    assert max(np.abs(a - b).max() for a, b in zip(unrescaled, rescaled, strict=True)) > 1e-4
+    assert all(np.array_equal(a, b) for a, b in zip(rescaled, again, strict=True))
+    assert not zsnr.unet._forward_hooks

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -96,12 +95,13 @@ def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str
     with contextlib.ExitStack() as stack:
         for method in methods:
             ctx = stack.enter_context(method.applied(ctx))
+        call_kwargs = stack.enter_context(call_arguments(ctx.pipe, ctx.call_kwargs))
         output = ctx.pipe(
             prompt=ctx.prompts,
             negative_prompt=ctx.negative_prompts,
             generator=ctx.generators,
             output_type=output_type,
-            **supported_call_kwargs(ctx.pipe, ctx.call_kwargs),
+            **call_kwargs,
         )
     return list(output.images[ctx.num_internal :])
 
@@ -117,23 +117,53 @@ def default_guidance_rescale(pipe: Any) -> float | None:
     return ZERO_SNR_GUIDANCE_RESCALE if config.get("rescale_betas_zero_snr", False) else None
 
 
-# Call arguments that some diffusers pipelines lack and would swallow silently in their
-# ``**kwargs`` (the SD img2img and ControlNet pipelines have no ``guidance_rescale``).
-OPTIONAL_CALL_KWARGS = ("guidance_rescale",)
+@contextlib.contextmanager
+def rescaled_guidance(unet: torch.nn.Module, guidance_scale: float, rescale: float) -> Iterator[None]:
+    """Guidance rescale (Lin et al. 2024, eq. 15-16) for a pipeline that has no ``guidance_rescale``
+    argument (diffusers' SD img2img and ControlNet pipelines), as a forward hook on its UNet.
+
+    With classifier-free guidance the UNet sees the batch [unconditional; conditional] and returns
+    (u, c), (2B, C, H, W); the pipeline then takes x_cfg = u + w (c - u). Eq. 15-16 replace x_cfg by
+    x_cfg * k, k = phi * std(c) / std(x_cfg) + (1 - phi) (std per sample, as diffusers'
+    ``rescale_noise_cfg``). The hook returns (k u, k c), whose guided combination is exactly k x_cfg,
+    so the pipeline's own loop is unchanged. Removed on exit, even on error."""
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        if sample.shape[0] % 2:
+            return None  # not a guided batch
+        uncond, cond = sample.chunk(2)
+        guided = uncond + guidance_scale * (cond - uncond)
+        dims = list(range(1, sample.ndim))
+        factor = rescale * cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True) + (1.0 - rescale)
+        scaled = sample * torch.cat([factor, factor])
+        return (scaled, *output[1:]) if isinstance(output, tuple) else type(output)(sample=scaled)
+
+    handle = unet.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
-def supported_call_kwargs(pipe: Any, call_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``call_kwargs`` without the ``OPTIONAL_CALL_KWARGS`` that ``pipe.__call__`` does not name,
-    each dropped with a warning (the images are made without it); the dict itself is unchanged."""
-    present = [name for name in OPTIONAL_CALL_KWARGS if name in call_kwargs]
-    if not present:
-        return call_kwargs
-    accepted = inspect.signature(type(pipe).__call__).parameters
-    dropped = [name for name in present if name not in accepted]
-    for name in dropped:
-        warnings.warn(f"{type(pipe).__name__} has no `{name}` argument: this call runs without it",
-                      UserWarning, stacklevel=3)
-    return {key: value for key, value in call_kwargs.items() if key not in dropped}
+@contextlib.contextmanager
+def call_arguments(pipe: Any, call_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The arguments to call ``pipe`` with: ``call_kwargs`` as they are, except a
+    ``guidance_rescale`` that ``pipe.__call__`` does not name (it would swallow it in ``**kwargs``):
+    that one is applied by ``rescaled_guidance`` on the UNet for the call. The dict is unchanged."""
+    rescale = call_kwargs.get("guidance_rescale")
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if rescale is None or "guidance_rescale" in parameters:
+        yield call_kwargs
+        return
+    rest = {key: value for key, value in call_kwargs.items() if key != "guidance_rescale"}
+    default = parameters["guidance_scale"].default if "guidance_scale" in parameters else 1.0
+    guidance = float(call_kwargs.get("guidance_scale", default))
+    if not rescale or guidance <= 1.0:
+        yield rest
+        return
+    with rescaled_guidance(pipe.unet, guidance, float(rescale)):
+        yield rest
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}

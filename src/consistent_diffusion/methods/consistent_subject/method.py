@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from consistent_diffusion.core.errors import ConfigError
-from consistent_diffusion.methods.base import GenerationContext, Method, register, supported_call_kwargs
+from consistent_diffusion.methods.base import GenerationContext, Method, call_arguments, register
 from consistent_diffusion.methods.common import batch_size, generation_size, restoring
 from consistent_diffusion.methods.consistent_subject.attention import (
     SubjectState,
@@ -202,9 +202,10 @@ class ConsistentSubject(Method):
         saved = [generator.get_state() for generator in ctx.generators]
         captured: dict[str, Any] = {}
         unet = ctx.pipe.unet
-        with installed_subject_sharing(unet, state, self.share_parts), captured_dift(unet, state, captured):
+        with installed_subject_sharing(unet, state, self.share_parts), captured_dift(unet, state, captured), \
+                call_arguments(ctx.pipe, ctx.call_kwargs) as call_kwargs:
             ctx.pipe(prompt=ctx.prompts, negative_prompt=ctx.negative_prompts, generator=ctx.generators,
-                     output_type="latent", **supported_call_kwargs(ctx.pipe, ctx.call_kwargs))
+                     output_type="latent", **call_kwargs)
         for generator, rng in zip(ctx.generators, saved, strict=True):
             generator.set_state(rng)
         if "features" not in captured or not anchors:
