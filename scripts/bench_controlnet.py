@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline_or_tiny(args.model)
     size = model_size(pipe, None)
     if args.data:
-        data = load_captioned_images(args.data, size, split=args.split, limit=args.count)
+        data = load_captioned_images(args.data, size, split=args.split, limit=args.count, heldout_styles=True)
         pictures, captions = data.images, data.captions
     else:
         pictures, captions = _synthetic(args.count, size)

@@ -116,6 +116,9 @@ def test_training_images_from_the_dataset_leave_out_the_heldout_styles(tmp_path:
     assert loaded.captions == [dataset.records[i]["caption"] for i in dataset.trainable()]
     assert not any(style in caption for caption in loaded.captions for style in dataset.heldout_styles)
     assert len(load_captioned_images(tmp_path / "seven", 64, split=None).captions) == len(dataset.records)
+    measured = load_captioned_images(tmp_path / "seven", 64, split="holdout", heldout_styles=True)
+    assert measured.captions == [dataset.records[i]["caption"] for i in dataset.indices(split="holdout")]
+    assert any(style in caption for caption in measured.captions for style in dataset.heldout_styles)
 
 
 def test_split_is_the_same_in_the_seven_style_build(tmp_path: Path, seven_packages: list[Path]) -> None:

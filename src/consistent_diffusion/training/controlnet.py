@@ -236,13 +236,16 @@ def initial_controlnet(config: ControlNetTrainConfig, pipe: Any) -> Any | None:
 def _generate(pipe: Any, caption: str, seed: int, size: int, control: Any = None, controlnet: Any = None,
               scale: float = 1.0, **call_kwargs: Any) -> list[Any]:
     """One ``size`` x ``size`` image of ``caption`` with seed ``seed`` through ``methods.run``:
-    plain, or steered by ``controlnet`` (an in-memory ControlNetModel) on ``control`` at ``scale``."""
-    from consistent_diffusion.methods.base import GenerationContext, run
+    plain, or steered by ``controlnet`` (an in-memory ControlNetModel) on ``control`` at ``scale``;
+    with the model's guidance rescale (as a series samples it) unless ``call_kwargs`` sets one."""
+    from consistent_diffusion.methods.base import GenerationContext, default_guidance_rescale, run
     from consistent_diffusion.methods.controlnet import ControlNet
 
+    rescale = default_guidance_rescale(pipe)
+    defaults = {} if rescale is None else {"guidance_rescale": rescale}
     ctx = GenerationContext(pipe=pipe, prompts=[caption], negative_prompts=None,
                             generators=[torch.Generator("cpu").manual_seed(seed)],
-                            call_kwargs={**call_kwargs, "height": size, "width": size})
+                            call_kwargs={**defaults, **call_kwargs, "height": size, "width": size})
     methods = () if controlnet is None else (ControlNet(controlnets=(controlnet,), images=(control,), scales=(scale,)),)
     return run(ctx, methods)
 

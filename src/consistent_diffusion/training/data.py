@@ -123,13 +123,14 @@ class CaptionedImages:
 
 
 def load_captioned_images(
-    source: str | os.PathLike, size: int, default_caption: str = "", split: str | None = "train", limit: int | None = None
+    source: str | os.PathLike, size: int, default_caption: str = "", split: str | None = "train", limit: int | None = None,
+    heldout_styles: bool = False,
 ) -> CaptionedImages:
     """Images with captions from one of:
 
     - an emoji dataset folder (``images.npy`` + ``labels.json``, see ``data.emoji``): the rows of
-      ``split`` in trained styles (``EmojiDataset.trainable``: never a held-out style; None: every
-      row) with their ``caption``;
+      ``split`` in trained styles (``EmojiDataset.trainable``: never a held-out style, unless
+      ``heldout_styles``, for measuring; split None: every row) with their ``caption``;
     - an image folder with ``metadata.jsonl`` (lines ``{"file_name": ..., "text": ...}``, the
       Hugging Face imagefolder convention) or a ``NAME.txt`` caption beside each image; images
       without a caption get ``default_caption``.
@@ -139,7 +140,10 @@ def load_captioned_images(
         from consistent_diffusion.data.emoji import load_emoji_dataset
 
         dataset = load_emoji_dataset(folder)
-        rows = dataset.trainable(split) if split else range(len(dataset.records))
+        if not split:
+            rows = range(len(dataset.records))
+        else:
+            rows = dataset.indices(split=split) if heldout_styles else dataset.trainable(split)
         rows = list(rows)[:limit] if limit else list(rows)
         if not rows:
             raise ConfigError(f"{folder} has no rows in split {split!r} in a trained style")
