@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scale", type=float, default=1.0, help="ControlNet conditioning scale")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--text-extractor", default="emoji-text",
+                        help="also the text alignment of both sets of outputs (emoji-text, clip; 'none' skips it)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_controlnet"))
     args = parser.parse_args(argv)
 
@@ -75,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     controls = [make_control(args.condition, picture) for picture in pictures]
     controlnet = load_controlnet(args.controlnet, pipe.unet.device, pipe.unet.dtype)
     report = measure_shape_control(pipe, controlnet, controls, captions, args.condition, steps=args.steps,
-                                   guidance_scale=args.guidance, seeds=tuple(args.seeds), scale=args.scale)
+                                   guidance_scale=args.guidance, seeds=tuple(args.seeds), scale=args.scale,
+                                   text_extractor=None if args.text_extractor == "none" else args.text_extractor)
     metric = "silhouette IoU" if args.condition == "silhouette" else "canny F1"
     table = (
         f"| {metric} ({report['n']} images) | without ControlNet | with ControlNet | ratio |\n|---|---:|---:|---:|\n"
         f"| `{args.model}` + `{args.controlnet}` | {report['without']:.3f} | {report['with']:.3f} | "
-        f"{report['ratio']:.2f}x |\n\nControl images: {args.data or 'synthetic shapes'}"
+        f"{report['ratio']:.2f}x |\n"
+        + (f"| text alignment ({report['text_extractor']}) | {report['text_without']:.3f} | {report['text_with']:.3f} | "
+           f"{report['text_ratio']:.2f}x |\n" if report.get("text_ratio") is not None else "")
+        + f"\nControl images: {args.data or 'synthetic shapes'}"
         f"{f' (split {args.split})' if args.data else ''}; seeds {args.seeds}, {args.steps} steps, guidance "
         f"{args.guidance}, conditioning scale {args.scale}.\n"
     )

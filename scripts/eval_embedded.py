@@ -2,7 +2,8 @@
 
     python scripts/eval_embedded.py --data DATA_DIR [--weights DIR] [--probes DIR] [--out DIR]
         [--guidance-sweep 3,5,7.5] [--baseline OLD_WEIGHTS --baseline-styles google,twitter
-        | --baseline-results OLD_RESULTS_JSON] [--write-card]
+        | --baseline-results OLD_RESULTS_JSON] [--write-card [--record RECORD] [--card-notes NOTES]]
+    python scripts/eval_embedded.py --data DATA_DIR --weights DIR --out DIR --card-only [--record ...]
 
 The measurements, the quality table, the comparison sheet and the model card are library code
 (``consistent_diffusion.training.recipes.evaluation``); this script parses, calls and writes
@@ -73,14 +74,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-results", type=Path, default=None,
                         help="results.json of an earlier run on the old model (instead of --baseline)")
     parser.add_argument("--write-card", action="store_true", help="write MODEL_CARD.md into the weights folder")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="a staged model's record.json (stages/embedded-v2/record.json): the card's recipe")
+    parser.add_argument("--card-notes", type=Path, default=None,
+                        help="markdown for the card's 'Bars missed' section: why, and what would reach them")
+    parser.add_argument("--card-only", action="store_true",
+                        help="measure nothing: write the card from --out's results.json (and baseline.json)")
     args = parser.parse_args()
     if args.baseline and args.baseline_results:
         parser.error("give --baseline or --baseline-results, not both")
     return args
 
 
+def _write_card(args: argparse.Namespace, results: dict, table: str, baseline: dict | None) -> None:
+    record = json.loads(args.record.read_text()) if args.record else None
+    notes = args.card_notes.read_text() if args.card_notes else None
+    write_model_card(args.weights or EMBEDDED_DIR, results, table, load_emoji_dataset(args.data), baseline, record,
+                     notes)
+
+
 def main() -> None:
     args = parse_args()
+    if args.card_only:
+        if not args.out or not (args.out / "results.json").is_file():
+            raise SystemExit("--card-only needs --out DIR with the results.json of an earlier run")
+        results = json.loads((args.out / "results.json").read_text())
+        baseline_file = args.out / "baseline.json"
+        baseline = json.loads(baseline_file.read_text()) if baseline_file.is_file() else None
+        _write_card(args, results, quality_markdown(results, baseline), baseline)
+        return
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     config = EvalConfig(
@@ -119,7 +141,7 @@ def main() -> None:
         if args.out and (args.out / "samples.png").is_file():
             with atomic_path(folder / "samples.png") as temp:
                 temp.write_bytes((args.out / "samples.png").read_bytes())
-        write_model_card(folder, results, table, load_emoji_dataset(args.data), baseline)
+        _write_card(args, results, table, baseline)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ def pipe():
 
 
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 30) -> torch.Tensor:
-    """Images (B, 3, 64, 64) in [-1, 1], one generator per prompt."""
+    """Images (B, 3, 64, 64) in [-1, 1], one generator per prompt, with the model's guidance rescale."""
+    from consistent_diffusion.methods.base import default_guidance_rescale
+
     generators = [torch.Generator().manual_seed(seed + k) for k in range(len(prompts))]
-    images = pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, generator=generators, output_type="pt").images
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, generator=generators, output_type="pt",
+                  guidance_rescale=default_guidance_rescale(pipe) or 0.0).images
     return images * 2 - 1
 
 
@@ -46,15 +49,60 @@ def test_same_seed_same_image(pipe) -> None:
     assert (first - other).abs().mean() > 1e-3
 
 
+def test_same_seed_same_image_at_any_thread_count(pipe) -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = generate(pipe, ["sunflower, fluent-flat style", "dog face"], seed=3, steps=10)
+        torch.set_num_threads(2)
+        two = generate(pipe, ["sunflower, fluent-flat style", "dog face"], seed=3, steps=10)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, atol=1e-4, rtol=0)
+
+
+# Colourful emoji in every trained style (none is drawn grey or black in any of them).
+COLOURFUL = ["grinning face", "red heart", "dog face", "sun", "pizza", "sunflower", "red apple", "butterfly"]
+
+
 @pytest.mark.skipif(not (PROBES_DIR / "style.safetensors").is_file(), reason="no style probe shipped")
-def test_style_probe_tells_two_style_prompts_apart(pipe) -> None:
+def test_style_probe_tells_the_trained_styles_apart(pipe) -> None:
+    """Each style the model was trained on, prompted by name, is the probe's most frequent choice
+    for its images, and the probe names the prompted style for at least 75% of all of them (chance:
+    20% for five styles). The flat styles (google, fluent-flat, twitter) are the ones the probe
+    confuses, on real images too (its val accuracy: 90.8%)."""
     probe, meta = load_probe("style")
-    names = ["grinning face", "red heart", "dog face", "sun", "smiling face with heart-eyes", "thumbs up",
-             "pizza", "rocket"]
-    google = predict(probe, generate(pipe, [f"{n}, google style" for n in names]))[:, meta["labels"].index("google")]
-    twitter = predict(probe, generate(pipe, [f"{n}, twitter style" for n in names]))[:, meta["labels"].index("google")]
-    assert google.mean() > twitter.mean() + 0.2
-    assert (google > twitter).float().mean() >= 0.75
+    labels = meta["labels"]
+    hits = []
+    for style in labels:
+        chosen = predict(probe, generate(pipe, [f"{n}, {style} style" for n in COLOURFUL])).argmax(1)
+        counts = torch.bincount(chosen, minlength=len(labels))
+        assert counts.argmax() == labels.index(style) and counts.max() > counts.sort().values[-2], (style, chosen)
+        hits.append((chosen == labels.index(style)).float())
+    assert torch.cat(hits).mean() >= 0.75, [h.mean().item() for h in hits]
+
+
+def _foreground_chroma(images: torch.Tensor) -> list[float]:
+    """Mean CIELAB chroma of each image's non-background pixels; images (B, 3, H, W) in [-1, 1].
+    The held-out styles' real images (line art, monochrome) measure 0.0 at their 95th percentile,
+    the trained styles' 10-21 at their 5th."""
+    from consistent_diffusion.core.images import tensor_to_uint8
+    from consistent_diffusion.training.recipes.evaluation.colour import srgb_to_lab
+
+    lab = srgb_to_lab(tensor_to_uint8(images))
+    chroma = (lab[..., 1] ** 2 + lab[..., 2] ** 2) ** 0.5
+    foreground = ~((lab[..., 0] > 90) & (chroma < 10))
+    return [float(c[f].mean()) if f.any() else 0.0 for c, f in zip(chroma, foreground, strict=True)]
+
+
+def test_a_held_out_style_is_never_produced_from_its_style_word(pipe) -> None:
+    """openmoji-line (black line art) and fluent-contrast (monochrome) were never trained on: their
+    style words must not give their look. Colourful emoji keep their colour under those words."""
+    from consistent_diffusion.data.styles import HELDOUT_STYLES
+
+    for style in HELDOUT_STYLES:
+        chroma = _foreground_chroma(generate(pipe, [f"{n}, {style} style" for n in COLOURFUL]))
+        assert sum(c < 5.0 for c in chroma) <= 1, (style, [round(c, 1) for c in chroma])
 
 
 def test_the_committed_reference_report_reproduces_at_any_thread_count(tmp_path) -> None:

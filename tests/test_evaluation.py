@@ -143,6 +143,8 @@ def test_noise_colour_r2_reports_channels_control_and_chance():
     assert result["chance_r2"] == round(4 / 8, 4)  # p / (n - 1) with 4 noise channels, 9 seeds
     assert all(0.0 <= v <= 1.0 for v in result["r2"].values())
     assert result["r2_max"] == max(result["r2"].values())
+    assert set(result["r2_interval95"]) == {"R", "G", "B"}
+    assert all(0.0 <= low <= high <= 1.0 for low, high in result["r2_interval95"].values())
 
 
 # ----------------------------------------------------------------------------- colour
@@ -243,7 +245,8 @@ def test_identity_retrieval_gallery_is_train_split_of_trained_styles(tmp_path):
 
 def fake_results(hit_rate: float = 0.25, colour: float = 0.85, r2: float = 0.2) -> dict:
     return {
-        "styles": ["google", "twitter"], "heldout_real_images": 262, "vae_psnr_db_heldout": 26.5,
+        "styles": ["google", "twitter"], "heldout_real_images": 262, "vae_psnr_db_heldout": 27.5,
+        "heldout_style_images": 300, "vae_psnr_db_heldout_styles": 24.0,
         "generation": {"images": 306, "steps": 30, "guidance": 5.0, "guidance_rescale": 0.7, "seconds": 80.0},
         "style_accuracy": 0.92, "style_accuracy_per_style": {"google": 0.9, "twitter": 0.94}, "style_chance": 0.2,
         "category_accuracy": 0.6, "category_chance": 0.1111,
@@ -277,6 +280,13 @@ def test_quality_markdown_without_baseline():
     assert rows["identity retrieval, top-5 among real images of the other styles"][3] == "n/a"  # needs the old one
     assert rows["Frechet gap closed (EfficientNet-Lite0)"][1].startswith("93.8%")
     assert rows["8 images x 30 steps, CPU"][3] == "yes"
+    assert rows["VAE PSNR, held-out identities of the measured styles"][1:] == ["27.50 dB (262 images)", ">= 27 dB", "yes"]
+    assert rows["VAE PSNR, held-out styles (never trained on), held-out identities"][1:] == [
+        "24.00 dB (300 images)", ">= 25 dB", "**no**"]
+    older = fake_results()
+    del older["vae_psnr_db_heldout_styles"]  # a results file from before the held-out styles were measured
+    assert _rows(ev.quality_markdown(older))["VAE PSNR, held-out styles (never trained on), held-out identities"][
+        1:] == ["not measured", ">= 25 dB", "n/a"]
 
 
 def test_quality_markdown_with_baseline_judges_against_it():
@@ -285,6 +295,10 @@ def test_quality_markdown_with_baseline_judges_against_it():
     retrieval = rows["identity retrieval, top-5 among real images of the other styles"]
     assert retrieval[0].startswith("10.0%") and retrieval[1].startswith("25.0%") and retrieval[3] == "yes"
     assert rows["output mean colour explained by the noise's channel means (R^2)"][0].startswith("max 0.92")
+    with_interval = fake_results(r2=0.25)
+    with_interval["noise_colour"]["r2_interval95"] = {"R": [0.1, 0.4], "G": [0.0, 0.2], "B": [0.0, 0.1]}
+    noise_row = _rows(ev.quality_markdown(with_interval))["output mean colour explained by the noise's channel means (R^2)"]
+    assert "95% R [0.10, 0.40], G [0.00, 0.20], B [0.00, 0.10]" in noise_row[1] and noise_row[3] == "yes"
     rows = _rows(ev.quality_markdown(fake_results(hit_rate=0.19, colour=0.5, r2=0.31), old))
     assert rows["identity retrieval, top-5 among real images of the other styles"][3] == "**no**"  # 0.19 < 2 x 0.1
     assert rows["colour binding, eight colour-named hearts (Wilson 95%)"][3] == "**no**"
@@ -326,3 +340,41 @@ def test_eval_config_validation():
         ev.EvalConfig(data="d", styles=())
     config = ev.EvalConfig(data="d", styles=["google"], guidance_sweep=[3, 5])
     assert config.styles == ("google",) and config.guidance_sweep == (3.0, 5.0) and config.per_category is None
+
+
+def _weights_folder(folder, step: int = 19005):
+    pipe = tiny_sd_pipeline(zero_snr=True)
+    pipe.vae.save_pretrained(folder / "vae", safe_serialization=True)
+    pipe.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+    recipe = {"vae": {"channels": [32, 64, 64], "mse_weight": 1.0, "kl_weight": 1e-6, "lr": 1e-3, "batch": 32,
+                      "crop": 32, "crop_fraction": 0.75},
+              "unet": {"channels": [64, 128, 192], "min_snr_gamma": 5.0, "lr": 4e-4, "warmup": 200, "steps": 30000,
+                       "batch": 32, "ema_decay": 0.999, "caption_dropout": 0.1},
+              "max_length": 16, "threads": 2, "paused_at_step": step}
+    (folder / "training.json").write_text(json.dumps(recipe))
+    return folder
+
+
+def test_model_card_of_a_staged_model_lists_every_stage_its_cost_and_the_notes(tmp_path):
+    folder = _weights_folder(tmp_path)
+    results = fake_results() | {"styles": ["google", "twitter"], "scheduler": {"prediction_type": "v_prediction"},
+                                "probe_heldout_real": {"style": {"accuracy": 0.99}, "content": {"accuracy": 0.7}}}
+    record = {"stages": [
+        {"stage": "vae", "steps": [0, 2926], "train_minutes": 30.0, "seconds_per_step": 0.621, "machine": "x86_64",
+         "note": "The VAE. Ended by its budget."},
+        {"stage": "unet", "steps": [0, 6495], "train_minutes": 95.4, "seconds_per_step": 0.843, "machine": "x86_64",
+         "note": "From random init | stopped by SIGTERM."},
+        {"stage": "unet", "steps": [6495, 19005], "train_minutes": 84.6, "seconds_per_step": 1.4, "machine": "x86_64",
+         "note": "Exact resume."},
+    ]}
+    notes = "- why the noise bar is missed: measured with 48 seeds."
+    card = ev.write_model_card(folder, results, ev.quality_markdown(results), make_dataset(), None, record, notes)
+    text = card.read_text()
+    assert "| 1 | vae | 0 -> 2,926 | 30.0 | 0.62 | x86_64 | The VAE. |" in text
+    assert "| 2 | unet | 0 -> 6,495 | 95.4 | 0.84 | x86_64 | From random init / stopped by SIGTERM. |" in text
+    assert "vae 0.5 h over 1 stage(s), unet 3.0 h over 2 stage(s)" in text  # (95.4 + 84.6) / 60
+    assert "EMA weights at step 19,005" in text and "v-prediction" in text
+    assert notes in text and "stages/embedded-v2/README.md" in text and "## Recipe (as run)" not in text
+    one_run = ev.write_model_card(folder, results, ev.quality_markdown(results), make_dataset()).read_text()
+    assert "## Recipe (as run)" in one_run and "| 1 | vae |" not in one_run and notes not in one_run

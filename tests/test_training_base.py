@@ -146,6 +146,18 @@ def test_a_unet_stage_moves_to_another_machine_through_a_handoff(tiny_data: Path
     assert exported["stages"]["unet"]["warm_start"] == "unet.handoff.pt" and exported["stages"]["unet"]["pretrained_vae"] == "vae"
     with pytest.raises(ConfigError, match="vae-from"):
         tiny(tiny_data, tmp_path / "x", stage="vae", pretrained_vae=committed_vae)
+    # ship a committed stage that is not the run's last: a fresh folder, only the VAE and the hand-off
+    shipped, third = tmp_path / "shipped", tmp_path / "machine-3"
+    export = [*base, "--out", str(third), "--vae-from", str(committed_vae), "--export-handoff", str(handoff)]
+    capsys.readouterr()
+    assert main(export) != 0 and "give --export DIR" in capsys.readouterr().err
+    assert main([*export, "--export", str(shipped)]) == 0
+    assert not list_checkpoints(stage_dir(third, "unet"))  # nothing trained
+    assert json.loads((shipped / "training.json").read_text())["paused_at_step"] == 1
+    unet = dict(load_embedded_pipeline(folder=shipped).unet.named_parameters())
+    torch.testing.assert_close(unet[name].detach().float(), ema[name].float(), atol=0, rtol=0)
+    assert main([*export, "--export", str(tmp_path / "other"), "--unet-channels", "32,32"]) != 0
+    assert "do not match the UNet options" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 def test_configs_validate() -> None:

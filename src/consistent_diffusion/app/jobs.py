@@ -110,7 +110,7 @@ class SeriesForm:
     prompts: str  # one prompt a line
     seeds: str = "0 1 2 3"  # numbers separated by spaces or commas
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float = 5.0  # the embedded model's setting (its model card)
     size: int | None = None  # square side in pixels (None: the model's own)
     negative_prompt: str = ""
     init_image: str | None = None  # img2img reference

@@ -209,7 +209,7 @@ def build(app: App) -> Any:
                     seeds = gr.Textbox(label="Seeds", value="0 1 2 3", elem_id="seeds")
                     with gr.Row():
                         steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+                        guidance = gr.Slider(1, 15, value=5.0, step=0.5, label="Guidance")
                     size = gr.Number(value=0, precision=0, label="Size in pixels (0: the model's own)")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Accordion("img2img", open=False):

@@ -272,12 +272,19 @@ def measure_shape_control(
     guidance_scale: float = 4.0,
     seeds: tuple[int, ...] = (0, 1),
     scale: float = 1.0,
+    text_extractor: str | None = None,
 ) -> dict[str, Any]:
     """Shape adherence with and without ``controlnet``: mean canny F1 (or silhouette IoU) of the
     outputs against their control images, same prompts and seeds. Returns
-    ``{"with": mean, "without": mean, "ratio": with / without, "per_image": {...}, "n": count}``."""
+    ``{"with": mean, "without": mean, "ratio": with / without, "per_image": {...}, "n": count}``.
+
+    text_extractor (e.g. ``emoji-text``): also the text alignment (``metrics.text_alignment``) of
+    both sets of outputs to their captions, as ``text_with``, ``text_without`` and ``text_ratio``
+    (what the ControlNet costs in prompt following; per image under ``per_image``)."""
     size = model_size(pipe, None)
     results: dict[str, list[float]] = {"with": [], "without": []}
+    outputs: dict[str, list[Any]] = {"with": [], "without": []}
+    prompts: list[str] = []
     for control, caption in zip(controls, captions, strict=True):
         control = control.resize((size, size))
         for seed in seeds:
@@ -286,17 +293,28 @@ def measure_shape_control(
             steered = _generate(pipe, caption, seed, size, control=control, controlnet=controlnet, scale=scale, **common)
             results["without"] += shape_scores(plain, [control], condition)
             results["with"] += shape_scores(steered, [control], condition)
+            outputs["without"] += plain
+            outputs["with"] += steered
+            prompts.append(caption)
     with_mean = float(np.mean(results["with"]))
     without_mean = float(np.mean(results["without"]))
-    return {"condition": condition, "with": with_mean, "without": without_mean,
-            "ratio": with_mean / max(without_mean, 1e-9), "n": len(results["with"]), "per_image": results}
+    report = {"condition": condition, "with": with_mean, "without": without_mean,
+              "ratio": with_mean / max(without_mean, 1e-9), "n": len(results["with"]), "per_image": results}
+    if text_extractor is not None:
+        from consistent_diffusion.metrics.consistency import text_alignment
+
+        for side in ("with", "without"):
+            values = text_alignment(outputs[side], prompts, text_extractor).per_image
+            results[f"text_{side}"] = [float(v) for v in values]
+            report[f"text_{side}"] = float(np.mean(results[f"text_{side}"]))
+        report["text_extractor"] = text_extractor
+        report["text_ratio"] = report["text_with"] / report["text_without"] if report["text_without"] > 0 else None
+    return report
 
 
 def ship_controlnet(folder: str | Path, condition: str, dest_root: str | Path | None = None, fp16: bool = True) -> Path:
     """Copy a trained ControlNet (``OUT/controlnet``) to where ``embedded-<condition>`` finds it
     (``assets/controlnet/embedded-<condition>``), as fp16 safetensors by default."""
-    import shutil
-
     from diffusers import ControlNetModel
 
     from consistent_diffusion.core.outputs import atomic_output_dir
@@ -310,8 +328,9 @@ def ship_controlnet(folder: str | Path, condition: str, dest_root: str | Path | 
     model.register_to_config(_name_or_path=dest.name)  # not the local training folder
     with atomic_output_dir(dest, overwrite=True) as temp:
         (model.half() if fp16 else model).save_pretrained(temp, safe_serialization=True)
-        if (folder / CONTROL_META).is_file():
-            shutil.copy2(folder / CONTROL_META, temp / CONTROL_META)
+        if (folder / CONTROL_META).is_file():  # its base model's spec and path: last part only
+            meta = json.loads((folder / CONTROL_META).read_text(encoding="utf-8"))
+            write_json_atomic(_without_local_paths(meta), temp / CONTROL_META)
         stages = training_stages(folder)
         if stages:
             write_json_atomic({"stages": stages}, temp / "training.json")

@@ -21,7 +21,7 @@ from consistent_diffusion.series import (
     load_series_request,
 )
 
-DEFAULT_GUIDANCE = 7.5  # also the embedded model's best setting (guidance sweep in its model card)
+DEFAULT_GUIDANCE = 5.0  # the embedded model's setting (guidance sweep in its model card); SD checkpoints often want 7.5
 
 EXAMPLES = """examples:
   consistent-diffusion generate --prompt "grinning face, twitter style" --seeds 0 1 2 3 --out runs/faces

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from consistent_diffusion.core.errors import ConfigError
+
 
 def _channels(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
@@ -62,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     base.add_argument("--export", type=Path, default=None,
                       help="after training, copy the pipeline (fp16 safetensors) into this folder; after a paused "
                            "UNet stage, its EMA weights so far")
+    base.add_argument("--export-handoff", type=Path, default=None, metavar="FILE",
+                      help="export only, training nothing: --export gets this hand-off's EMA UNet (a committed "
+                           "stage chosen to ship, e.g. stages/.../unet.handoff.pt from git history) with the run's "
+                           "VAE (and decoder stage, if run); builds the caches first when --out has none. Give the "
+                           "stage's --unet-channels and --vae-from")
     base.set_defaults(func=run_base)
     probes = kinds.add_parser(
         "probes",
@@ -87,6 +94,7 @@ def run_base(args: argparse.Namespace) -> int:
         TrainingStopped,
         export_embedded,
         preset,
+        publish_handoff_unet,
         publish_paused_unet,
         stage_dir,
         train_base,
@@ -101,6 +109,12 @@ def run_base(args: argparse.Namespace) -> int:
         unet_mixed_precision=args.mixed_precision, pause_minutes=args.pause_after_minutes, warm_start=args.warm_start,
         pretrained_vae=args.vae_from,
     )
+    if args.export_handoff is not None:
+        if args.export is None:
+            raise ConfigError("--export-handoff exports a hand-off: give --export DIR too")
+        print(f"exported {args.export_handoff.name}'s EMA UNet: "
+              f"{export_embedded(publish_handoff_unet(config, args.export_handoff), args.export)}")
+        return 0
     try:
         pipeline, paused = train_base(config), None
     except TrainingStopped as stopped:

@@ -603,16 +603,38 @@ def publish_paused_unet(config: BaseTrainConfig) -> Path:
     options = json.loads((folder / "train_config.json").read_text())["config"]["options"]
     shape = replace(config.unet, channels=tuple(options["channels"]), layers_per_block=options["layers_per_block"],
                     heads=options["heads"])
+    return _publish_unet_weights(config, shape, (state.get("ema") or state["trainable"])["unet"], int(state["step"]),
+                                 f"the checkpoint in {folder}")
+
+
+def publish_handoff_unet(config: BaseTrainConfig, handoff: Path) -> Path:
+    """pipeline/ with a hand-off's EMA UNet (``write_unet_handoff``: a committed stage chosen to ship,
+    not necessarily the run's last), the run's VAE and caches (built first when absent, so the
+    VAE's scaling factor is the one the UNet was trained with). The UNet's shape is ``config.unet``'s
+    (pass the stage's --unet-channels); a mismatch is an error naming the file."""
+    from consistent_diffusion.training.loop import load_handoff
+
+    state = load_handoff(Path(handoff), stage_kind("unet"))
+    build_caches(config)
+    return _publish_unet_weights(config, config.unet, (state.get("ema") or state["trainable"])["unet"],
+                                 int(state["step"]), f"hand-off {handoff} (check --unet-channels and --unet-layers)")
+
+
+def _publish_unet_weights(config: BaseTrainConfig, shape: UNetConfig, weights: dict[str, torch.Tensor], step: int,
+                          source: str) -> Path:
+    """pipeline/ (``publish_unet`` + ``publish_vae``) with a UNet of ``shape`` holding ``weights``
+    (a full parameter state dict, any float dtype), saved as the UNet stage's snapshot of ``step``."""
     latents = torch.load(config.out / "cache" / "latents.pt", weights_only=False)["latents"]
     states = torch.load(config.out / "cache" / "text.pt", weights_only=False)["states"]
     unet = build_unet(shape, latents.shape[1], states.shape[-1], latents.shape[-1])
-    weights = (state.get("ema") or state["trainable"])["unet"]
-    if set(weights) != {name for name, _ in unet.named_parameters()}:
-        raise ConsistentDiffusionError(f"the checkpoint in {folder} does not match its recorded UNet options")
-    unet.load_state_dict(weights, strict=False)
+    expected = {name: p.shape for name, p in unet.named_parameters()}
+    if {name: tuple(w.shape) for name, w in weights.items()} != {k: tuple(v) for k, v in expected.items()}:
+        raise ConsistentDiffusionError(f"the UNet weights of {source} do not match the UNet options")
+    unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    folder = stage_dir(config.out, "unet")
     with atomic_output_dir(folder / "snapshot", overwrite=True) as temp:
         unet.save_pretrained(temp)
-    publish_unet(config, folder / "snapshot", paused_at=int(state["step"]))
+    publish_unet(config, folder / "snapshot", paused_at=step)
     publish_vae(config)
     return config.out / "pipeline"
 

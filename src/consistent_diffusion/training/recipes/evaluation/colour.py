@@ -37,6 +37,7 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 HUE_BINS = ((0.0, 42.0, "red"), (42.0, 75.0, "orange"), (75.0, 105.0, "yellow"), (105.0, 200.0, "green"),
             (200.0, 298.0, "blue"), (298.0, 345.0, "purple"), (345.0, 360.1, "red"))
 BACKGROUND_L, BACKGROUND_C = 90.0, 10.0  # lighter and greyer than this: the white background
+R2_BOOTSTRAP_DRAWS = 1000  # resamples of the noise R^2's percentile interval
 BLACK_L, GREY_L, NEUTRAL_C = 25.0, 50.0, 15.0  # darker than BLACK_L, or grey (C < NEUTRAL_C) below GREY_L
 BROWN_C, BROWN_L, BROWN_HUE = 50.0, 62.0, (15.0, 75.0)
 
@@ -110,8 +111,9 @@ def noise_colour_r2(pipe, sampling: Sampling, prompt: str, seeds: int = 48, shuf
 
     One prompt, ``seeds`` noises (NOISE_SEED_OFFSET+); R^2 (``r_squared``) of each colour channel's
     image mean on the noise's channel means; a control with the noise rows permuted (the mean over
-    ``shuffles`` permutations of rng 0), and the R^2 that p random predictors reach on n points by
-    chance, E[R^2] = p / (n - 1).
+    ``shuffles`` permutations of rng 0), the R^2 that p random predictors reach on n points by
+    chance, E[R^2] = p / (n - 1), and each channel's 95% percentile bootstrap interval over the seeds
+    (R2_BOOTSTRAP_DRAWS resamples of the n (noise, image) pairs, rng 0 after the permutations).
     """
     seed_list = [NOISE_SEED_OFFSET + j for j in range(seeds)]
     noise = starting_noise(pipe, seed_list)
@@ -121,9 +123,13 @@ def noise_colour_r2(pipe, sampling: Sampling, prompt: str, seeds: int = 48, shuf
     rng = np.random.default_rng(0)
     fit = r_squared(x, y)
     control = np.mean([r_squared(x[rng.permutation(len(x))], y) for _ in range(shuffles)], axis=0)
+    draws = [rng.integers(0, len(x), len(x)) for _ in range(R2_BOOTSTRAP_DRAWS)]
+    low, high = np.nanpercentile([r_squared(x[rows], y[rows]) for rows in draws], [2.5, 97.5], axis=0)
 
     def per_channel(values):
         return {c: round(float(v), 4) for c, v in zip("RGB", values, strict=True)}
 
     return {"prompt": prompt, "seeds": seeds, "r2": per_channel(fit), "r2_max": round(float(np.nanmax(fit)), 4),
+            "r2_interval95": {c: [round(float(a), 4), round(float(b), 4)] for c, a, b in zip("RGB", low, high,
+                                                                                            strict=True)},
             "shuffled_r2": per_channel(control), "shuffles": shuffles, "chance_r2": round(x.shape[1] / (len(x) - 1), 4)}

@@ -91,6 +91,10 @@ def evaluate(config: EvalConfig) -> dict:
                      "scheduler": {k: pipe.scheduler.config.get(k) for k in
                                    ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")},
                      "heldout_real_images": len(held), "vae_psnr_db_heldout": round(vae_psnr(pipe.vae, real_held), 3)}
+    unseen = heldout_rows(dataset, dataset.heldout_styles)
+    if len(unseen):
+        results["heldout_style_images"] = len(unseen)
+        results["vae_psnr_db_heldout_styles"] = round(vae_psnr(pipe.vae, as_batch(dataset.images[unseen])), 3)
     sampling = Sampling(config.steps, config.guidance, rescale)
     if config.guidance_sweep:
         results["guidance_tuning"] = choose_guidance(pipe, dataset, list(config.guidance_sweep), sampling,
