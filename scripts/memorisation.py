@@ -106,10 +106,9 @@ def _measure_set(name: str, prompts: list[dict], images: torch.Tensor, seeds: in
     return result
 
 
-def _load_weights(unet, handoff: dict) -> str:
-    part = handoff.get("ema") or handoff["trainable"]
-    unet.load_state_dict({k: v.float() for k, v in part["unet"].items()})
-    return "ema" if handoff.get("ema") else "raw"
+def _load_weights(unet, handoff: dict, kind: str) -> None:
+    """A hand-off's ``kind`` weights (trainable | ema; float16) into ``unet`` as float32."""
+    unet.load_state_dict({k: v.float() for k, v in handoff[kind]["unet"].items()})
 
 
 def main() -> None:
@@ -154,9 +153,10 @@ def main() -> None:
         entry = {"step": int(handoff["step"])}
         for kind in ("trainable", "ema"):
             if handoff.get(kind):
-                task.modules["unet"].load_state_dict({k: v.float() for k, v in handoff[kind]["unet"].items()})
+                _load_weights(task.modules["unet"], handoff, kind)
                 entry[f"validation_loss_{'raw' if kind == 'trainable' else 'ema'}"] = task.validate(0, path)["loss"]
-        entry["weights"] = _load_weights(pipe.unet, handoff)
+        entry["weights"] = "ema" if handoff.get("ema") else "raw"
+        _load_weights(pipe.unet, handoff, "ema" if handoff.get("ema") else "trainable")
         for name, prompts in sets.items():
             items = [{"prompt": p["prompt"], "seed": PROMPT_SEED + s} for p in prompts for s in range(args.seeds)]
             images = generate(pipe, items, sampling)

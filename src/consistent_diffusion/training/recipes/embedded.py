@@ -603,8 +603,7 @@ def publish_paused_unet(config: BaseTrainConfig) -> Path:
     options = json.loads((folder / "train_config.json").read_text())["config"]["options"]
     shape = replace(config.unet, channels=tuple(options["channels"]), layers_per_block=options["layers_per_block"],
                     heads=options["heads"])
-    return _publish_unet_weights(config, shape, (state.get("ema") or state["trainable"])["unet"], int(state["step"]),
-                                 f"the checkpoint in {folder}")
+    return _publish_unet_weights(config, shape, state, f"the checkpoint in {folder}")
 
 
 def publish_handoff_unet(config: BaseTrainConfig, handoff: Path) -> Path:
@@ -616,25 +615,25 @@ def publish_handoff_unet(config: BaseTrainConfig, handoff: Path) -> Path:
 
     state = load_handoff(Path(handoff), stage_kind("unet"))
     build_caches(config)
-    return _publish_unet_weights(config, config.unet, (state.get("ema") or state["trainable"])["unet"],
-                                 int(state["step"]), f"hand-off {handoff} (check --unet-channels and --unet-layers)")
+    return _publish_unet_weights(config, config.unet, state,
+                                 f"hand-off {handoff} (check --unet-channels and --unet-layers)")
 
 
-def _publish_unet_weights(config: BaseTrainConfig, shape: UNetConfig, weights: dict[str, torch.Tensor], step: int,
-                          source: str) -> Path:
-    """pipeline/ (``publish_unet`` + ``publish_vae``) with a UNet of ``shape`` holding ``weights``
-    (a full parameter state dict, any float dtype), saved as the UNet stage's snapshot of ``step``."""
+def _publish_unet_weights(config: BaseTrainConfig, shape: UNetConfig, state: dict[str, Any], source: str) -> Path:
+    """pipeline/ (``publish_unet`` + ``publish_vae``) with a UNet of ``shape`` holding the EMA weights
+    of ``state`` (a checkpoint or hand-off: its raw weights when it has no EMA; any float dtype),
+    saved as the UNet stage's snapshot of the state's step."""
+    weights = (state.get("ema") or state["trainable"])["unet"]
     latents = torch.load(config.out / "cache" / "latents.pt", weights_only=False)["latents"]
     states = torch.load(config.out / "cache" / "text.pt", weights_only=False)["states"]
     unet = build_unet(shape, latents.shape[1], states.shape[-1], latents.shape[-1])
-    expected = {name: p.shape for name, p in unet.named_parameters()}
-    if {name: tuple(w.shape) for name, w in weights.items()} != {k: tuple(v) for k, v in expected.items()}:
+    if {k: tuple(w.shape) for k, w in weights.items()} != {k: tuple(p.shape) for k, p in unet.named_parameters()}:
         raise ConsistentDiffusionError(f"the UNet weights of {source} do not match the UNet options")
     unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     folder = stage_dir(config.out, "unet")
     with atomic_output_dir(folder / "snapshot", overwrite=True) as temp:
         unet.save_pretrained(temp)
-    publish_unet(config, folder / "snapshot", paused_at=step)
+    publish_unet(config, folder / "snapshot", paused_at=int(state["step"]))
     publish_vae(config)
     return config.out / "pipeline"
 
