@@ -4,6 +4,7 @@
         [--guidance-sweep 3,5,7.5] [--baseline OLD_WEIGHTS --baseline-styles google,twitter
         | --baseline-results OLD_RESULTS_JSON] [--write-card [--record RECORD] [--card-notes NOTES]]
     python scripts/eval_embedded.py --data DATA_DIR --weights DIR --out DIR --card-only [--record ...]
+    python scripts/eval_embedded.py --data DATA_DIR --out DIR --retime [--baseline OLD_WEIGHTS]
 
 The measurements, the quality table, the comparison sheet and the model card are library code
 (``consistent_diffusion.training.recipes.evaluation``); this script parses, calls and writes
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from consistent_diffusion.training.recipes.evaluation import (
     evaluate,
     quality_markdown,
     sampling_of,
+    time_generation,
     write_model_card,
 )
 
@@ -80,6 +84,10 @@ def parse_args() -> argparse.Namespace:
                         help="markdown for the card's 'Bars missed' section: why, and what would reach them")
     parser.add_argument("--card-only", action="store_true",
                         help="measure nothing: write the card from --out's results.json (and baseline.json)")
+    parser.add_argument("--retime", action="store_true",
+                        help="measure only the CPU time, the new model and --baseline interleaved in one process "
+                             "(run it alone on the machine), into --out's results.json and baseline.json")
+    parser.add_argument("--retime-repeats", type=int, default=3, help="timings per model and thread count (median)")
     args = parser.parse_args()
     if args.baseline and args.baseline_results:
         parser.error("give --baseline or --baseline-results, not both")
@@ -93,8 +101,41 @@ def _write_card(args: argparse.Namespace, results: dict, table: str, baseline: d
                      notes)
 
 
+def _retime(args: argparse.Namespace) -> None:
+    """Re-measure ``cpu_seconds_8_images_30_steps`` of results.json (and baseline.json with --baseline):
+    the models take turns, so a load that comes and goes hits both; each number is the median."""
+    files = {"results.json": args.weights}
+    if args.baseline:
+        files["baseline.json"] = args.baseline
+    records = {name: json.loads((args.out / name).read_text()) for name in files}
+    pipes = {name: load_embedded_pipeline(folder=folder) for name, folder in files.items()}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    threads = sorted({1, *args.timing_threads})
+    seconds = {(name, t): [] for name in files for t in threads}
+    for _ in range(args.retime_repeats):
+        for name, pipe in pipes.items():
+            for t in threads:
+                seconds[name, t].append(time_generation(pipe, t, sampling_of(records[name])))
+    for name, record in records.items():
+        record["cpu_seconds_8_images_30_steps"] = {f"{t}_threads": round(statistics.median(seconds[name, t]), 2)
+                                                   for t in threads}
+        record.setdefault("machine", {})["timing_load_average_1min"] = round(os.getloadavg()[0], 2)
+        write_text_atomic(json.dumps(record, indent=1), args.out / name)
+        print(name, record["cpu_seconds_8_images_30_steps"])
+    baseline = records.get("baseline.json")
+    if baseline is None and (args.out / "baseline.json").is_file():
+        baseline = json.loads((args.out / "baseline.json").read_text())
+    write_text_atomic(quality_markdown(records["results.json"], baseline) + "\n", args.out / "quality.md")
+
+
 def main() -> None:
     args = parse_args()
+    if args.retime:
+        if not args.out or not (args.out / "results.json").is_file():
+            raise SystemExit("--retime needs --out DIR with the results.json of an earlier run")
+        _retime(args)
+        return
     if args.card_only:
         if not args.out or not (args.out / "results.json").is_file():
             raise SystemExit("--card-only needs --out DIR with the results.json of an earlier run")

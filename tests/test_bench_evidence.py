@@ -114,6 +114,23 @@ def test_tuning_takes_the_best_value_that_passes_its_guards_and_says_when_none_d
     assert choices["ddpm_edit_skip"].chosen is None and choices["ddpm_edit_skip"].summary() == "not measured"
 
 
+def test_tuning_guards_hold_on_every_family_not_only_on_the_pooled_mean():
+    shift = [("style_aligned", {"shared_score_shift": 2.0})]
+    cells = []
+    for task, family, leakage in (("named", "style-unnamed", 0.1), ("unseen", "style-unseen", 0.38)):
+        cells += [_cell(task, "style", family=family, reference_style=0.3, reference_object=0.3, diversity=0.7),
+                  _cell(task, "style", [("style_aligned", {})], family=family, reference_style=0.5,
+                        reference_object=0.3, diversity=0.7)]
+        # shift 2: 0.2 below plain on named styles, 0.08 above on unseen ones: -0.06 pooled, under the margin
+        cells.append(_cell(task, "style", shift, family=family, name="style_aligned_shift2", reference_style=0.8,
+                           reference_object=leakage, diversity=0.7))
+    aligned = {choice.option: choice for choice in choose({"cells": cells})}["style_aligned"]
+    rejected = next(c for c in aligned.candidates if c.value["shared_score_shift"] == 2.0)
+    assert len(rejected.failed) == 1 and rejected.failed[0].startswith("object leakage +0.080")
+    assert rejected.failed[0].endswith("over plain on style-unseen exceeds 0.05"), "judged per family, as the claims are"
+    assert aligned.chosen.value["shared_score_shift"] == 0.0
+
+
 def _trained_cell(kind, steps, gain, seed):
     """An object cell fine-tuned for ``steps``: reference_object is plain's 0.3 plus ``gain`` and noise."""
     per_image = list(0.3 + gain + 0.03 * np.random.default_rng(seed).standard_normal(8))

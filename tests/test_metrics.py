@@ -273,6 +273,17 @@ def test_missing_weights_give_a_clear_error(tmp_path):
 # ----------------------------------------------------------------------------- heads
 
 
+def test_int8_rows_are_within_half_a_step_of_the_weights():
+    from consistent_diffusion.metrics.extractors.heads import dequantize_int8, quantize_rows_int8
+
+    weight = torch.randn(32, 200) * torch.logspace(-4, 1, 32)[:, None]  # rows of very different sizes
+    q, scale = quantize_rows_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (32, 1) and q.abs().max() == 127
+    restored = dequantize_int8({"w": q, "w.int8_scale": scale, "b": torch.ones(3)})
+    assert set(restored) == {"w", "b"}
+    assert ((restored["w"] - weight).abs() <= scale / 2 + 1e-9).all()
+
+
 def test_heads_train_save_load_roundtrip(tmp_path):
     from consistent_diffusion.metrics.extractors.heads import load_heads
     from consistent_diffusion.training.recipes.heads import HeadTrainingConfig, save_heads, train_heads
@@ -300,6 +311,13 @@ def test_heads_train_save_load_roundtrip(tmp_path):
     assert item.embed(emoji_like(2)).shape == (2, 6) and not item.foreground  # compared on whole emoji
     text = load_features("emoji-text", heads=path)
     assert text.embed(emoji_like(2)).shape == (2, 384) and text.has_text
+    half = save_heads(tensors, meta, tmp_path / "half.safetensors", int8=False)
+    assert path.stat().st_size < 0.7 * half.stat().st_size  # int8 weight matrices
+    images = emoji_like(3)
+    for kind in ("style", "object", "text"):
+        stored = load_features(f"emoji-{kind}", heads=path).embed(images)
+        reference = load_features(f"emoji-{kind}", heads=half).embed(images)
+        assert torch.nn.functional.cosine_similarity(stored, reference).min() > 0.999
     old = dict(heads.meta)
     old["heads"] = {k: v for k, v in old["heads"].items() if k != "object"}
     (tmp_path / "old.json").write_text(json.dumps(old))

@@ -15,7 +15,8 @@ over the tuning tasks (``bench.stats``, with its 95% interval):
 | LoRA steps | ``lora`` fine-tuning steps | ``reference_object`` | text |
 | DreamBooth steps | ``dreambooth`` fine-tuning steps | ``reference_object`` | text |
 
-Guards: *leakage*, object leakage (similarity to the reference's own subject) may rise over plain
+Guards, each checked on every task family on its own (the claims judge families separately):
+*leakage*, object leakage (similarity to the reference's own subject) may rise over plain
 by at most ``claims.IDENTITY_MARGIN`` (the method must carry a style, not copy the subject);
 *diversity*, at least half of plain's (``advisor.DIVERSITY_COLLAPSE``); *text*, text alignment at
 least ``TEXT_SHARE`` of plain's (the edit or control must not override the prompt). Where no
@@ -158,16 +159,24 @@ def _share(report: Report, cells: list[CellRecord], metric: str) -> float | None
 
 
 def _failures(report: Report, candidate: Candidate, guards: tuple[str, ...]) -> list[str]:
+    """The guards a candidate fails, each checked on every task family of its cells on its own (as
+    the claims judge each family): a value that copies the subject on unseen styles must not pass
+    because it copies less than plain on named ones."""
+    families: dict[str, list[CellRecord]] = {}
+    for cell in candidate.cells:
+        families.setdefault(cell.family, []).append(cell)
     failed = []
-    if "leakage" in guards:
-        leakage = _paired(report, candidate.cells, "reference_object")
-        if leakage is not None and leakage.mean > IDENTITY_MARGIN:
-            failed.append(f"object leakage {leakage.text(signed=True)} over plain exceeds {IDENTITY_MARGIN}")
-    for guard, metric, share in (("diversity", "diversity", DIVERSITY_SHARE), ("text", "text", TEXT_SHARE)):
-        if guard in guards:
-            ratio = _share(report, candidate.cells, metric)
-            if ratio is not None and ratio < share:
-                failed.append(f"{metric} {ratio:.0%} of plain's, below {share:.0%}")
+    for family, cells in sorted(families.items()):
+        where = f" on {family}" if len(families) > 1 else ""
+        if "leakage" in guards:
+            leakage = _paired(report, cells, "reference_object")
+            if leakage is not None and leakage.mean > IDENTITY_MARGIN:
+                failed.append(f"object leakage {leakage.text(signed=True)} over plain{where} exceeds {IDENTITY_MARGIN}")
+        for guard, metric, share in (("diversity", "diversity", DIVERSITY_SHARE), ("text", "text", TEXT_SHARE)):
+            if guard in guards:
+                ratio = _share(report, cells, metric)
+                if ratio is not None and ratio < share:
+                    failed.append(f"{metric} {ratio:.0%} of plain's{where}, below {share:.0%}")
     return failed
 
 

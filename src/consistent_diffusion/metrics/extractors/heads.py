@@ -163,6 +163,29 @@ class Heads:
         return head.eval().requires_grad_(False)
 
 
+INT8_SCALE_SUFFIX = ".int8_scale"
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row 8-bit storage of a linear weight: ``weight`` (out, in) ~= ``q`` (out, in)
+    int8 in [-127, 127] times ``scale`` (out, 1) float32, each entry off by at most ``scale / 2``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+    return torch.round(w / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo ``quantize_rows_int8`` for every tensor stored with a ``<name>.int8_scale`` beside it
+    (float32 result); other tensors pass through, so fp16 heads files load as before."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(INT8_SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + INT8_SCALE_SUFFIX)
+        out[name] = value.float() * scale.float() if scale is not None else value
+    return out
+
+
 def load_heads(path: str | os.PathLike | None = None) -> Heads:
     """Read the heads file (default: the one shipped in the package) and its JSON metadata."""
     from safetensors.torch import load_file
@@ -175,7 +198,7 @@ def load_heads(path: str | os.PathLike | None = None) -> Heads:
         )
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return Heads(tensors=load_file(str(path)), meta=meta)
+    return Heads(tensors=dequantize_int8(load_file(str(path))), meta=meta)
 
 
 class HeadExtractor(FeatureExtractor):

@@ -26,10 +26,12 @@ from consistent_diffusion.data.emoji import trainable_rows
 from consistent_diffusion.metrics.common import normalize
 from consistent_diffusion.metrics.extractors.heads import (
     HEAD_IMAGE_SIZE,
+    INT8_SCALE_SUFFIX,
     MLPHead,
     content_input,
     head_inputs,
     minilm_sentence_embeddings,
+    quantize_rows_int8,
     style_input,
 )
 from consistent_diffusion.metrics.extractors.pretrained import EfficientNetLite0
@@ -260,16 +262,27 @@ def dataset_head_inputs(data: str | os.PathLike, cache: str | os.PathLike | None
     return inputs, dataset.records
 
 
-def save_heads(tensors: dict[str, torch.Tensor], meta: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write ``out`` (.safetensors, fp16 weights, fp32 statistics) and ``out`` with .json metadata."""
+def save_heads(tensors: dict[str, torch.Tensor], meta: dict[str, Any], out: str | os.PathLike,
+               int8: bool = True) -> Path:
+    """Write ``out`` (.safetensors) and ``out`` with .json metadata. The MLPs' weight matrices are
+    stored as per-row int8 (``quantize_rows_int8``; ``int8=False``: float16), their biases in
+    float16, the standardisation statistics in float32; ``load_heads`` reads either."""
     from safetensors.torch import save_file
 
     from consistent_diffusion.core.outputs import atomic_path, write_json_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stored = {k: (v.half() if ("net." in k and v.is_floating_point()) else v.float()).contiguous()
-              for k, v in tensors.items()}
+    stored = {}
+    for name, value in tensors.items():
+        if "net." in name and value.is_floating_point() and value.dim() == 2 and int8:
+            stored[name], stored[name + INT8_SCALE_SUFFIX] = quantize_rows_int8(value)
+        elif "net." in name and value.is_floating_point():
+            stored[name] = value.half()
+        else:
+            stored[name] = value.float()
+    stored = {name: value.contiguous() for name, value in stored.items()}
+    meta = {**meta, "storage": "int8 weight matrices (per-row float32 scales), float16 biases" if int8 else "float16"}
     with atomic_path(out) as temp:
         save_file(stored, str(temp))
     write_json_atomic(meta, out.with_suffix(".json"))
