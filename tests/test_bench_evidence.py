@@ -279,3 +279,35 @@ def test_the_apps_bench_runs_on_worker_processes_with_the_same_numbers(tiny_sd_f
                                  for folder in (here, there))
     assert here_scores == there_scores
     assert counts["here"][-1] == (2, 2) and counts["workers"][-1] == (2, 2)
+
+
+def test_cpu_kernels_are_pinned_on_x86_only_and_a_users_choice_wins():
+    from consistent_diffusion.core.cpu_kernels import PINNED, cpu_kernels_label, pin_cpu_kernels
+
+    environ = {"MKL_CBWR": "COMPATIBLE"}
+    assert pin_cpu_kernels(environ, machine="x86_64") == {**PINNED, "MKL_CBWR": "COMPATIBLE"} == environ
+    assert cpu_kernels_label(environ) == "ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_CBWR=COMPATIBLE"
+    arm: dict[str, str] = {}
+    assert pin_cpu_kernels(arm, machine="aarch64") == {} and arm == {} and cpu_kernels_label(arm) == "native"
+
+
+def test_a_fresh_bench_process_runs_the_pinned_kernels():
+    """The pin takes effect when it runs before torch's first computation (what `bench` does), and
+    ``check_pinned`` says so when it came too late."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        pytest.skip("only x86-64 CPUs choose between AVX2 and AVX-512 kernels")
+    script = ("import os, sys\n"
+              "for name in ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_CBWR'): os.environ.pop(name, None)\n"
+              "from consistent_diffusion.core.cpu_kernels import check_pinned, pin_cpu_kernels\n"
+              "import torch\n"
+              "native = torch.backends.cpu.get_cpu_capability() if 'native' in sys.argv else None\n"
+              "print(check_pinned(pin_cpu_kernels()) is None, torch.backends.cpu.get_cpu_capability(), native)\n")
+    pinned = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert pinned[:2] == ["True", "AVX2"] or pinned[1] == "DEFAULT", pinned
+    late = subprocess.run([sys.executable, "-c", script, "native"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert late[0] == str(late[2] != "AVX512"), "a pin after torch chose AVX-512 kernels is reported"

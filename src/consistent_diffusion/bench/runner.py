@@ -46,6 +46,7 @@ from consistent_diffusion.bench.records import (
 )
 from consistent_diffusion.bench.stats import report_intervals
 from consistent_diffusion.bench.suite import Cell, Suite, Task, TrainingSpec
+from consistent_diffusion.core.cpu_kernels import check_pinned, cpu_kernels_label, pin_cpu_kernels
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
 from consistent_diffusion.methods.base import get_method
 from consistent_diffusion.models.loading import model_identity
@@ -193,6 +194,7 @@ def run_bench(
     process waits for the others' trainings; None with one process), then the cells.
     ``load_pipe`` is called once, only if there are cells to run; ``load_train_pipe`` (default
     ``load_pipe``) once per training not cached yet: each training gets a fresh pipeline."""
+    check_pinned(pin_cpu_kernels())  # the same numbers on any x86-64 CPU (core.cpu_kernels)
     out_dir = Path(out_dir)
     unfinished = [cell for cell in suite.cells if not is_done(out_dir, cell)]
     prepare_shard(suite, unfinished, out_dir, load_train_pipe or load_pipe, shard, progress=progress)
@@ -254,7 +256,7 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         cells=tuple(records),
         table=summary_table(records),
         created=utc_now(),
-        versions=library_versions(),
+        versions={**library_versions(), "cpu_kernels": cpu_kernels_label()},
     )
     report = dataclasses.replace(report, intervals=report_intervals(report))
     copy_references(suite, out_dir)

@@ -19,7 +19,9 @@ EXAMPLES = """examples:
 A killed run continues where it stopped when re-run with the same --out.
 Every cell and training runs at one torch thread (a suite's `threads` can change it), so the
 numbers do not depend on the machine's cores; more cores are used through more processes
-(--workers, default: the CPU cores, up to 4; 1 on a GPU).
+(--workers, default: the CPU cores, up to 4; 1 on a GPU). On x86-64 the CPU kernels are pinned
+to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR; a value you set wins), so an AVX-512
+machine gives the same numbers as an AVX2 one.
 Cells that need fine-tuning (DreamBooth, LoRA DreamBooth) train first on the task's reference
 images, once per task, cached under OUT/prepared; their training time and trainable parameters
 are part of the cells' cost.
@@ -98,6 +100,9 @@ def _has_gpu() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from consistent_diffusion.core.cpu_kernels import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before any torch computation; the worker processes inherit it
     from consistent_diffusion.bench.report import write_reports
     from consistent_diffusion.bench.runner import merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
