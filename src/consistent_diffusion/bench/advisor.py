@@ -14,7 +14,12 @@ interval over tasks and seeds: ``bench.stats``), its text alignment, its diversi
   is dropped as well: it copies the reference instead of carrying its style; ``allow_copying``
   keeps it.
 - **Style** is ranked on agreement with the reference's style (``reference_style``), not on how
-  alike the outputs are to each other.
+  alike the outputs are to each other. **Object and concept** are ranked on each cell's target
+  metric: identity to the references, or, for a method that claims one subject within its series
+  (consistent subject with generated anchors), subject agreement within the series; every line
+  quotes both measures.
+- **No measurable effect**: a stack whose cells for a need all stay within ``NO_EFFECT_LEVELS`` of
+  plain's images (same prompts and seeds) is not recommended for that need (dropped, with why).
 - **Ranking**: the Pareto front of (consistency gain, text alignment, diversity, -seconds per
   image) first, each group by total consistency gain; a stack measured on every need comes before
   one that was not.
@@ -29,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consistent_diffusion.bench import stats
-from consistent_diffusion.bench.claims import IDENTITY_MARGIN
+from consistent_diffusion.bench.cell_records import NO_EFFECT_LEVELS, WITHIN_SERIES
+from consistent_diffusion.bench.claims import IDENTITY_MARGIN, NO_EFFECT
 from consistent_diffusion.bench.records import CellRecord, Report, as_report
 from consistent_diffusion.bench.suite import KINDS
 from consistent_diffusion.core.errors import ConfigError
@@ -73,6 +79,7 @@ class Recommendation:
     seconds: float = 0.0  # per image, training amortised over the images generated
     pareto: bool = False
     leakage: stats.Interval | None = None  # style: rise of similarity to the reference's subject over plain
+    no_effect: list[str] = field(default_factory=list)  # needs on which every cell has no measurable effect
 
     @property
     def inconclusive_needs(self) -> list[str]:
@@ -123,14 +130,20 @@ def _evaluate(report: Report, method: str, cells: list[CellRecord], needs: list[
         own = stats.bootstrap_interval([stats.cell_samples(report, cell, metric) for cell, metric in pairs])
         gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell, metric in pairs])
         mean_value = own.mean if own is not None else _mean([cell.aggregate(metric) for cell, metric in pairs])
-        label = ("style agreement with the reference" if any(m == "reference_style" for _, m in pairs)
-                 else f"{need} consistency")
+        label = SUBJECT_LABELS.get(pairs[0][1], f"{need} consistency")
         reason = f"{label} {own.text() if own is not None else f'{mean_value:.3f}'}"
         if gain is not None:
             recommendation.gains[need] = gain
             recommendation.score += gain.mean
             reason += f", {gain.text(signed=True)} vs plain"
         recommendation.reasons.append(reason)
+        recommendation.reasons += _other_subject_measures(report, pairs)
+        flagged = [cell.task for cell in relevant if cell.no_effect]
+        if flagged:
+            recommendation.reasons.append(f"{NO_EFFECT} on {', '.join(flagged)}: images within {NO_EFFECT_LEVELS:g} "
+                                          "levels of plain's on the same prompts and seeds")
+            if len(flagged) == len(relevant):
+                recommendation.no_effect.append(need)
         if any(not cell.scores[metric].validated for cell, metric in pairs):
             recommendation.unvalidated.append(need)
         if need == "style":
@@ -143,6 +156,26 @@ def _evaluate(report: Report, method: str, cells: list[CellRecord], needs: list[
     recommendation.diversity = _mean(_measured(used, "diversity"))
     recommendation.seconds = _seconds_per_image(used) if used else 0.0
     return recommendation
+
+
+SUBJECT_LABELS = {"reference_style": "style agreement with the reference", "object": "identity to the references",
+                  WITHIN_SERIES: "subject agreement within the series", "concept": "concept consistency"}
+
+
+def _other_subject_measures(report: Report, pairs: list[tuple[CellRecord, str]]) -> list[str]:
+    """Object and concept: the subject measures the need is not ranked on (identity to the references,
+    agreement within the series), each with its interval and paired gain over plain."""
+    lines = []
+    for metric in (pairs[0][0].kind, WITHIN_SERIES):
+        cells = [cell for cell, target in pairs if target != metric and cell.aggregate(metric) is not None]
+        if pairs[0][0].kind not in ("object", "concept") or not cells:
+            continue
+        own = stats.bootstrap_interval([stats.cell_samples(report, cell, metric) for cell in cells])
+        gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell in cells])
+        if own is not None:
+            line = f"also {SUBJECT_LABELS[metric]} {own.text()}"
+            lines.append(line + (f", {gain.text(signed=True)} vs plain" if gain is not None else ""))
+    return lines
 
 
 def _guards(recommendation: Recommendation, cells: list[CellRecord]) -> str:
@@ -167,6 +200,9 @@ def _plain_diversity(report: Report, cells: list[CellRecord]) -> float | None:
 
 def _excluded(recommendation: Recommendation, cells: list[CellRecord], report: Report, c: Constraints) -> str | None:
     """Why the constraints drop this stack (None: kept)."""
+    if recommendation.no_effect:
+        return (f"{NO_EFFECT} on {', '.join(recommendation.no_effect)}: its images stay within {NO_EFFECT_LEVELS:g} "
+                "levels of plain's on the same prompts and seeds")
     if c.min_text is not None and (recommendation.text is None or recommendation.text < c.min_text):
         return f"text alignment {recommendation.text} below {c.min_text}"
     if c.min_diversity is not None and (recommendation.diversity is None or recommendation.diversity < c.min_diversity):

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.bench.claims import evaluate_claims
+from consistent_diffusion.bench.cell_records import NO_EFFECT_LEVELS, PLAIN_DISTANCE, WITHIN_SERIES
+from consistent_diffusion.bench.claims import NO_EFFECT, evaluate_claims
 from consistent_diffusion.bench.plots import scatter_svg
 from consistent_diffusion.bench.records import Report, Score, as_report
 from consistent_diffusion.bench.stats import seed_independent
@@ -23,6 +24,13 @@ UNVALIDATED = "†"
 INTERVALS_NOTE = ("Intervals: 95% bootstrap of the mean over the cell's images (over its prompts where the method "
                   "ignores the seed, as a DDPM edit does); *vs plain*: the paired difference to plain generation "
                   "on the same prompts and seeds. An interval that contains 0 is no evidence either way.")
+SUBJECT_NOTE = ("Object and concept cells show both subject measures: *identity* (similarity to the task's "
+                "references) and *within series* (each image's mean similarity to the cell's other images, the "
+                "validated object extractor on foreground crops), each with its interval and its paired difference "
+                "to plain; a method that claims one subject across its series (consistent subject with generated "
+                "anchors) is judged on the second.")
+EFFECT_NOTE = (f"*Distance to plain*: mean absolute pixel difference to plain's image of the same prompt and seed, "
+               f"levels of 255; under {NO_EFFECT_LEVELS:g} the cell is marked **{NO_EFFECT}** (docs/bench.md).")
 
 
 def _metric_cell(score: Score | None, needs_validation: bool = True) -> str:
@@ -35,6 +43,21 @@ def _metric_cell(score: Score | None, needs_validation: bool = True) -> str:
 
 def _with_interval(text: str, interval: Any) -> str:
     return text if interval is None or text == "–" else f"{text} [{interval.low:.3f}, {interval.high:.3f}]"
+
+
+def _subject_cell(report: Report, cell: Any, metric: str) -> str:
+    """``0.512 [0.480, 0.540]; +0.010 [-0.020, +0.030] vs plain``: one subject measure of a cell."""
+    text = _with_interval(_metric_cell(cell.scores.get(metric)), report.cell_interval(cell.id, metric))
+    difference = report.cell_interval(cell.id, metric, "vs_plain")
+    return text if difference is None else f"{text}; {difference.text(signed=True)} vs plain"
+
+
+def _effect_cell(cell: Any) -> str:
+    """The cell's distance to plain (levels of 255), flagged when it has no measurable effect."""
+    distance = cell.aggregate(PLAIN_DISTANCE)
+    if distance is None:
+        return "–"
+    return f"{distance:.1f}" + (f": {NO_EFFECT}" if cell.no_effect else "")
 
 
 def main_table_rows(report: Report) -> list[dict[str, Any]]:
@@ -57,6 +80,9 @@ def main_table_rows(report: Report) -> list[dict[str, Any]]:
             "consistency": _with_interval(_metric_cell(cell.consistency), report.cell_interval(cell.id, metric)),
             "vs_plain": difference.text(signed=True) if difference is not None else "–",
             "leakage": leakage.text(signed=True) if leakage is not None else "–",
+            "identity": _subject_cell(report, cell, cell.kind) if cell.kind in SUBJECT_KINDS else "–",
+            "within": _subject_cell(report, cell, WITHIN_SERIES) if WITHIN_SERIES in cell.scores else "–",
+            "effect": _effect_cell(cell),
             "text": _metric_cell(cell.scores.get("text")),
             "diversity": _metric_cell(cell.scores.get("diversity"), needs_validation=False),  # a guard, not a claim
             "seconds_per_image": f"{cell.cost.seconds_per_image:.2f}",
@@ -82,6 +108,8 @@ def family_rows(report: Report) -> list[dict[str, Any]]:
         gain = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell in cells])
         leakage = (stats.bootstrap_interval([stats.paired_cell_samples(report, cell, "reference_object") for cell in cells])
                    if cells[0].kind == "style" else None)
+        within = stats.bootstrap_interval([stats.paired_cell_samples(report, cell, WITHIN_SERIES) for cell in cells])
+        flagged = sum(cell.no_effect for cell in cells)
         texts = [c.aggregate("text") for c in cells if c.aggregate("text") is not None]
         diversities = [c.aggregate("diversity") for c in cells if c.aggregate("diversity") is not None]
         rows.append({
@@ -89,6 +117,8 @@ def family_rows(report: Report) -> list[dict[str, Any]]:
             "consistency": own.text() if own is not None else "–",
             "vs_plain": gain.text(signed=True) if gain is not None else "–",
             "leakage": leakage.text(signed=True) if leakage is not None else "–",
+            "within": within.text(signed=True) if within is not None else "–",
+            "effect": f"{NO_EFFECT} on {flagged} of {len(cells)} tasks" if flagged else "–",
             "text": f"{sum(texts) / len(texts):.3f}" if texts else "–",
             "diversity": f"{sum(diversities) / len(diversities):.3f}" if diversities else "–",
             "tasks": str(len(cells)),
@@ -98,12 +128,16 @@ def family_rows(report: Report) -> list[dict[str, Any]]:
 
 FAMILY_COLUMNS = [("family", "family"), ("method", "method"), ("metric", "measured"),
                   ("consistency", "consistency [95% CI]"), ("vs_plain", "vs plain, paired [95% CI]"),
-                  ("leakage", "object leakage vs plain"), ("text", "text alignment"), ("diversity", "diversity"),
-                  ("tasks", "tasks")]
-METRIC_LABELS = {"reference_style": "style to reference", "style": "style within set"}
+                  ("leakage", "object leakage vs plain"), ("within", "within-series agreement vs plain"),
+                  ("effect", "effect"), ("text", "text alignment"), ("diversity", "diversity"), ("tasks", "tasks")]
+METRIC_LABELS = {"reference_style": "style to reference", "style": "style within set",
+                 WITHIN_SERIES: "subject within series", "object": "identity to references",
+                 "concept": "concept (to its definition)"}
+SUBJECT_KINDS = ("object", "concept")
 COLUMNS = [("task", "task"), ("kind", "kind"), ("method", "method"), ("metric", "measured"),
            ("consistency", "consistency [95% CI]"), ("vs_plain", "vs plain, paired [95% CI]"),
-           ("leakage", "object leakage vs plain"),
+           ("leakage", "object leakage vs plain"), ("identity", "to references (object) or definition (concept); vs plain"),
+           ("within", "within series; vs plain"), ("effect", "distance to plain"),
            ("text", "text alignment"), ("diversity", "diversity"), ("seconds_per_image", "s / image"),
            ("trainable_parameters", "trainable params"), ("train_seconds", "training s")]
 
@@ -124,7 +158,7 @@ def render_markdown(report: Report, claims: list[dict[str, Any]]) -> str:
     for row in main_table_rows(report):
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
     lines += ["", f"{UNVALIDATED} metric not validated on real data (missed its bar or never validated): "
-              "read with care.", "", INTERVALS_NOTE, ""]
+              "read with care.", "", INTERVALS_NOTE, "", SUBJECT_NOTE, "", EFFECT_NOTE, ""]
     if report.suite.tuning:
         lines += ["## How the options were chosen", ""]
         lines += [f"- **{key}**: {value}" for key, value in report.suite.tuning.items()]
@@ -174,6 +208,7 @@ def render_html(report: Report, claims: list[dict[str, Any]], plots: list[str],
     for row in main_table_rows(report):
         parts.append("<tr>" + "".join(f"<td>{esc(str(row[k]))}</td>" for k, _ in COLUMNS) + "</tr>")
     parts.append(f"</table><p>{UNVALIDATED} metric not validated on real data: read with care.</p>")
+    parts += [f"<p>{esc(note.replace('*', ''))}</p>" for note in (SUBJECT_NOTE, EFFECT_NOTE)]
     if report.suite.tuning:
         parts.append("<h2>How the options were chosen</h2><ul>" + "".join(
             f"<li><b>{esc(str(key))}</b>: {esc(str(value))}</li>" for key, value in report.suite.tuning.items()) + "</ul>")

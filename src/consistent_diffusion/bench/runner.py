@@ -7,7 +7,8 @@ Output folder::
     prepared/<task>__<training>/...     fine-tunings the cells need (``bench.prepare``), cached
     references/<task>.png               each task's first reference (shown in the report)
     report.json                         every cell, the method x kind table, validation status, and
-                                        95% bootstrap intervals (``bench.stats``)
+                                        95% bootstrap intervals (``bench.stats``); each cell's distance
+                                        to plain and within-series agreement (``bench.image_columns``)
 
 A cell's folder appears only when complete, so a killed run resumes by skipping finished
 cells. Two phases: first every (task, training) pair the cells need is trained, process i of n
@@ -34,6 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from consistent_diffusion.bench.image_columns import with_image_columns
 from consistent_diffusion.bench.records import (
     CellCost,
     CellRecord,
@@ -44,7 +46,6 @@ from consistent_diffusion.bench.records import (
     TrainingRecord,
     summary_table,
 )
-from consistent_diffusion.bench.stats import report_intervals
 from consistent_diffusion.bench.suite import Cell, Suite, Task, TrainingSpec
 from consistent_diffusion.core.cpu_kernels import check_pinned, cpu_kernels_label, pin_cpu_kernels
 from consistent_diffusion.core.outputs import atomic_output_dir, library_versions, utc_now, write_json_atomic
@@ -258,7 +259,7 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         created=utc_now(),
         versions={**library_versions(), "cpu_kernels": cpu_kernels_label()},
     )
-    report = dataclasses.replace(report, intervals=report_intervals(report))
+    report = with_image_columns(report, out_dir)  # plain distance (no-effect flag), within-series; intervals
     copy_references(suite, out_dir)
     write_json_atomic(report.to_dict(), out_dir / "report.json")
     return report

@@ -23,7 +23,7 @@ from consistent_diffusion.metrics.extractor_sets import NOT_CHOSEN_REASON, NotCh
 
 RESULT_NAMES = {"style": "style_consistency", "object": "object_consistency", "text": "text_alignment",
                 "diversity": "diversity", "shape": "shape_consistency", "concept": "concept_consistency",
-                "fidelity": "fidelity"}
+                "fidelity": "fidelity", "within_series": "within_series"}
 
 
 
@@ -162,9 +162,21 @@ def score_concept(inp: AxisInputs) -> dict[str, MetricResult]:
     return {"concept": result}
 
 
+def score_within_series(inp: AxisInputs) -> dict[str, MetricResult]:
+    """Subject agreement *within* the set, ConsiStory's subject consistency (Tewel et al. 2024): the
+    object extractor's mean cosine of each image to the set's other images, on foreground crops
+    (each image cropped to its foreground's bounding box on white, so the subject and not the
+    background or layout is compared). Per image in [-1, 1]; the aggregate is the mean pairwise
+    similarity. Carries the object extractor's validation (docs/metrics.md: its AUC on crops)."""
+    result = m.object_consistency(inp.images, None, inp.extractor("object"), foreground=True, device=inp.device)
+    result.name = RESULT_NAMES["within_series"]
+    result.details["protocol_note"] = "within the series, foreground crops (ConsiStory's subject consistency)"
+    return {"within_series": result}
+
+
 AXES: dict[str, Callable[[AxisInputs], dict[str, MetricResult]]] = {
     "style": score_style, "object": score_object, "text": score_text, "diversity": score_diversity, "shape": score_shape,
-    "fidelity": score_fidelity, "concept": score_concept,
+    "fidelity": score_fidelity, "concept": score_concept, "within_series": score_within_series,
 }
 
 
@@ -177,7 +189,7 @@ def extractor_name(extractor: ExtractorLike | None) -> str | None:
 def measure(axis: str, run: Callable[[], Any], inputs: AxisInputs) -> Any:
     """``run()``, or a not-measured result when the axis has no extractor or its weights are missing
     (unless strict): {axis: result}, or the bare result for "clip_i" (an extra object score)."""
-    extractor = inputs.extractors.get("object" if axis == "fidelity" else axis)
+    extractor = inputs.extractors.get("object" if axis in ("fidelity", "within_series") else axis)
     try:
         return run()
     except ModelNotFoundError as error:

@@ -16,7 +16,7 @@ from typing import Any
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.metrics.consistency import DEFAULT_EXTRACTORS, ExtractorLike
 
-METRIC_NAMES = ("style", "object", "text", "diversity", "shape", "fidelity", "concept")
+METRIC_NAMES = ("style", "object", "text", "diversity", "shape", "fidelity", "concept", "within_series")
 DEFAULT_METRICS = ("style", "object", "text", "diversity")
 TASK_KINDS = ("style", "object", "concept", "shape")  # the bench's task kinds (``score(kind=...)``)
 EXTRACTOR_AXES = ("style", "object", "concept", "text", "diversity", "clip_i")  # what ``extractors`` may set

@@ -41,6 +41,7 @@ from consistent_diffusion.metrics.axes import (  # noqa: F401 - RESULT_NAMES re-
     score_shape,
     score_style,
     score_text,
+    score_within_series,
 )
 from consistent_diffusion.metrics.common import ImagesLike, MetricResult, as_batch
 from consistent_diffusion.metrics.consistency import ExtractorLike
@@ -116,7 +117,9 @@ def score(
     strict: raise ``ModelNotFoundError`` where an extractor is missing instead of returning that
     axis ``MetricResult.not_measured`` (its reason in ``details["not_measured"]``).
     Output names: style, object (and object_clip_i with the dreambooth set), text, diversity, shape,
-    fidelity_psnr, fidelity_ssim, fidelity_feature_distance, concept (and the ``kind`` names above).
+    fidelity_psnr, fidelity_ssim, fidelity_feature_distance, concept, within_series (subject agreement
+    between the set's own images, object extractor on foreground crops; a bench object or concept
+    cell gets it beside identity to the references), and the ``kind`` names above.
     """
     if metrics is not None and kind is not None:
         raise ConfigError("give metrics or a task kind, not both")
@@ -192,6 +195,8 @@ def _score_kind(kind: str, inputs: AxisInputs) -> dict[str, MetricResult]:
             fidelity = score_fidelity(dataclasses.replace(inputs, references=first_images(references)), features=False)
             results["reference_fidelity"] = fidelity["fidelity_ssim"]
             results["reference_psnr"] = fidelity["fidelity_psnr"]
+    if kind in ("object", "concept"):  # what a consistent-subject method claims: one subject across the series
+        results.update(measure("within_series", lambda: score_within_series(inputs), inputs))
     results.update(measure("text", lambda: score_text(inputs), inputs))
     results.update(measure("diversity", lambda: score_diversity(inputs), inputs))
     return results
