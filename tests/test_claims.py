@@ -2,7 +2,16 @@
 
 import numpy as np
 
-from consistent_diffusion.bench.claims import HELD, INCONCLUSIVE, NOT_HELD, NOT_MEASURABLE, evaluate_claims
+from consistent_diffusion.bench.cell_records import NO_EFFECT_LEVELS
+from consistent_diffusion.bench.claims import (
+    HELD,
+    INCONCLUSIVE,
+    NO_EFFECT,
+    NOT_HELD,
+    NOT_MEASURABLE,
+    PARTLY_MEASURED,
+    evaluate_claims,
+)
 
 IMAGES = 8
 
@@ -138,3 +147,60 @@ def test_claims_name_the_cells_they_compare_and_the_html_shows_them():
     assert claim["figures"] == [{"task": "s", "cells": ["s__plain", "s__style_aligned"]}], "baseline first"
     page = render_html(as_report({"cells": cells}), [claim], [], references={"s"})
     assert "references/s.png" in page and "cells/s__style_aligned/series/contact_sheet.png" in page
+
+
+def claim_of(cells, word):
+    return next(c for c in evaluate_claims({"cells": cells}) if c["claim"].startswith(word))
+
+
+def test_a_compound_claim_is_judged_clause_by_clause_and_partly_measured_is_never_held():
+    """The issue's failure: object tasks and no concept task printed "held" for the whole DreamBooth /
+    LoRA claim. Each clause now has its own verdict; an unmeasured one makes the claim partly measured."""
+    objects_only = [cell("o", "object", object=0.5),
+                    cell("o", "object", [("dreambooth", {})], params=3_000_000, object=0.7),
+                    cell("o", "object", [("lora", {})], params=1_000, object=0.6)]
+    claim = claim_of(objects_only, "DreamBooth")
+    assert claim["verdict"].startswith(PARTLY_MEASURED) and claim["verdict"] != HELD
+    assert [part["verdict"] for part in claim["clauses"]] == [HELD, HELD, NOT_MEASURABLE]
+    assert "weaker on complex new concepts: not measurable here" in claim["verdict"]
+    assert "needs dreambooth and lora cells on a concept task" in claim["evidence"]
+    with_concepts = objects_only + [cell("c", "concept", [("dreambooth", {})], params=3_000_000, concept=0.6),
+                                    cell("c", "concept", [("lora", {})], params=1_000, concept=0.4)]
+    claim = claim_of(with_concepts, "DreamBooth")
+    assert claim["verdict"] == HELD and [p["verdict"] for p in claim["clauses"]] == [HELD] * 3
+    assert "(3) LoRA DreamBooth is weaker on complex new concepts [held]" in claim["evidence"]
+
+
+def test_one_clause_not_held_refutes_the_claim_even_when_another_is_inconclusive():
+    cells = [cell("s", "shape", shape=0.2, reference_object=0.5),
+             cell("s", "shape", [("controlnet", {})], shape=0.1, reference_object=values(0.55, 0.05, seed=3))]
+    claim = claim_of(cells, "ControlNet")
+    assert [p["verdict"] for p in claim["clauses"]] == [NOT_HELD, INCONCLUSIVE] and claim["verdict"] == NOT_HELD
+
+
+def test_consistent_subject_is_judged_within_the_series_and_with_a_real_anchor_on_identity():
+    def cells(within, real_identity, diversity=0.6):
+        return [cell("o", "object", object=0.2, within_series=0.5, diversity=0.6),
+                cell("o", "object", [("consistent_subject", {"subject": "{subject}"})], object=0.2,
+                     within_series=within, diversity=diversity),
+                cell("o", "object", [("consistent_subject", {"reference_image": "{reference}"})],
+                     object=real_identity, within_series=0.5, diversity=0.6)]
+
+    claim = claim_of(cells(0.7, 0.4), "consistent subject")
+    assert claim["verdict"] == HELD, "identity to the references did not move: the series agrees with itself"
+    assert "subject agreement within the series" in claim["clauses"][0]["evidence"]
+    assert claim_of(cells(0.3, 0.4), "consistent subject")["clauses"][0]["verdict"] == NOT_HELD
+    assert claim_of(cells(0.7, 0.2), "consistent subject")["clauses"][2]["verdict"] == INCONCLUSIVE
+    assert claim_of(cells(0.7, 0.4, diversity=0.3), "consistent subject")["clauses"][1]["verdict"] == NOT_HELD
+    no_real = claim_of(cells(0.7, 0.4)[:2], "consistent subject")
+    assert no_real["verdict"].startswith(PARTLY_MEASURED)
+
+
+def test_a_cell_without_measurable_effect_is_named_in_the_claims():
+    def cells(distance):
+        near = cell("o", "object", [("dreambooth", {})], object=0.7, plain_distance=distance)
+        return [cell("o", "object", object=0.5), near]
+
+    flagged = claim_of(cells(NO_EFFECT_LEVELS / 2), "DreamBooth")["clauses"][0]
+    assert flagged["verdict"] == f"{HELD} ({NO_EFFECT})" and "o__dreambooth" in flagged["evidence"]
+    assert NO_EFFECT not in claim_of(cells(NO_EFFECT_LEVELS * 2), "DreamBooth")["evidence"]
