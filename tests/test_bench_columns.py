@@ -39,7 +39,10 @@ def test_object_and_concept_cells_get_within_series_agreement_on_foreground_crop
     scores = score(images, kind="object", references=references, extractors=PALETTE, model="embedded")
     within = scores["within_series"]
     expected = object_consistency(images, None, "palette", foreground=True)
-    assert within.per_image == pytest.approx(expected.per_image)
+    assert within.details["similarity_to_others"] == pytest.approx(expected.per_image)
+    assert within.aggregate == pytest.approx(expected.aggregate) == pytest.approx(np.mean(within.per_image))
+    r, n = np.asarray(expected.per_image), len(images)
+    assert within.per_image == pytest.approx(list(r.mean() + 2 * (n - 1) / (n - 2) * (r - r.mean())))
     assert within.details["foreground"] is True and within.details["mode"] == "within_set"
     assert within.per_image != pytest.approx(scores["object"].per_image), "not identity to the references"
     same = score([images[0]] * 4, kind="object", references=references, extractors=PALETTE, model="embedded")
@@ -97,6 +100,26 @@ def test_consistent_subject_is_judged_within_the_series_unless_it_has_a_real_anc
                                  "stack": [{"method": "lora"}]})
     assert generated.target_metric == "within_series"
     assert real.target_metric == "object" and lora.target_metric == "object"
+
+
+def test_jackknife_pseudo_values_give_the_pairwise_mean_its_own_spread():
+    """Leaving image i out changes the mean pairwise similarity by what its pseudo-value says."""
+    from consistent_diffusion.metrics.axes import jackknife_pseudo_values
+
+    sims = np.random.default_rng(0).uniform(-1, 1, (6, 6))
+    sims = (sims + sims.T) / 2
+    np.fill_diagonal(sims, 1.0)
+    n = len(sims)
+
+    def pairwise_mean(rows):
+        block = sims[np.ix_(rows, rows)]
+        return (block.sum() - np.trace(block)) / (len(rows) * (len(rows) - 1))
+
+    to_others = [(sims[i].sum() - 1) / (n - 1) for i in range(n)]
+    everything = pairwise_mean(list(range(n)))
+    expected = [n * everything - (n - 1) * pairwise_mean([j for j in range(n) if j != i]) for i in range(n)]
+    assert jackknife_pseudo_values(to_others) == pytest.approx(expected)
+    assert jackknife_pseudo_values([0.3, 0.5]) == [0.3, 0.5]
 
 
 # ----------------------------------------------------------------------------- distance to plain, re-scoring

@@ -162,15 +162,33 @@ def score_concept(inp: AxisInputs) -> dict[str, MetricResult]:
     return {"concept": result}
 
 
+def jackknife_pseudo_values(similarity_to_others: Sequence[float]) -> list[float]:
+    """Per-image jackknife pseudo-values of a set's mean pairwise similarity U (a U-statistic):
+    ``p_i = N U - (N - 1) U_(-i) = U + 2 (N - 1) / (N - 2) (r_i - U)``, r_i = image i's mean
+    similarity to the others. Their mean is U; unlike the r_i (which share every pair twice, so a
+    bootstrap over them gives about half U's standard error) their spread gives U's own. N <= 2: r."""
+    values = [float(v) for v in similarity_to_others]
+    count = len(values)
+    if count <= 2:
+        return values
+    mean = sum(values) / count
+    return [mean + 2 * (count - 1) / (count - 2) * (value - mean) for value in values]
+
+
 def score_within_series(inp: AxisInputs) -> dict[str, MetricResult]:
     """Subject agreement *within* the set, ConsiStory's subject consistency (Tewel et al. 2024): the
-    object extractor's mean cosine of each image to the set's other images, on foreground crops
-    (each image cropped to its foreground's bounding box on white, so the subject and not the
-    background or layout is compared). Per image in [-1, 1]; the aggregate is the mean pairwise
-    similarity. Carries the object extractor's validation (docs/metrics.md: its AUC on crops)."""
+    object extractor's mean pairwise cosine between the set's images, on foreground crops (each image
+    cropped to its foreground's bounding box on white, so the subject and not the background or
+    layout is compared); aggregate in [-1, 1]. Per image: its jackknife pseudo-value
+    (``jackknife_pseudo_values``; mean = the aggregate), so intervals and paired differences over
+    images have the set statistic's spread; each image's own mean cosine to the others is kept in
+    ``details["similarity_to_others"]``. Carries the object extractor's validation (docs/metrics.md)."""
     result = m.object_consistency(inp.images, None, inp.extractor("object"), foreground=True, device=inp.device)
     result.name = RESULT_NAMES["within_series"]
+    result.details["similarity_to_others"] = list(result.per_image)
+    result.details["per_image"] = "jackknife pseudo-values of the mean pairwise similarity"
     result.details["protocol_note"] = "within the series, foreground crops (ConsiStory's subject consistency)"
+    result.per_image = jackknife_pseudo_values(result.per_image)
     return {"within_series": result}
 
 
