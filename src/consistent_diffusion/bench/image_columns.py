@@ -19,6 +19,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from consistent_diffusion.bench.cell_records import PLAIN_DISTANCE, WITHIN_SERIES, CellRecord, Score
 from consistent_diffusion.bench.records import Report, load_report, summary_table
 
@@ -42,10 +44,12 @@ def read_cell_images(out_dir: Path, cell_id: str) -> Any:
 
 def plain_distances(images: Any, plain: Any) -> list[float]:
     """Per image: mean absolute difference to plain's image of the same index (same prompt and seed),
-    in levels of 255, over pixels and channels. images, plain: (N, 3, H, W) in [-1, 1]."""
+    in levels of 255, over pixels and channels. images, plain: (N, 3, H, W) in [-1, 1]. Summed in
+    float64 by numpy on integer levels: the same number at any thread count."""
     if images.shape != plain.shape:
         raise ValueError(f"cells of shapes {tuple(images.shape)} and {tuple(plain.shape)} are not paired")
-    return [round(float(value), 4) for value in (images - plain).abs().mean(dim=(1, 2, 3)) * LEVELS]
+    ours, theirs = (np.rint((np.asarray(x, dtype=np.float64) + 1) * LEVELS) for x in (images, plain))
+    return [round(float(value), 4) for value in np.abs(ours - theirs).mean(axis=(1, 2, 3))]
 
 
 def plain_distance_score(distances: list[float]) -> Score:
@@ -63,10 +67,18 @@ def within_series_score(images: Any, model: Any) -> Score | None:
     return Score.from_dict(result) if result.measured else None
 
 
-def add_image_columns(report: Report, out_dir: str | Path) -> Report:
+def add_image_columns(report: Report, out_dir: str | Path, threads: int = 1) -> Report:
     """``report`` with ``plain_distance`` and (where missing) ``within_series`` added to its cells
-    from the images under ``out_dir``; cells whose series is not on disk are left as they are."""
-    out_dir = Path(out_dir)
+    from the images under ``out_dir``; cells whose series is not on disk are left as they are.
+    Feature extraction runs at ``threads`` torch threads (the bench's own count: the same numbers
+    whatever ``OMP_NUM_THREADS`` the merging process has)."""
+    from consistent_diffusion.bench.prepare import torch_threads
+
+    with torch_threads(threads):
+        return _add_image_columns(report, Path(out_dir))
+
+
+def _add_image_columns(report: Report, out_dir: Path) -> Report:
     cache: dict[str, Any] = {}
 
     def images_of(cell: CellRecord) -> Any:
@@ -91,11 +103,11 @@ def add_image_columns(report: Report, out_dir: str | Path) -> Report:
     return dataclasses.replace(report, cells=tuple(cells))
 
 
-def with_image_columns(report: Report, out_dir: str | Path) -> Report:
+def with_image_columns(report: Report, out_dir: str | Path, threads: int = 1) -> Report:
     """``add_image_columns``, then the table and the intervals recomputed over every score."""
     from consistent_diffusion.bench.stats import report_intervals
 
-    report = add_image_columns(report, out_dir)
+    report = add_image_columns(report, out_dir, threads)
     report = dataclasses.replace(report, table=summary_table(report.cells))
     return dataclasses.replace(report, intervals=report_intervals(report))
 

@@ -259,7 +259,7 @@ def merge_report(suite: Suite, out_dir: str | Path) -> Report:
         created=utc_now(),
         versions={**library_versions(), "cpu_kernels": cpu_kernels_label()},
     )
-    report = with_image_columns(report, out_dir)  # plain distance (no-effect flag), within-series; intervals
+    report = with_image_columns(report, out_dir, suite.threads)  # distance to plain, within series; intervals
     copy_references(suite, out_dir)
     write_json_atomic(report.to_dict(), out_dir / "report.json")
     return report
