@@ -204,3 +204,9 @@ def test_a_cell_without_measurable_effect_is_named_in_the_claims():
     flagged = claim_of(cells(NO_EFFECT_LEVELS / 2), "DreamBooth")["clauses"][0]
     assert flagged["verdict"] == f"{HELD} ({NO_EFFECT})" and "o__dreambooth" in flagged["evidence"]
     assert NO_EFFECT not in claim_of(cells(NO_EFFECT_LEVELS * 2), "DreamBooth")["evidence"]
+    barely = [cell("o", "object", object=0.2, within_series=0.5, diversity=0.6),
+              cell("o", "object", [("consistent_subject", {})], object=0.2, within_series=values(0.5, 0.05, seed=5),
+                   diversity=0.6, plain_distance=4.0),
+              cell("o", "object", [("consistent_subject", {"reference_image": "{reference}"})], object=0.21,
+                   within_series=0.5, diversity=0.6, plain_distance=5.0)]
+    assert claim_of(barely, "consistent subject")["verdict"] == f"{INCONCLUSIVE} ({NO_EFFECT})"

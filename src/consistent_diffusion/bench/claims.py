@@ -114,6 +114,8 @@ def _judge(claim: str, clauses: list[Clause]) -> dict[str, Any]:
         verdict = f"{PARTLY_MEASURED}: " + "; ".join(f"{part['clause']}: {part['verdict']}" for part in parts)
     else:
         verdict = _combine([part["verdict"] for part in parts])
+        if all(part["verdict"].endswith(f"({NO_EFFECT})") for part in parts):
+            verdict += f" ({NO_EFFECT})"  # every clause compared cells that barely differ from plain
     evidence = " ".join(f"({i}) {part['clause']} [{part['verdict']}]: {part['evidence']}."
                         for i, part in enumerate(parts, 1))
     figures = []
