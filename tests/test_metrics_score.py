@@ -171,7 +171,7 @@ def test_kind_plan_equals_the_single_metrics(tmp_path):
         refs.append(str(tmp_path / f"ref{i}.png"))
     object_scores = score(images, kind="object", references=refs, extractors=PALETTE, model="embedded")
     assert list(object_scores) == ["object", "reference_object", "reference_style", "reference_fidelity",
-                                   "reference_psnr", "diversity"]
+                                   "reference_psnr", "within_series", "diversity"]
     expected = object_consistency(images, refs, "palette")
     assert object_scores["object"].per_image == expected.per_image
     assert object_scores["reference_object"].per_image == expected.per_image
