@@ -112,7 +112,8 @@ def main() -> None:
     header = text[: text.index("\n[[tasks]]")] + "\n"
     quick, full = tasks(3, 2, 2), tasks(6, 4, 4)
     quick_path.write_text(render(header, quick), encoding="utf-8")
-    full_header = header.replace('name = "quick"', 'name = "full"').replace(
+    smoke = header[header.index("#\n# A smoke view"):header.index("\n", header.index("the committed evidence.")) + 1]
+    full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
     print(f"quick: {len(quick)} tasks; full: {len(full)} tasks; references needed: {len(references(full))}")
