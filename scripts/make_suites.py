@@ -32,7 +32,7 @@ STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), 
                 ("house with garden", "openmoji-line"), ("fire extinguisher", "fluent-contrast"),
                 ("skateboard", "openmoji-line"), ("hammer and wrench", "fluent-contrast"),
                 ("japanese castle", "openmoji-line"), ("tooth", "fluent-contrast")]
-OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves"]
+OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves", "brain", "dress"]
 EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks", "cookie", "tropical drink", "white flower",
                      "high-heeled shoe"]
 TEXT_CONCEPTS = [("cat face with sunglasses", "cat"), ("pizza with a face", "pizza"), ("rocket made of flowers", "rocket"),
@@ -55,12 +55,12 @@ SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
 
 
 STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md: power), built like the quick suite:
-# 12 tasks per style family and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
+# 12 tasks per style family, 10 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
 # shape task 16 seeds of its one prompt), the same method stacks and [tuning] record as quick.
 # Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
 # references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
-# About 86 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
+# About 43 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
 # reference report's per-cell costs (docs/bench.md). Quick's header comment follows:
 #"""
 
@@ -73,10 +73,11 @@ def asset(name: str, style: str) -> str:
     return f"../assets/{slug(name).replace('-', '_')}_{style}.png"
 
 
-def tasks(count: int, concepts: int, seeds: int, styles: int | None = None) -> list[dict]:
+def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, objects: int | None = None) -> list[dict]:
     """The task list with ``count`` subjects per family (``concepts`` exemplar concepts, ``styles``
-    per style family: default ``count``)."""
+    per style family and ``objects`` object subjects: default ``count``)."""
     styles = count if styles is None else styles
+    objects = count if objects is None else objects
     two = list(range(seeds))
     out = []
     for family, table, what in (("style-unnamed", STYLE_UNNAMED, "the style of a {style} {name}, prompts without a "
@@ -87,7 +88,7 @@ def tasks(count: int, concepts: int, seeds: int, styles: int | None = None) -> l
                         "description": f"new subjects in {what.format(style=STYLE_NAMES[style], name=name)}",
                         "prompts": UNNAMED, "seeds": two, "references": [asset(name, style)],
                         "reference_prompt": f"{name}, {style} style", "methods": STYLE_METHODS})
-    for index, name in enumerate(OBJECTS[:count]):
+    for index, name in enumerate(OBJECTS[:objects]):
         out.append({"name": f"object-{slug(name)}", "kind": "object", "family": "object",
                     "description": f"keep one new subject (a holdout {name}) across styles and seeds",
                     "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
@@ -142,7 +143,7 @@ def main() -> None:
     full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
-    standard = tasks(8, 8, 4, styles=12)
+    standard = tasks(8, 8, 4, styles=12, objects=10)
     standard_header = full_header.replace('name = "full"', 'name = "standard"').replace(
         "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:",
         STANDARD_INTRO)
