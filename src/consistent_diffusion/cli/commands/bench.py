@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--suite", default="quick",
-                        help="built-in suite: quick (the claims, 15 min on 2 CPU cores), full (more subjects and "
+                        help="built-in suite: quick (the claims, a smoke view: 15 min on 2 CPU cores), standard (the "
+                             "committed evidence: 12 tasks per style family, 16 images per cell, about 43 min on 2 "
+                             "CPU cores), full (more subjects and "
                              "seeds, for GPUs), tuning (where quick's options are chosen), new-subject (the "
                              "fine-tuning study); or a .toml file (default: quick)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
@@ -110,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
+    from consistent_diffusion.bench.suite_identities import check_tuning_identities
+
+    check_tuning_identities(suite, args.suite)  # no tuning identity in an evaluation suite
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
