@@ -11,6 +11,7 @@ from consistent_diffusion.cli.options.model import add_model_arguments, load_mod
 
 EXAMPLES = """examples:
   consistent-diffusion bench --out runs/bench                      # quick suite, embedded model
+  consistent-diffusion bench --suite standard --out runs/standard # the evidence-sized suite (~43 min on 2 cores)
   consistent-diffusion bench --suite new-subject --out runs/new-subject   # the fine-tuning study
   consistent-diffusion bench --suite my_suite.toml --model path/to/sd15 --device cuda --out runs/bench-sd15
   accelerate launch -m consistent_diffusion bench --device cuda --out runs/bench               # multi-GPU
