@@ -1,16 +1,18 @@
 """Write the bench suites' reference images (and their attribution) from the emoji dataset.
 
-Every reference is a real emoji of a **holdout identity** (never used to train the embedded model,
-its probes or its metric heads), in one of the seven house styles, 64x64 RGB on white, exactly as
-the dataset stores it. The held-out styles (openmoji-line, fluent-contrast) give references in a
-style no prompt can ask for. The quick suite's references and the tuning suite's are different
-identities, so no option is chosen on the suite it is scored on.
+Every reference is a real emoji of an identity the UNet never trained on: a **holdout identity**
+(never used to train the embedded model, its probes or its metric heads) or a **val identity**
+(never trained on either; the metric heads' settings were chosen on val), in one of the seven
+house styles, 64x64 RGB on white, exactly as the dataset stores it. The held-out styles
+(openmoji-line, fluent-contrast) give references in a style no prompt can ask for. The tuning
+suite's identities and the evaluation suites' are different (``bench.suite_identities``), so no
+option is chosen on the suite it is scored on.
 
     consistent-diffusion data emoji --out data/emoji
     python scripts/bench_references.py --data data/emoji          # rewrites src/.../bench/assets
 
 Which images: every ``references`` entry of the built-in suites (``<name>_<style>.png``, the
-emoji's name with spaces as underscores), looked up among the dataset's holdout records.
+emoji's name with spaces as underscores), looked up among the dataset's holdout and val records.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from consistent_diffusion.core.outputs import write_text_atomic
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "consistent_diffusion" / "bench" / "assets"
 
 SUITES = ASSETS.parent / "suites"
+UNSEEN_SPLITS = ("holdout", "val")  # identities the UNet never trained on
 
 LICENCES = {  # style -> (credit, licence, package)
     "google": ("Noto Emoji, Copyright Google Inc.", "Apache-2.0", "emoji-datasource-google"),
@@ -68,12 +71,15 @@ def suite_references() -> dict[str, list[str]]:
 
 def attribution(rows: list[dict[str, str]], versions: dict[str, str]) -> str:
     lines = ["# Bench reference images", "",
-             "Real emoji of the dataset's **holdout identities** (never used to train the embedded model, its",
-             "probes or its metric heads), 64x64 RGB composited on white, written by",
+             "Real emoji of identities the UNet never trained on: the dataset's **holdout identities** (never",
+             "used to train the embedded model, its probes or its metric heads) and its **val identities**",
+             "(never trained on either; the metric heads' settings were chosen on val), 64x64 RGB composited",
+             "on white, written by",
              "`scripts/bench_references.py` from `consistent-diffusion data emoji`. The openmoji-line and",
              "fluent-contrast images are in the two held-out styles, which nothing was trained on.", "",
-             "| file | emoji | code point | style | used by |", "|---|---|---|---|---|"]
-    lines += [f"| `{r['file']}` | {r['name']} | {r['identity']} | {r['style']} | {r['suite']} |" for r in rows]
+             "| file | emoji | code point | split | style | used by |", "|---|---|---|---|---|---|"]
+    lines += [f"| `{r['file']}` | {r['name']} | {r['identity']} | {r['split']} | {r['style']} | {r['suite']} |"
+              for r in rows]
     lines += ["", "Licences, by style:", ""]
     for style in sorted({r["style"] for r in rows}):
         credit, licence, package = LICENCES[style]
@@ -92,19 +98,20 @@ def main() -> None:
     labels = json.loads((data / "labels.json").read_text(encoding="utf-8"))
     images = np.load(data / "images.npy", mmap_mode="r")
     versions = {s["style"]: s.get("version", "") for s in labels["meta"].get("sources", [])}
-    holdout = {file_name(r["name"], r["style"]): (i, r) for i, r in enumerate(labels["records"])
-               if r["split"] == "holdout"}
+    unseen = {file_name(r["name"], r["style"]): (i, r) for i, r in enumerate(labels["records"])
+              if r["split"] in UNSEEN_SPLITS}
     wanted = suite_references()
-    missing = sorted(set(wanted) - set(holdout))
+    missing = sorted(set(wanted) - set(unseen))
     if missing:
-        raise SystemExit(f"not holdout images of {data}: {', '.join(missing)}")
+        raise SystemExit(f"not holdout or val images of {data}: {', '.join(missing)}")
     for old in out.glob("*.png"):
         old.unlink()
     rows = []
     for name, suites in sorted(wanted.items()):
-        i, record = holdout[name]
+        i, record = unseen[name]
         save_png_atomic(Image.fromarray(np.asarray(images[i])), out / name)
         rows.append({"file": name, "name": record["name"], "style": record["style"], "suite": ", ".join(suites),
+                     "split": record["split"],
                      "identity": "U+" + record["identity"].upper().replace("-", " U+")})
     write_text_atomic(attribution(rows, versions), out / "ATTRIBUTION.md")
     print(f"wrote {len(rows)} references and ATTRIBUTION.md to {out}")

@@ -1,10 +1,13 @@
-"""Write the task lists of the built-in `quick` and `full` suites from one table of subjects.
+"""Write the task lists of the built-in `quick`, `standard` and `full` suites from one table of subjects.
 
 The methods, trainings and the [tuning] record are hand-written at the top of `quick.toml`
 (everything before its first `[[tasks]]`); this script keeps that header, rewrites the tasks, and
 gives `full.toml` the same header with more subjects per family and four seeds per prompt (for
-GPUs and real models). Every reference is a holdout emoji written by `bench_references.py`; none
-is one the tuning suite chooses options on.
+GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 12 tasks per
+style family, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
+(identities the UNet never trained on) written by `bench_references.py`; none is one the tuning
+suite chooses options on (`bench.suite_identities`). The tables list quick's subjects first, then
+full's, then the standard suite's (val identities).
 
     python scripts/make_suites.py          # then: python scripts/bench_references.py --data DIR
 """
@@ -18,19 +21,29 @@ SUITES = Path(__file__).resolve().parents[1] / "src" / "consistent_diffusion" / 
 UNNAMED = ["cat face", "rocket", "pizza", "house"]  # prompts without a style word
 STYLED = ["twitter", "google", "openmoji", "fluent-3d"]  # the trained styles a subject is asked in
 
-# (subject, reference style) per family; quick takes the first three (two exemplar concepts), full all
+# (subject, reference style) per family; quick takes the first three (two exemplar concepts), full
+# six (four), standard all: twelve per style family, eight per other family
 STYLE_UNNAMED = [("giraffe", "twitter"), ("mango", "google"), ("hiking boot", "fluent-3d"),
-                 ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter")]
+                 ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter"),
+                 ("bird", "twitter"), ("bouquet", "google"), ("seedling", "fluent-3d"),
+                 ("ticket", "openmoji"), ("video game", "fluent-flat"), ("egg", "twitter")]
 STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), ("rugby football", "openmoji-line"),
-                ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast")]
-OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt"]
-EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks"]
+                ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast"),
+                ("house with garden", "openmoji-line"), ("fire extinguisher", "fluent-contrast"),
+                ("skateboard", "openmoji-line"), ("hammer and wrench", "fluent-contrast"),
+                ("japanese castle", "openmoji-line"), ("tooth", "fluent-contrast")]
+OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves", "brain", "dress"]
+EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks", "cookie", "tropical drink", "white flower",
+                     "high-heeled shoe"]
 TEXT_CONCEPTS = [("cat face with sunglasses", "cat"), ("pizza with a face", "pizza"), ("rocket made of flowers", "rocket"),
-                 ("house made of candy", "house"), ("ghost wearing a crown", "ghost"), ("heart made of ice", "heart")]
+                 ("house made of candy", "house"), ("ghost wearing a crown", "ghost"), ("heart made of ice", "heart"),
+                 ("dog wearing a top hat", "dog"), ("tree made of crystals", "tree")]
 SHAPES = [("racing car", "twitter"), ("carpentry saw", "google"), ("astronaut", "twitter"),
-          ("fork and knife", "google"), ("ferris wheel", "twitter"), ("hiking boot", "google")]
+          ("fork and knife", "google"), ("ferris wheel", "twitter"), ("hiking boot", "google"),
+          ("floppy disk", "twitter"), ("ping pong", "google")]
 INVERSIONS = [("giraffe", "twitter"), ("mango", "google"), ("goblin", "twitter"),
-              ("cricket", "google"), ("racing car", "twitter"), ("billed cap", "twitter")]
+              ("cricket", "google"), ("racing car", "twitter"), ("billed cap", "twitter"),
+              ("cow face", "twitter"), ("window", "google")]
 
 STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "openmoji": "OpenMoji", "fluent-flat": "Fluent flat",
                "fluent-3d": "Fluent 3D", "openmoji-line": "OpenMoji line art", "fluent-contrast": "Fluent high contrast"}
@@ -41,6 +54,17 @@ EXEMPLAR_METHODS = ["plain", "img2img_40", "lora", "dreambooth", "textual_invers
 SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
 
 
+STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md: power), built like the quick suite:
+# 12 tasks per style family, 10 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
+# shape task 16 seeds of its one prompt), the same method stacks and [tuning] record as quick.
+# Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
+# identities and its val identities (the metric heads' settings were chosen on val, so the val
+# references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
+# About 43 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
+# reference report's per-cell costs (docs/bench.md). Quick's header comment follows:
+#"""
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
@@ -49,19 +73,22 @@ def asset(name: str, style: str) -> str:
     return f"../assets/{slug(name).replace('-', '_')}_{style}.png"
 
 
-def tasks(count: int, concepts: int, seeds: int) -> list[dict]:
-    """The task list with ``count`` subjects per family (``concepts`` exemplar concepts)."""
+def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, objects: int | None = None) -> list[dict]:
+    """The task list with ``count`` subjects per family (``concepts`` exemplar concepts, ``styles``
+    per style family and ``objects`` object subjects: default ``count``)."""
+    styles = count if styles is None else styles
+    objects = count if objects is None else objects
     two = list(range(seeds))
     out = []
     for family, table, what in (("style-unnamed", STYLE_UNNAMED, "the style of a {style} {name}, prompts without a "
                                                                  "style word"),
                                 ("style-unseen", STYLE_UNSEEN, "{style} (a held-out style) from a {name}")):
-        for name, style in table[:count]:
+        for name, style in table[:styles]:
             out.append({"name": f"{family}-{slug(name)}", "kind": "style", "family": family,
                         "description": f"new subjects in {what.format(style=STYLE_NAMES[style], name=name)}",
                         "prompts": UNNAMED, "seeds": two, "references": [asset(name, style)],
                         "reference_prompt": f"{name}, {style} style", "methods": STYLE_METHODS})
-    for index, name in enumerate(OBJECTS[:count]):
+    for index, name in enumerate(OBJECTS[:objects]):
         out.append({"name": f"object-{slug(name)}", "kind": "object", "family": "object",
                     "description": f"keep one new subject (a holdout {name}) across styles and seeds",
                     "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
@@ -112,11 +139,17 @@ def main() -> None:
     header = text[: text.index("\n[[tasks]]")] + "\n"
     quick, full = tasks(3, 2, 2), tasks(6, 4, 4)
     quick_path.write_text(render(header, quick), encoding="utf-8")
-    full_header = header.replace('name = "quick"', 'name = "full"').replace(
+    smoke = header[header.index("#\n# A smoke view"):header.index("\n", header.index("the committed evidence.")) + 1]
+    full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
-    print(f"quick: {len(quick)} tasks; full: {len(full)} tasks; references needed: {len(references(full))}")
-    print("\n".join(sorted(references(full))))
+    standard = tasks(8, 8, 4, styles=12, objects=10)
+    standard_header = full_header.replace('name = "full"', 'name = "standard"').replace(
+        "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:",
+        STANDARD_INTRO)
+    (SUITES / "standard.toml").write_text(render(standard_header, standard), encoding="utf-8")
+    print(f"quick: {len(quick)} tasks; full: {len(full)} tasks; standard: {len(standard)} tasks; "
+          f"references needed: {len(references(standard) | references(full))}")
 
 
 if __name__ == "__main__":

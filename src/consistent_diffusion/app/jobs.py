@@ -327,8 +327,10 @@ def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, s
     from consistent_diffusion.bench.runner import finished_cells, merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
+    from consistent_diffusion.bench.suite_identities import check_tuning_identities
 
     loaded = load_suite(suite)
+    check_tuning_identities(loaded, suite)
     folder = job_folder(out_root, "bench")
     total = len(loaded.cells)
     if model_argv is not None and workers > 1:

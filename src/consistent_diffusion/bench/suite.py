@@ -253,7 +253,7 @@ def available_suites() -> list[str]:
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
-    """A built-in suite by name (``available_suites()``: ``quick``, ``new-subject``) or a TOML file path."""
+    """A built-in suite by name (``available_suites()``: ``quick``, ``standard``, ``new-subject``) or a TOML file path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = BUILTIN_SUITES_DIR / f"{name_or_path}.toml"

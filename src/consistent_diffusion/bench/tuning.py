@@ -1,31 +1,41 @@
 """Choose each method's options from a tuning-suite report (``suites/tuning.toml``), never from
-the suite the options are then scored on.
+the suite the options are then scored on, by a rule that cannot pick noise (``RULE``).
 
 The tuning suite runs every candidate value of an option on tasks whose references and subjects
-the quick suite does not use. For each option, ``choose`` keeps the candidates that pass the
-guards, then takes the one with the largest paired gain over plain on its target metric, averaged
-over the tuning tasks (``bench.stats``, with its 95% interval):
+no evaluation suite uses (``bench.suite_identities``). For each option the tuning suite names a
+*default* in ``[tuning.defaults]`` (option -> the method stack holding it: the paper's setting, or
+the library's where the paper gives none); a cost option (fine-tuning steps) defaults to its
+cheapest value. ``choose`` keeps the default unless a variant is measurably better than it:
+
+- the variant's paired gain **over the default** on the option's target metric (image by image on
+  the same prompts and seeds, pooled over the tuning tasks by the two-stage bootstrap of
+  ``bench.stats``) has a 95% interval above zero, and
+- every guard holds for the variant on each task family on its own (the claims judge families
+  separately).
+
+Among several such variants a quality option takes the largest mean gain over the default; a cost
+option moves up one length at a time (the fewest steps measurably better than the current choice,
+until no longer one beats it). A larger mean alone never wins: with 8 images per task every
+StyleAligned variant gained within the others' intervals.
 
 | option | candidates (stack, option) | target | guards |
 |---|---|---|---|
-| StyleAligned sharing | ``style_aligned`` variants | ``reference_style`` | leakage, diversity |
+| StyleAligned sharing | ``style_aligned`` stacks (their options: data in the suite) | ``reference_style`` | leakage, diversity |
 | img2img strength | ``img2img`` strength | ``reference_style`` | leakage, diversity |
 | DDPM edit skip | ``ddpm_edit`` skip > 0 | ``reference_object`` | text |
 | ControlNet scale | ``controlnet`` scale | ``shape`` | text |
 | LoRA steps | ``lora`` fine-tuning steps | ``reference_object`` | text |
 | DreamBooth steps | ``dreambooth`` fine-tuning steps | ``reference_object`` | text |
 
-Guards, each checked on every task family on its own (the claims judge families separately):
-*leakage*, object leakage (similarity to the reference's own subject) may rise over plain
+Guards: *leakage*, object leakage (similarity to the reference's own subject) may rise over plain
 by at most ``claims.IDENTITY_MARGIN`` (the method must carry a style, not copy the subject);
 *diversity*, at least half of plain's (``advisor.DIVERSITY_COLLAPSE``); *text*, text alignment at
-least ``TEXT_SHARE`` of plain's (the edit or control must not override the prompt). Where no
-value passes, the one failing the fewest guards (then with the largest gain) is the *fallback*,
-marked as such: the suite still needs a value, and the record says it failed.
+least ``TEXT_SHARE`` of plain's (the edit or control must not override the prompt).
 
-A *cost* option (fine-tuning steps) does not take the largest gain: among the passing values whose
-mean gain reaches the lower end of the best one's 95% interval (not measurably worse than the best),
-it takes the cheapest (the fewest steps), since each step costs every bench run its time.
+Fine-tuning lengths are trained with several seeds (``seed`` of ``[training.NAME]``, the training
+config's own field): the cells of one length are pooled over its training seeds, each paired with
+the default length's cell of the same training seed and task, so the interval includes the
+spread between trainings, not only between images.
 """
 
 from __future__ import annotations
@@ -37,9 +47,16 @@ from typing import Any
 from consistent_diffusion.bench import stats
 from consistent_diffusion.bench.claims import IDENTITY_MARGIN
 from consistent_diffusion.bench.records import CellRecord, Report, as_report
+from consistent_diffusion.bench.suite import REFERENCE_PLACEHOLDER, trained_name
+from consistent_diffusion.core.errors import ConfigError
 
 DIVERSITY_SHARE = 0.5  # a candidate keeps at least this share of plain's diversity
 TEXT_SHARE = 0.8  # and of plain's text alignment, where text is guarded
+RULE = ("default stays unless measurably better: a variant replaces the tuning suite's default only when its "
+        "paired gain over the default has a 95% interval above zero on the tuning tasks and every guard holds on "
+        "each family (bench.tuning.RULE; fine-tuning lengths pooled over 3 training seeds)")
+PREVIOUS_RULE = ("largest mean gain over plain among the values passing the guards (fine-tuning steps: the fewest "
+                 "not measurably worse than the best, one training per length)")
 
 
 @dataclass(frozen=True)
@@ -51,18 +68,26 @@ class Option:
     value: Callable[[CellRecord], Any]  # the candidate value of a cell (None: not a candidate)
     target: str
     guards: tuple[str, ...]
-    cheapest: bool = False  # a cost: the smallest value not measurably worse than the best
+    cheapest: bool = False  # a cost: the default is the smallest value, longer ones must beat it
 
 
-def _option_values(method: str, keys: tuple[str, ...], defaults: Mapping[str, Any]) -> Callable[[CellRecord], Any]:
+def _literal_options(method: str) -> Callable[[CellRecord], Any]:
+    """The stack entry's options written in the suite (placeholders left out): the candidates are
+    whatever the tuning suite lists, so a method's new options need no change here."""
+
     def value(cell: CellRecord) -> Any:
         use = next((u for u in cell.stack if u["method"] == method), None)
         if use is None:
             return None
-        chosen = {key: use.get(key, defaults.get(key)) for key in keys}
-        return chosen if len(keys) > 1 else chosen[keys[0]]
+        return {key: v for key, v in sorted(use.items())
+                if key != "method" and v != REFERENCE_PLACEHOLDER and not trained_name(v)
+                and not (isinstance(v, str) and "{" in v)}
 
     return value
+
+
+def _strength(cell: CellRecord) -> Any:
+    return cell.option("img2img", "strength")
 
 
 def _skip(cell: CellRecord) -> Any:
@@ -85,12 +110,9 @@ def _training_steps(kind: str) -> Callable[[CellRecord], Any]:
 
 
 OPTIONS = (
-    Option("style_aligned", "style_aligned",
-           _option_values("style_aligned", ("shared_score_shift", "adain_values"),
-                          {"shared_score_shift": 0.0, "adain_values": False}),
-           "reference_style", ("leakage", "diversity")),
-    Option("img2img_strength", "img2img", _option_values("img2img", ("strength",), {}), "reference_style",
+    Option("style_aligned", "style_aligned", _literal_options("style_aligned"), "reference_style",
            ("leakage", "diversity")),
+    Option("img2img_strength", "img2img", _strength, "reference_style", ("leakage", "diversity")),
     Option("ddpm_edit_skip", "ddpm_edit", _skip, "reference_object", ("text",)),
     Option("controlnet_scale", "controlnet", _scale, "shape", ("text",)),
     Option("lora_steps", "lora", _training_steps("lora"), "reference_object", ("text",), cheapest=True),
@@ -99,12 +121,28 @@ OPTIONS = (
 )
 
 
+def show(value: Any) -> str:
+    """A candidate value as the record writes it (a stack's options: ``shared_score_shift 2.0``)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {v}" for key, v in value.items()) or "the method's defaults"
+    return str(value)
+
+
 @dataclass
 class Candidate:
     value: Any
     cells: list[CellRecord]
-    gain: stats.Interval | None = None
+    gain: stats.Interval | None = None  # over plain (the evidence the report has always shown)
+    over_default: stats.Interval | None = None  # over the default candidate, paired by task and training seed
     failed: list[str] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({cell.method for cell in self.cells})
+
+    @property
+    def training_seeds(self) -> int:
+        return len({_training_seed(cell) for cell in self.cells})
 
 
 @dataclass
@@ -113,38 +151,63 @@ class Choice:
     target: str
     chosen: Candidate | None
     candidates: list[Candidate]
-    fallback: bool = False  # no candidate passed its guards; ``chosen`` failed the fewest
-    cheapest: bool = False  # a cost option: ``chosen`` is the smallest value not measurably worse
+    default: Candidate | None = None
+    cheapest: bool = False  # a cost option: the default is the fewest steps
+
+    @property
+    def kept_default(self) -> bool:
+        return self.chosen is not None and self.chosen is self.default
 
     def summary(self) -> str:
-        """One line for a suite's ``[tuning]`` record: the value, its gain, whether it is a fallback."""
+        """One line for a suite's ``[tuning]`` record: the value, why, and the evidence."""
         if self.chosen is None:
             return "not measured"
-        gain = self.chosen.gain.text(signed=True) if self.chosen.gain is not None else "not measured"
-        tasks = ", ".join(cell.task for cell in self.chosen.cells)
-        note = f"; fallback, no value passed its guards ({'; '.join(self.chosen.failed)})" if self.fallback else ""
-        if self.cheapest and not self.fallback:
-            others = [c for c in self.candidates if c is not self.chosen and c.gain is not None]
-            note = "; the cheapest value not measurably worse than the best" + (
-                f" ({', '.join(f'{c.value}: {c.gain.text(signed=True)}' for c in others)})" if others else "")
-        return f"{self.chosen.value}: {self.target} {gain} vs plain on {tasks}{note}"
+        tasks = ", ".join(sorted({cell.task for cell in self.chosen.cells}))
+        plain = self.chosen.gain.text(signed=True) if self.chosen.gain is not None else "not measured"
+        seeds = f" ({self.chosen.training_seeds} training seeds pooled)" if self.chosen.training_seeds > 1 else ""
+        others = "; ".join(f"{show(c.value)}: {c.over_default.text(signed=True)} over the default"
+                           + (f", fails {'; '.join(c.failed)}" if c.failed else "")
+                           for c in self.candidates if c is not self.default and c.over_default is not None)
+        if self.kept_default:
+            why = "the default, kept: no variant measurably better with its guards holding"
+            if self.default.failed:
+                why += f" (the default itself fails {'; '.join(self.default.failed)})"
+        else:
+            why = f"measurably better than the default ({self.chosen.over_default.text(signed=True)})"
+        return (f"{show(self.chosen.value)}: {why}; {self.target} {plain} vs plain on {tasks}{seeds}"
+                + (f" [{others}]" if others else ""))
 
     def text(self) -> str:
-        goal = "the fewest steps not measurably worse in" if self.cheapest else "maximise"
-        lines = [f"{self.option} ({goal} {self.target} over plain):"]
+        lines = [f"{self.option} (default {show(self.default.value) if self.default else '?'}; {self.target}):"]
         for candidate in self.candidates:
-            gain = candidate.gain.text(signed=True) if candidate.gain is not None else "not measured"
-            mark = ("  <- chosen" + (" (fallback)" if self.fallback else "")) if candidate is self.chosen else ""
-            reason = f"  rejected: {'; '.join(candidate.failed)}" if candidate.failed else ""
-            lines.append(f"  {candidate.value}: {gain} on {', '.join(c.task for c in candidate.cells)}{mark}{reason}")
-        if self.chosen is None or self.fallback:
-            lines.append("  no candidate passed its guards")
+            plain = candidate.gain.text(signed=True) if candidate.gain is not None else "not measured"
+            over = candidate.over_default.text(signed=True) if candidate.over_default is not None else "-"
+            mark = "  <- chosen" if candidate is self.chosen else ""
+            reason = f"  guards fail: {'; '.join(candidate.failed)}" if candidate.failed else ""
+            lines.append(f"  {show(candidate.value)}: vs plain {plain}, vs default {over} "
+                         f"on {', '.join(c.id for c in candidate.cells)}{mark}{reason}")
         lines.append(f"  record: {self.summary()}")
         return "\n".join(lines)
 
 
-def _paired(report: Report, cells: list[CellRecord], metric: str) -> stats.Interval | None:
+def _training_seed(cell: CellRecord) -> tuple[int, ...]:
+    return tuple(int(training.options.get("seed", 0)) for training in cell.trainings)
+
+
+def _paired_plain(report: Report, cells: list[CellRecord], metric: str) -> stats.Interval | None:
     return stats.bootstrap_interval([stats.paired_cell_samples(report, cell, metric) for cell in cells])
+
+
+def paired_gain(report: Report, variant: Candidate, base: Candidate, metric: str) -> stats.Interval | None:
+    """``metric`` of ``variant`` minus ``base``, image by image on each (task, training seed) both
+    measured, pooled by the two-stage bootstrap (the outer stage resamples tasks and trainings)."""
+    base_cells = {(cell.task, _training_seed(cell)): cell for cell in base.cells}
+    groups = []
+    for cell in variant.cells:
+        other = base_cells.get((cell.task, _training_seed(cell)))
+        if other is not None:
+            groups.append(stats.paired_between(report, cell, other, metric))
+    return stats.bootstrap_interval(groups)
 
 
 def _share(report: Report, cells: list[CellRecord], metric: str) -> float | None:
@@ -169,7 +232,7 @@ def _failures(report: Report, candidate: Candidate, guards: tuple[str, ...]) -> 
     for family, cells in sorted(families.items()):
         where = f" on {family}" if len(families) > 1 else ""
         if "leakage" in guards:
-            leakage = _paired(report, cells, "reference_object")
+            leakage = _paired_plain(report, cells, "reference_object")
             if leakage is not None and leakage.mean > IDENTITY_MARGIN:
                 failed.append(f"object leakage {leakage.text(signed=True)} over plain{where} exceeds {IDENTITY_MARGIN}")
         for guard, metric, share in (("diversity", "diversity", DIVERSITY_SHARE), ("text", "text", TEXT_SHARE)):
@@ -180,42 +243,83 @@ def _failures(report: Report, candidate: Candidate, guards: tuple[str, ...]) -> 
     return failed
 
 
-def choose(report: Report | Mapping[str, Any], options: tuple[Option, ...] = OPTIONS) -> list[Choice]:
-    """Every option's candidates in ``report`` (a tuning-suite report), judged, and the choice."""
-    report = as_report(report)
-    choices = []
-    for option in options:
-        grouped: dict[str, Candidate] = {}
-        for cell in report.cells:
-            if cell.components != [option.method]:
-                continue
-            value = option.value(cell)
-            if value is None:
-                continue
+def _candidates(report: Report, option: Option) -> list[Candidate]:
+    grouped: dict[str, Candidate] = {}
+    for cell in report.cells:
+        if cell.components != [option.method]:
+            continue
+        value = option.value(cell)
+        if value is not None:
             grouped.setdefault(repr(value), Candidate(value=value, cells=[])).cells.append(cell)
-        candidates = list(grouped.values())
-        for candidate in candidates:
-            candidate.gain = _paired(report, candidate.cells, option.target)
-            candidate.failed = _failures(report, candidate, option.guards)
-        measured = [c for c in candidates if c.gain is not None]
-        passing = [c for c in measured if not c.failed]
-        if passing:
-            choices.append(Choice(option.name, option.target, _pick(passing, option.cheapest), candidates,
-                                  cheapest=option.cheapest))
-        else:
-            fallback = min(measured, key=lambda c: (len(c.failed), -c.gain.mean)) if measured else None
-            choices.append(Choice(option.name, option.target, fallback, candidates, fallback=fallback is not None,
-                                  cheapest=option.cheapest))
-    return choices
+    candidates = list(grouped.values())
+    if option.cheapest:
+        candidates.sort(key=lambda c: c.value)
+    for candidate in candidates:
+        candidate.gain = _paired_plain(report, candidate.cells, option.target)
+        candidate.failed = _failures(report, candidate, option.guards)
+    return candidates
 
 
-def _pick(passing: list[Candidate], cheapest: bool) -> Candidate:
-    """The largest mean gain; for a cost, the smallest value whose gain reaches the best's lower bound."""
-    best = max(passing, key=lambda c: c.gain.mean)
-    if not cheapest:
-        return best
-    return min((c for c in passing if c.gain.mean >= best.gain.low), key=lambda c: c.value)
+def _default(option: Option, candidates: list[Candidate], defaults: Mapping[str, str]) -> Candidate | None:
+    """The candidate holding the suite's default stack (a cost option: the cheapest value)."""
+    if not candidates:
+        return None
+    if option.name not in defaults:
+        if option.cheapest:
+            return candidates[0]
+        raise ConfigError(f"tuning: option {option.name!r} has candidates but [tuning.defaults] names no default "
+                          f"stack for it (e.g. {option.name} = \"{candidates[0].methods[0]}\")")
+    method = defaults[option.name]
+    found = next((c for c in candidates if method in c.methods), None)
+    if found is None:
+        raise ConfigError(f"tuning: [tuning.defaults] {option.name} = {method!r} is none of its candidates' stacks "
+                          f"({', '.join(m for c in candidates for m in c.methods)})")
+    return found
+
+
+def _better(report: Report, option: Option, incumbent: Candidate, candidates: list[Candidate]) -> list[Candidate]:
+    """The candidates measurably better than ``incumbent`` (paired interval above zero) whose guards hold."""
+    winners = []
+    for candidate in candidates:
+        if candidate is incumbent or candidate.failed:
+            continue
+        gain = paired_gain(report, candidate, incumbent, option.target)
+        if gain is not None and gain.low > 0:
+            winners.append(candidate)
+    return winners
+
+
+def choose_option(report: Report, option: Option, defaults: Mapping[str, str]) -> Choice:
+    """One option's candidates judged by ``RULE``, and the choice."""
+    candidates = _candidates(report, option)
+    default = _default(option, candidates, defaults)
+    for candidate in candidates:
+        if default is not None and candidate is not default:
+            candidate.over_default = paired_gain(report, candidate, default, option.target)
+    chosen = default
+    if default is not None and option.cheapest:
+        while True:  # one length at a time: the fewest steps measurably better than the current choice
+            longer = [c for c in candidates if c.value > chosen.value]
+            winners = _better(report, option, chosen, longer)
+            if not winners:
+                break
+            chosen = min(winners, key=lambda c: c.value)
+    elif default is not None:
+        winners = _better(report, option, default, candidates)
+        if winners:
+            chosen = max(winners, key=lambda c: c.over_default.mean)
+    return Choice(option.name, option.target, chosen, candidates, default=default, cheapest=option.cheapest)
+
+
+def choose(report: Report | Mapping[str, Any], options: tuple[Option, ...] = OPTIONS,
+           defaults: Mapping[str, str] | None = None) -> list[Choice]:
+    """Every option's candidates in ``report`` (a tuning-suite report), judged, and the choice;
+    ``defaults`` (option -> method stack) defaults to the suite's ``[tuning.defaults]``."""
+    report = as_report(report)
+    if defaults is None:
+        defaults = report.suite.tuning.get("defaults", {})
+    return [choose_option(report, option, defaults) for option in options]
 
 
 def format_choices(choices: list[Choice]) -> str:
-    return "\n\n".join(choice.text() for choice in choices)
+    return f"rule: {RULE}\n\n" + "\n\n".join(choice.text() for choice in choices)

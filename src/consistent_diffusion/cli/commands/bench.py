@@ -11,6 +11,7 @@ from consistent_diffusion.cli.options.model import add_model_arguments, load_mod
 
 EXAMPLES = """examples:
   consistent-diffusion bench --out runs/bench                      # quick suite, embedded model
+  consistent-diffusion bench --suite standard --out runs/standard # the evidence-sized suite (~43 min on 2 cores)
   consistent-diffusion bench --suite new-subject --out runs/new-subject   # the fine-tuning study
   consistent-diffusion bench --suite my_suite.toml --model path/to/sd15 --device cuda --out runs/bench-sd15
   accelerate launch -m consistent_diffusion bench --device cuda --out runs/bench               # multi-GPU
@@ -39,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--suite", default="quick",
-                        help="built-in suite: quick (the claims, 15 min on 2 CPU cores), full (more subjects and "
+                        help="built-in suite: quick (the claims, a smoke view: 15 min on 2 CPU cores), standard (the "
+                             "committed evidence: 12 tasks per style family, 16 images per cell, about 43 min on 2 "
+                             "CPU cores), full (more subjects and "
                              "seeds, for GPUs), tuning (where quick's options are chosen), new-subject (the "
                              "fine-tuning study); or a .toml file (default: quick)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (re-use it to resume)")
@@ -110,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
+    from consistent_diffusion.bench.suite_identities import check_tuning_identities
+
+    check_tuning_identities(suite, args.suite)  # no tuning identity in an evaluation suite
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
