@@ -53,20 +53,36 @@ def training_kind(kind: str) -> tuple[type, Callable[..., Any]]:
             "textual_inversion": (TextualInversionConfig, train_textual_inversion)}[kind]
 
 
-def check_trainings(suite: Suite) -> None:
-    """Raise ConfigError for a suite training whose options its config rejects: an unknown option
+def training_problems(suite: Suite) -> list[tuple[str, str, str]]:
+    """(training, key, why) for every suite training option its config rejects: an unknown option
     name, one the runner sets itself, or a bad value (the config's own validation)."""
+    problems = []
     for training in suite.trainings.values():
         config_class, _ = training_kind(training.kind)
         known = {f.name for f in dataclasses.fields(config_class)} - SET_BY_RUNNER
         unknown = sorted(set(training.options) - known)
         if unknown:
-            raise ConfigError(f"training {training.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+            problems += [(training.name, key, f"unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+                         for key in unknown[:1]]
+            continue
         try:
             config_class(out=Path("."), instance_dir=Path("."), resume=True, progress=False,
                          **_normalised(training.options))
         except ConfigError as error:
-            raise ConfigError(f"training {training.name!r}: {error}") from None
+            problems.append((training.name, _named_option(str(error), training.options), str(error)))
+    return problems
+
+
+def _named_option(message: str, options: dict[str, Any]) -> str:
+    """The option a config's error message is about (its first word naming one), else ``options``."""
+    return next((word for word in message.replace(",", " ").split() if word in options), "options")
+
+
+def check_trainings(suite: Suite) -> None:
+    """Raise ConfigError for the first suite training whose options its config rejects
+    (``training_problems``)."""
+    for name, _, why in training_problems(suite):
+        raise ConfigError(f"training {name!r}: {why}")
 
 
 def _normalised(options: dict[str, Any]) -> dict[str, Any]:

@@ -107,9 +107,11 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.bench.runner import merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
+    from consistent_diffusion.bench.suite_checks import check_suite
     from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
+    check_suite(suite)  # every suite problem, one line each, before any model loads
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
