@@ -102,9 +102,18 @@ def _instance_folder(task: Task, folder: Path) -> Path:
     return folder
 
 
+def training_steps(training: TrainingSpec) -> int:
+    """The steps ``training`` is planned for: its ``steps`` option or its config's default."""
+    if "steps" in training.options:
+        return int(training.options["steps"])
+    config_class, _ = training_kind(training.kind)
+    return int(next(f.default for f in dataclasses.fields(config_class) if f.name == "steps"))
+
+
 def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: Path, load_pipe: Callable[[], Any],
-                   progress: bool = False) -> tuple[Any, float]:
-    """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds)."""
+                   progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> tuple[Any, float]:
+    """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds).
+    on_step(step, loss): after each training step (``bench.progress``)."""
     config_class, train = training_kind(training.kind)
     start = time.perf_counter()
     pipe = load_pipe()
@@ -122,7 +131,7 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
     config = config_class(out=run, instance_dir=_instance_folder(task, run.parent / "instance"), resume=True,
                           progress=progress, single_process=True, **options)
     with torch_threads(config.threads):  # class images (prior preservation) are made at the same count
-        result = train(config, pipe)
+        result = train(config, pipe, on_step_end=on_step)
     return result, time.perf_counter() - start
 
 
@@ -140,16 +149,21 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def is_prepared(out_dir: Path, task: Task, training: TrainingSpec) -> bool:
+    return (prepared_dir(out_dir, task, training) / "prepared.json").is_file()
+
+
 def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],
-                    progress: bool = False) -> TrainingRecord:
+                    progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> TrainingRecord:
     """The record of ``training`` on ``task`` (trained now if not cached); its ``artifact`` is an
-    absolute path to pass to the ``dreambooth`` / ``lora`` / ``textual_inversion`` method."""
+    absolute path to pass to the ``dreambooth`` / ``lora`` / ``textual_inversion`` method.
+    on_step(step, loss): after each training step."""
     final = prepared_dir(out_dir, task, training)
-    if not (final / "prepared.json").is_file():
+    if not is_prepared(out_dir, task, training):
         # one partial folder per process: shards that need the same training never share one
         partial = final.with_name(f"{final.name}.partial{os.environ.get('RANK', '0')}")
         result, seconds = train_for_task(task, training, partial / "run", out_dir / "prepared" / "class_images",
-                                         load_pipe, progress=progress)
+                                         load_pipe, progress=progress, on_step=on_step)
         if result.stopped or result.result is None:
             raise ConsistentDiffusionError(f"training {training.name} for task {task.name} was stopped at step "
                                            f"{result.step}; run the same bench command again to resume it")
