@@ -106,7 +106,7 @@ def _typed(where: str, table: dict[str, Any], keys: dict[str, tuple[Callable[[An
             if closed:
                 problems.append(Problem(where, key, f"unknown key; accepted: {', '.join(keys)}"))
         elif not keys[key][0](value):
-            problems.append(Problem(where, key, f"must be {keys[key][1]}, got {value!r}"))
+            problems.append(Problem(where, key, f"{key} must be {keys[key][1]}, got {value!r}"))
     return problems
 
 
