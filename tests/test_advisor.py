@@ -84,3 +84,18 @@ def test_style_is_ranked_on_the_reference_and_a_method_that_copies_its_subject_i
     assert "object leakage +0.020" in format_advice(ranked, ["style"])
     kept = advise({"cells": cells}, ["style"], constraints=Constraints(allow_copying=True))
     assert [r.method for r in kept][:2] == ["copier", "aligned"]
+
+
+def test_the_diversity_guard_is_half_of_plains_diversity_not_a_fixed_number():
+    """Diversity 0.3 is more than half of a low-diversity plain's 0.2 (kept) and 0.55 is less than half
+    of a high-diversity plain's 1.2 (dropped): a guard against a fixed 0.5 would get both wrong."""
+    def with_plain(plain_diversity, *cells):
+        return {"cells": [cell("t", "plain", [], 0.1, 0.2, plain_diversity), *cells]}
+
+    varied = cell("t", "varied", ["img2img"], 0.5, 0.2, 0.3)
+    assert [r.method for r in advise(with_plain(0.2, varied), ["object"])][0] == "varied"
+    collapsed = cell("t", "collapsed", ["img2img"], 0.5, 0.2, 0.55)
+    dropped = []
+    advise(with_plain(1.2, collapsed), ["object"], dropped=dropped)
+    assert [method for method, _ in dropped] == ["collapsed"]
+    assert "below half of plain's 1.2" in dropped[0][1]

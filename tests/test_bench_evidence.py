@@ -157,12 +157,15 @@ methods = ["plain", "{method}"]
 
 
 def test_a_failing_worker_stops_the_run_with_its_log(tiny_sd_folder, tmp_path):
-    path = _style_suite(tmp_path, "broken", ["a red cat"], [0], second=("unknown", '{ method = "no_such_method" }'))
+    # a method option that only the method itself rejects, in the worker (an unknown method name is a suite
+    # error, caught before any worker starts: tests/test_suite_checks.py)
+    path = _style_suite(tmp_path, "broken", ["a red cat"], [0],
+                        second=("broken", '{ method = "img2img", image = "{reference}", strength = 7.0 }'))
     out = tmp_path / "out"
     completed = subprocess.run(_bench_on_two_workers(path, tiny_sd_folder, out), capture_output=True, text=True,
                                timeout=600, check=False)
     assert completed.returncode == 2
-    assert "bench worker" in completed.stderr and "no_such_method" in completed.stderr, completed.stderr[-2000:]
+    assert "bench worker" in completed.stderr and "strength must be" in completed.stderr, completed.stderr[-2000:]
     assert "re-run the same command to resume" in completed.stderr
     assert not (out / "report.json").exists()
 

@@ -13,7 +13,7 @@ import pytest
 from _emoji_fakes import TODAYS_HOLDOUT, fake_table, make_datasource
 from consistent_diffusion.cli.commands import data as data_command
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
-from consistent_diffusion.data import emoji
+from consistent_diffusion.data import emoji, emoji_sources
 from consistent_diffusion.data.emoji import EmojiDatasetConfig, build_emoji_dataset, load_emoji_dataset
 
 # What today's builder (before the seven styles, commit 6ff457a) wrote for the fake google + twitter
@@ -132,7 +132,7 @@ def test_refuses_to_overwrite_and_rejects_bad_config(tmp_path: Path, packages: l
 
 
 def test_missing_npm_says_how_to_use_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(emoji.shutil, "which", lambda name: None)
+    monkeypatch.setattr(emoji_sources.shutil, "which", lambda name: None)
     with pytest.raises(ConsistentDiffusionError, match="--from"):
         build_emoji_dataset(EmojiDatasetConfig(out=tmp_path / "out", cache=tmp_path / "cache"))
 

@@ -145,3 +145,25 @@ def test_edits_carry_their_recipe(tiny_sd_folder, tmp_path):
     assert parsed["Skip"] == "1" and parsed["Methods"] == "ddpm_edit"
     found = recipe.read_recipe(image)
     assert found["kind"] == "ddpm-edit" and found["request"]["skip"] == 1
+
+
+def test_zero_valued_fields_are_written_not_dropped():
+    """``Seed: 0``, ``CFG scale: 0`` and ``Skip: 0`` are values, not absences: only None is left out."""
+    from types import SimpleNamespace
+
+    from consistent_diffusion.methods.inversion.folders import edit_recipe_text
+    from consistent_diffusion.series import image_recipe_text
+
+    text = recipe.format_parameters("cat", "", {"Steps": 0, "CFG scale": 0.0, "Seed": 0, "Skip": 0, "Model hash": None})
+    parsed = recipe.parse_parameters(text)
+    assert (parsed["Steps"], parsed["CFG scale"], parsed["Seed"], parsed["Skip"]) == ("0", "0.0", "0", "0")
+    assert "Model hash" not in parsed
+    model = {"spec": "embedded", "fingerprint": "0123456789abcdef"}
+    manifest = {"config": {"steps": 20, "guidance_scale": 0.0}, "runtime": {"scheduler_class": "DDIMScheduler"},
+                "model": model, "methods": []}
+    series = recipe.parse_parameters(image_recipe_text(manifest, 0, "cat", 0, (64, 64))[recipe.PARAMETERS_KEY])
+    assert series["Seed"] == "0" and series["CFG scale"] == "0.0"
+    inversion = SimpleNamespace(steps=10, config={"seed": 0})
+    edit = edit_recipe_text({"cfg": 0.0, "skip": 0, "model": model}, "edit_p00.png", "dog", inversion, (64, 64))
+    edited = recipe.parse_parameters(edit[recipe.PARAMETERS_KEY])
+    assert (edited["Seed"], edited["CFG scale"], edited["Skip"]) == ("0", "0.0", "0")

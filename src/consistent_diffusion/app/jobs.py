@@ -317,20 +317,22 @@ def open_report(folder: str | os.PathLike) -> dict[str, Any]:
 
 def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, suite: str = "quick",
                     after_cell: Callable[[Any], None] | None = None, model_argv: list[str] | None = None,
-                    workers: int = 1, on_progress: Callable[[int, int], None] | None = None) -> Path:
+                    workers: int = 1, on_progress: Callable[[int, int], None] | None = None,
+                    on_prepare: Callable[[str], None] | None = None) -> Path:
     """Run a bench suite into a new job folder (resumable like the CLI's), merge and render it.
 
     With ``model_argv`` (the model's command-line arguments) and ``workers`` > 1 the cells run on
     that many processes of ``consistent-diffusion bench`` (``bench.workers``), else here, one
-    thread per cell. after_cell(cell) / on_progress(done, total): progress, per cell or counted."""
+    thread per cell. after_cell(cell) / on_progress(done, total): progress, per cell or counted;
+    on_prepare(line): the fine-tunings before the cells (which training, its step, time left)."""
     from consistent_diffusion.bench.report import write_reports
     from consistent_diffusion.bench.runner import finished_cells, merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
-    from consistent_diffusion.bench.suite_identities import check_tuning_identities
+    from consistent_diffusion.bench.suite_checks import check_suite_for_bench
 
     loaded = load_suite(suite)
-    check_tuning_identities(loaded, suite)
+    check_suite_for_bench(loaded, suite)
     folder = job_folder(out_root, "bench")
     total = len(loaded.cells)
     if model_argv is not None and workers > 1:
@@ -338,7 +340,8 @@ def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, s
 
         run_workers(["bench", "--suite", suite, "--out", str(folder), *model_argv], folder, workers, loaded.threads,
                     done_cells=lambda: finished_cells(folder, loaded), total_cells=total,
-                    progress=False, on_progress=None if on_progress is None else lambda done: on_progress(done, total))
+                    progress=False, on_progress=None if on_progress is None else lambda done: on_progress(done, total),
+                    on_prepare=on_prepare)
     else:
         def counted(cell: Any) -> None:
             if after_cell is not None:
@@ -346,7 +349,8 @@ def run_quick_bench(load_pipe: Callable[[], Any], out_root: str | os.PathLike, s
             if on_progress is not None:
                 on_progress(finished_cells(folder, loaded), total)
 
-        run_bench(loaded, folder, load_pipe, make_scorer(), progress=False, after_cell=counted)
+        run_bench(loaded, folder, load_pipe, make_scorer(), progress=False, after_cell=counted,
+                  on_prepare=None if on_prepare is None else lambda event: on_prepare(event.line()))
     write_reports(merge_report(loaded, folder), folder)
     return folder
 

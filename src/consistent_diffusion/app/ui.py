@@ -170,7 +170,8 @@ class App:
 
         try:
             folder = jobs.run_quick_bench(self.load_pipe, self.out_root, model_argv=self.model_argv,
-                                          workers=self.bench_workers, on_progress=counted)
+                                          workers=self.bench_workers, on_progress=counted,
+                                          on_prepare=lambda line: progress(0, desc=line))
         except (ConsistentDiffusionError, OSError) as error:
             raise _fail(error) from error
         return (*self.open_report(str(folder))[:4], f"bench written to {folder}")

@@ -53,20 +53,36 @@ def training_kind(kind: str) -> tuple[type, Callable[..., Any]]:
             "textual_inversion": (TextualInversionConfig, train_textual_inversion)}[kind]
 
 
-def check_trainings(suite: Suite) -> None:
-    """Raise ConfigError for a suite training whose options its config rejects: an unknown option
+def training_problems(suite: Suite) -> list[tuple[str, str, str]]:
+    """(training, key, why) for every suite training option its config rejects: an unknown option
     name, one the runner sets itself, or a bad value (the config's own validation)."""
+    problems = []
     for training in suite.trainings.values():
         config_class, _ = training_kind(training.kind)
         known = {f.name for f in dataclasses.fields(config_class)} - SET_BY_RUNNER
         unknown = sorted(set(training.options) - known)
         if unknown:
-            raise ConfigError(f"training {training.name!r}: unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+            problems += [(training.name, key, f"unknown options {unknown}; accepted: {', '.join(sorted(known))}")
+                         for key in unknown[:1]]
+            continue
         try:
             config_class(out=Path("."), instance_dir=Path("."), resume=True, progress=False,
                          **_normalised(training.options))
         except ConfigError as error:
-            raise ConfigError(f"training {training.name!r}: {error}") from None
+            problems.append((training.name, _named_option(str(error), training.options), str(error)))
+    return problems
+
+
+def _named_option(message: str, options: dict[str, Any]) -> str:
+    """The option a config's error message is about (its first word naming one), else ``options``."""
+    return next((word for word in message.replace(",", " ").split() if word in options), "options")
+
+
+def check_trainings(suite: Suite) -> None:
+    """Raise ConfigError for the first suite training whose options its config rejects
+    (``training_problems``)."""
+    for name, _, why in training_problems(suite):
+        raise ConfigError(f"training {name!r}: {why}")
 
 
 def _normalised(options: dict[str, Any]) -> dict[str, Any]:
@@ -86,9 +102,18 @@ def _instance_folder(task: Task, folder: Path) -> Path:
     return folder
 
 
+def training_steps(training: TrainingSpec) -> int:
+    """The steps ``training`` is planned for: its ``steps`` option or its config's default."""
+    if "steps" in training.options:
+        return int(training.options["steps"])
+    config_class, _ = training_kind(training.kind)
+    return int(next(f.default for f in dataclasses.fields(config_class) if f.name == "steps"))
+
+
 def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: Path, load_pipe: Callable[[], Any],
-                   progress: bool = False) -> tuple[Any, float]:
-    """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds)."""
+                   progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> tuple[Any, float]:
+    """Train ``training`` on ``task``'s references into ``run``; returns (TrainResult, seconds).
+    on_step(step, loss): after each training step (``bench.progress``)."""
     config_class, train = training_kind(training.kind)
     start = time.perf_counter()
     pipe = load_pipe()
@@ -106,7 +131,7 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
     config = config_class(out=run, instance_dir=_instance_folder(task, run.parent / "instance"), resume=True,
                           progress=progress, single_process=True, **options)
     with torch_threads(config.threads):  # class images (prior preservation) are made at the same count
-        result = train(config, pipe)
+        result = train(config, pipe, on_step_end=on_step)
     return result, time.perf_counter() - start
 
 
@@ -124,16 +149,21 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def is_prepared(out_dir: Path, task: Task, training: TrainingSpec) -> bool:
+    return (prepared_dir(out_dir, task, training) / "prepared.json").is_file()
+
+
 def ensure_prepared(out_dir: Path, task: Task, training: TrainingSpec, load_pipe: Callable[[], Any],
-                    progress: bool = False) -> TrainingRecord:
+                    progress: bool = False, on_step: Callable[[int, float], None] | None = None) -> TrainingRecord:
     """The record of ``training`` on ``task`` (trained now if not cached); its ``artifact`` is an
-    absolute path to pass to the ``dreambooth`` / ``lora`` / ``textual_inversion`` method."""
+    absolute path to pass to the ``dreambooth`` / ``lora`` / ``textual_inversion`` method.
+    on_step(step, loss): after each training step."""
     final = prepared_dir(out_dir, task, training)
-    if not (final / "prepared.json").is_file():
+    if not is_prepared(out_dir, task, training):
         # one partial folder per process: shards that need the same training never share one
         partial = final.with_name(f"{final.name}.partial{os.environ.get('RANK', '0')}")
         result, seconds = train_for_task(task, training, partial / "run", out_dir / "prepared" / "class_images",
-                                         load_pipe, progress=progress)
+                                         load_pipe, progress=progress, on_step=on_step)
         if result.stopped or result.result is None:
             raise ConsistentDiffusionError(f"training {training.name} for task {task.name} was stopped at step "
                                            f"{result.step}; run the same bench command again to resume it")

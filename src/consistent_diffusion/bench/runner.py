@@ -36,6 +36,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from consistent_diffusion.bench.image_columns import with_image_columns
+from consistent_diffusion.bench.progress import PrepareBars, PrepareListener
 from consistent_diffusion.bench.records import (
     CellCost,
     CellRecord,
@@ -117,16 +118,40 @@ def training_units(suite: Suite, cells: list[Cell]) -> list[tuple[Task, Training
 
 
 def prepare_shard(suite: Suite, cells: list[Cell], out_dir: Path, load_train_pipe: Callable[[], Any],
-                  shard: Shard = Shard(), progress: bool = False) -> None:
+                  shard: Shard = Shard(), progress: bool = False, on_prepare: PrepareListener | None = None) -> None:
     """Phase one: train this process's share of the trainings ``cells`` need (cached ones are
-    skipped), after checking every training's options (a bad one fails before any work)."""
-    from consistent_diffusion.bench.prepare import check_trainings, ensure_prepared
+    skipped), after checking every training's options (a bad one fails before any work).
+    on_prepare(PrepareProgress): at the start, after each training step and at each training's end."""
+    from consistent_diffusion.bench.prepare import (
+        check_trainings,
+        ensure_prepared,
+        is_prepared,
+        training_steps,
+    )
+    from consistent_diffusion.bench.progress import PrepareProgress, StepTimer
 
     units = training_units(suite, cells)
     if units:
         check_trainings(suite)
-    for task, training in shard.select(units):
-        ensure_prepared(out_dir, task, training, load_train_pipe, progress=progress)
+    mine = shard.select(units)
+    report = on_prepare or (lambda event: None)
+    report(PrepareProgress(done=0, total=len(mine)))
+    for done, (task, training) in enumerate(mine):
+        if not is_prepared(out_dir, task, training):
+            running = PrepareProgress(done=done, total=len(mine), task=task.name, training=training.name,
+                                      steps=training_steps(training))
+            timer = StepTimer(running.steps)
+            report(running)
+
+            def stepped(step: int, loss: float, running: PrepareProgress = running, timer: StepTimer = timer) -> None:
+                if timer.first is None:  # the pace counts from the first step this session completed
+                    timer.start(step)
+                report(dataclasses.replace(running, step=step, seconds_left=timer.seconds_left(step)))
+
+            ensure_prepared(out_dir, task, training, load_train_pipe, progress=progress and on_prepare is None,
+                            on_step=stepped)
+        report(PrepareProgress(done=done + 1, total=len(mine)))
+    report(PrepareProgress(done=len(mine), total=len(mine), finished=True))
 
 
 def run_cell(pipe: Any, suite: Suite, cell: Cell, out_dir: Path, scorer: Scorer, batch_size: int = 8,
@@ -189,16 +214,25 @@ def run_bench(
     after_cell: Callable[[Cell], None] | None = None,
     load_train_pipe: Callable[[], Any] | None = None,
     barrier: Callable[[], None] | None = None,
+    on_prepare: PrepareListener | None = None,
 ) -> list[str]:
     """Run this process's unfinished cells; returns the ids it ran. First this process's share
     of the trainings the unfinished cells need (``prepare_shard``), then ``barrier()`` (every
     process waits for the others' trainings; None with one process), then the cells.
     ``load_pipe`` is called once, only if there are cells to run; ``load_train_pipe`` (default
-    ``load_pipe``) once per training not cached yet: each training gets a fresh pipeline."""
+    ``load_pipe``) once per training not cached yet: each training gets a fresh pipeline.
+    on_prepare(PrepareProgress): the prepare stage's progress (default with ``progress``: a bar per
+    training, ``bench.progress.PrepareBars``); the cell bar starts after it."""
     check_pinned(pin_cpu_kernels())  # the same numbers on any x86-64 CPU (core.cpu_kernels)
     out_dir = Path(out_dir)
     unfinished = [cell for cell in suite.cells if not is_done(out_dir, cell)]
-    prepare_shard(suite, unfinished, out_dir, load_train_pipe or load_pipe, shard, progress=progress)
+    bars = PrepareBars(disable=not progress) if on_prepare is None else None
+    try:
+        prepare_shard(suite, unfinished, out_dir, load_train_pipe or load_pipe, shard, progress=progress,
+                      on_prepare=on_prepare or bars)
+    finally:
+        if bars is not None:
+            bars.close()
     if barrier is not None:
         barrier()
     todo = [cell for cell in shard.select(suite.cells) if not is_done(out_dir, cell)]

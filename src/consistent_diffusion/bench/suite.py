@@ -270,31 +270,36 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 
 def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite:
+    """The suite ``data`` (a parsed TOML) describes; every problem found (``bench.suite_checks``) is
+    raised at once as one ``SuiteError``, a line each naming ``source``, the task and the key."""
+    from consistent_diffusion.bench.suite_checks import Problem, raise_problems, schema_problems
+
+    where = source or "suite"
+    raise_problems(where, schema_problems(data))
+    problems: list[Problem] = []
+
+    def built(label: str, key: str, make: Any) -> Any:
+        try:
+            return make()
+        except ConfigError as error:
+            problems.append(Problem(label, key, str(error)))
+            return None
+
     methods = {
-        name: MethodSpec(name=name, uses=tuple(spec.get("uses", ())), prompt=spec.get("prompt", PROMPT_PLACEHOLDER))
+        name: built(f"method {name!r}", "prompt", lambda name=name, spec=spec: MethodSpec(
+            name=name, uses=tuple(spec.get("uses", ())), prompt=spec.get("prompt", PROMPT_PLACEHOLDER)))
         for name, spec in data.get("methods", {}).items()
     }
     trainings = {
-        name: TrainingSpec(name=name, kind=spec.get("kind", ""), options={k: v for k, v in spec.items() if k != "kind"})
+        name: built(f"training {name!r}", "kind", lambda name=name, spec=spec: TrainingSpec(
+            name=name, kind=spec.get("kind", ""), options={k: v for k, v in spec.items() if k != "kind"}))
         for name, spec in data.get("training", {}).items()
     }
-    tasks = tuple(
-        Task(
-            name=task["name"],
-            kind=task["kind"],
-            prompts=tuple(task["prompts"]),
-            seeds=tuple(task["seeds"]),
-            methods=tuple(task["methods"]),
-            references=tuple(str(_resolve(base, ref)) for ref in task.get("references", ())),
-            description=task.get("description", ""),
-            subject=task.get("subject", ""),
-            reference_prompt=task.get("reference_prompt", ""),
-            family=task.get("family", ""),
-        )
-        for task in data.get("tasks", ())
-    )
+    tasks = tuple(built(f"task {task['name']!r}", "name", lambda task=task: _task(task, base, problems))
+                  for task in data.get("tasks", ()))
+    raise_problems(where, problems)
     known = {"name", "steps", "guidance", "methods", "tasks", "training", "tuning", "threads"}
-    return Suite(
+    suite = built("suite", "tasks", lambda: Suite(
         name=data.get("name", Path(source).stem or "suite"),
         tasks=tasks,
         methods=methods,
@@ -305,6 +310,32 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
         trainings=trainings,
         tuning=dict(data.get("tuning", {})),
         threads=data.get("threads", 1),
+    ))
+    raise_problems(where, problems)
+    return suite
+
+
+def _task(task: dict[str, Any], base: Path, problems: list[Any]) -> Task:
+    """A task of the suite's data; a reference file that is missing is added to ``problems``."""
+    from consistent_diffusion.bench.suite_checks import Problem
+
+    references = []
+    for ref in task.get("references", ()):
+        try:
+            references.append(str(_resolve(base, ref)))
+        except ConfigError as error:
+            problems.append(Problem(f"task {task['name']!r}", "references", str(error)))
+    return Task(
+        name=task["name"],
+        kind=task["kind"],
+        prompts=tuple(task["prompts"]),
+        seeds=tuple(task["seeds"]),
+        methods=tuple(task["methods"]),
+        references=tuple(references),
+        description=task.get("description", ""),
+        subject=task.get("subject", ""),
+        reference_prompt=task.get("reference_prompt", ""),
+        family=task.get("family", ""),
     )
 
 

@@ -9,6 +9,7 @@ so N workers use N cores and the numbers are those of a one-process run.
 
     OUT/.workers/worker<i>.log      what each worker printed (kept after a failure)
     OUT/.workers/ready.<i>          worker i finished its trainings (the barrier)
+    OUT/.workers/progress.<i>.json  worker i's prepare stage (``bench.progress``), shown by the main process
     OUT/.workers/abort              written by the main process when a worker failed
 """
 
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from consistent_diffusion.core.errors import ConsistentDiffusionError
 
@@ -82,13 +84,59 @@ def _log_tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
+def _all_exited(processes: list[tuple[subprocess.Popen, Any]], folder: Path) -> bool:
+    """True when every worker exited cleanly; raises (after writing ``abort``) when one failed."""
+    codes = [process.poll() for process, _ in processes]
+    failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+    if failed:
+        (folder / "abort").touch()
+        log = folder / f"worker{failed[0]}.log"
+        raise ConsistentDiffusionError(
+            f"bench worker {failed[0]} failed (exit {codes[failed[0]]}); its log {log} ends:\n"
+            f"{_log_tail(log)}\nre-run the same command to resume")
+    return all(code == 0 for code in codes)
+
+
+def _show_prepare(processes: list[tuple[subprocess.Popen, Any]], folder: Path, count: int, progress: bool,
+                  on_prepare: Callable[[str], None] | None) -> None:
+    """The workers' prepare stage (``bench.progress``): one bar over every worker's trainings whose
+    text says what each trains, its step and time left; returns when all have finished theirs."""
+    from tqdm.auto import tqdm
+
+    from consistent_diffusion.bench.progress import all_finished, read_progress, status_line
+
+    bar, last = None, ""
+    try:
+        while True:
+            events = read_progress(folder, count)
+            if all_finished(events) or _all_exited(processes, folder):
+                return
+            total = sum(event.total for event in events if event is not None)
+            if bar is None and total:
+                bar = tqdm(total=total, desc=f"prepare ({count} workers)", unit="training", disable=not progress)
+            line = status_line(events)
+            if bar is not None:
+                bar.total = max(bar.total, total)
+                bar.update(sum(event.done for event in events if event is not None) - bar.n)
+                bar.set_postfix_str(line.split(" | ", 1)[1] if " | " in line else "")
+            if line != last and on_prepare is not None:
+                on_prepare(line)
+            last = line
+            time.sleep(POLL_SECONDS)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_cells: Callable[[], int],
-                total_cells: int, progress: bool = True, on_progress: Callable[[int], None] | None = None) -> None:
+                total_cells: int, progress: bool = True, on_progress: Callable[[int], None] | None = None,
+                on_prepare: Callable[[str], None] | None = None) -> None:
     """Run ``consistent-diffusion <argv> --worker i/count`` for every i and wait for all of them.
 
     argv: the bench command's own arguments (its ``--workers`` is overridden). done_cells: how
     many cells are finished now (for the progress bar, and ``on_progress(done)`` whenever it
-    grows). Raises ConsistentDiffusionError, after stopping the others, when a worker fails; a
+    grows). Before the cells, the workers' trainings: a bar with what each trains
+    (``_show_prepare``), and ``on_prepare(line)`` whenever that line changes. Raises ConsistentDiffusionError, after stopping the others, when a worker fails; a
     KeyboardInterrupt stops every worker too."""
     from tqdm.auto import tqdm
 
@@ -105,22 +153,15 @@ def run_workers(argv: Sequence[str], out: Path, count: int, threads: int, done_c
         processes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                            env={**env, "RANK": str(index), PARENT_ENV: str(os.getpid())}), log))
     try:
+        _show_prepare(processes, folder, count, progress, on_prepare)
         with tqdm(total=total_cells, initial=done_cells(), desc=f"bench ({count} workers)", unit="cell",
                   disable=not progress) as bar:
             while True:
-                codes = [process.poll() for process, _ in processes]
                 done = done_cells()
                 if done != bar.n and on_progress is not None:
                     on_progress(done)
                 bar.update(done - bar.n)
-                failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
-                if failed:
-                    (folder / "abort").touch()
-                    log = folder / f"worker{failed[0]}.log"
-                    raise ConsistentDiffusionError(
-                        f"bench worker {failed[0]} failed (exit {codes[failed[0]]}); its log {log} ends:\n"
-                        f"{_log_tail(log)}\nre-run the same command to resume")
-                if all(code == 0 for code in codes):
+                if _all_exited(processes, folder):
                     return
                 time.sleep(POLL_SECONDS)
     finally:

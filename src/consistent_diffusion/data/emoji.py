@@ -38,10 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
-import tarfile
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,6 +47,16 @@ import numpy as np
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.core.outputs import atomic_output_dir
+from consistent_diffusion.data.emoji_card import SPLITS, build_summary, dataset_card  # noqa: F401  (re-exported)
+from consistent_diffusion.data.emoji_sources import (  # noqa: F401  (re-exported: the module's old names)
+    DEFAULT_NPM_VERSION,
+    DEFAULT_STYLES,
+    describe_source,
+    describe_sources,
+    npm_pack,
+    package_slug,
+    resolve_sources,
+)
 from consistent_diffusion.data.raster import IMAGE_SIZE, read_artwork
 from consistent_diffusion.data.styles import (
     DATASOURCE_PREFIX,
@@ -62,13 +68,8 @@ from consistent_diffusion.data.styles import (
     codepoint_key,
     match_style,
     spec_of,
-    styles_of_package,
 )
 
-DEFAULT_VENDORS = ("google", "twitter")  # the styles a config builds by default (today's dataset)
-DEFAULT_STYLES = DEFAULT_VENDORS
-DEFAULT_NPM_VERSION = "16.0.0"  # emoji-datasource version; the other packages' versions are in STYLES
-SPLITS = ("train", "val", "holdout")
 DROPPED_CATEGORIES = ("Component",)
 # Categories holdout identities are drawn from: recognisable subjects, not flags or symbols.
 HOLDOUT_CATEGORIES = ("Smileys & Emotion", "Animals & Nature", "Food & Drink", "Objects",
@@ -92,7 +93,7 @@ class EmojiDatasetConfig:
 
     out: Path  # output folder (written atomically: temp folder + rename)
     sources: list[Path] = field(default_factory=list)  # extracted package folders; empty: npm pack
-    styles: tuple[str, ...] | None = None  # None: every style of ``sources``, or DEFAULT_STYLES via npm
+    styles: tuple[str, ...] | None = None  # None: every style of ``sources``, or DEFAULT_STYLES (all seven) via npm
     npm_version: str = DEFAULT_NPM_VERSION  # emoji-datasource version to npm pack
     cache: Path | None = None  # where npm tarballs and extracted packages go
     holdout_fraction: float = HOLDOUT_FRACTION  # hash threshold of holdout identities (subject categories)
@@ -189,88 +190,6 @@ def load_emoji_dataset(folder: str | os.PathLike) -> EmojiDataset:
 
 
 # ----------------------------------------------------------------------------- sources
-
-
-def package_slug(package: str) -> str:
-    """npm's tarball stem of a package: '@lobehub/fluent-emoji-3d' -> 'lobehub-fluent-emoji-3d'."""
-    return package.lstrip("@").replace("/", "-")
-
-
-def npm_pack(package: str, version: str, cache: Path) -> Path:
-    """Fetch ``package@version`` with the npm client into ``cache``; return the extracted folder.
-
-    The folder returned is the package root (holding ``package.json``). Reuses earlier downloads.
-    """
-    slug = package_slug(package)
-    target = cache / f"{slug}-{version}"
-    if (target / "package" / "package.json").is_file():
-        return target / "package"
-    if shutil.which("npm") is None:
-        raise ConsistentDiffusionError(
-            "npm is not installed, so the emoji packages cannot be fetched. Either install Node.js/npm, "
-            f"or fetch and extract them elsewhere (npm pack {package}@{version}; tar xzf the .tgz) and "
-            "pass the extracted 'package' folders with --from DIR (once per package)."
-        )
-    cache.mkdir(parents=True, exist_ok=True)
-    tarball = cache / f"{slug}-{version}.tgz"
-    if not tarball.is_file():
-        result = subprocess.run(
-            ["npm", "pack", f"{package}@{version}", "--pack-destination", str(cache)],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0 or not tarball.is_file():
-            raise ConsistentDiffusionError(
-                f"npm pack {package}@{version} failed: {result.stderr.strip()[-400:]}; "
-                "fetch it elsewhere and pass the extracted folder with --from DIR"
-            )
-    temp = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
-    try:
-        with tarfile.open(tarball, "r:gz") as archive:
-            archive.extractall(temp, filter="data")
-        os.replace(temp, target)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return target / "package"
-
-
-def describe_sources(folder: Path) -> list[dict]:
-    """One source description per style an extracted package folder draws."""
-    root, info, specs = styles_of_package(Path(folder))
-    version = str(info.get("version", "?"))
-    return [{"root": root, "style": s.style, "vendor": s.style, "package": str(info.get("name")),
-             "version": version, "folder": s.folder} for s in specs]
-
-
-def describe_source(folder: Path) -> dict:
-    """Vendor, package name and version of an extracted ``emoji-datasource-<vendor>`` folder."""
-    sources = describe_sources(folder)
-    if not sources[0]["package"].startswith(DATASOURCE_PREFIX):
-        raise ConsistentDiffusionError(f"{folder} is not an emoji-datasource-<vendor> package")
-    return sources[0]
-
-
-def resolve_sources(config: EmojiDatasetConfig) -> list[dict]:
-    """Source descriptions (one per style, in the order asked), from ``--from`` folders or npm packs."""
-    if config.sources:
-        found = [s for folder in config.sources for s in describe_sources(folder)]
-    else:
-        cache = Path(config.cache or Path.home() / ".cache" / "consistent-diffusion" / "npm")
-        packages: dict[str, str] = {}
-        for style in config.styles or DEFAULT_STYLES:
-            spec = spec_of(style)
-            version = config.npm_version if spec.package.startswith(DATASOURCE_PREFIX) else spec.version
-            packages.setdefault(spec.package, version)
-        found = [s for p, v in packages.items() for s in describe_sources(npm_pack(p, v, cache))]
-    styles = [s["style"] for s in found]
-    if len(set(styles)) != len(styles):
-        raise ConfigError(f"each style may be given once, got {styles}")
-    if config.styles is None:
-        return found
-    missing = [s for s in config.styles if s not in styles]
-    if missing:
-        raise ConfigError(f"no source draws the style(s) {missing}; sources draw {styles}")
-    by_style = {s["style"]: s for s in found}
-    return [by_style[s] for s in config.styles]
 
 
 # ----------------------------------------------------------------------------- records
@@ -455,138 +374,3 @@ def write_dataset(out: Path, images: np.ndarray, records: list[dict], meta: dict
         (temp / "DATASET_CARD.md").write_text(dataset_card(records, meta))
 
 
-# ----------------------------------------------------------------------------- reports
-
-
-def count_table(records: list[dict], key: str) -> str:
-    """Markdown table of counts of ``key`` per split."""
-    counts = Counter((r[key], r["split"]) for r in records)
-    values = sorted({r[key] for r in records})
-    lines = [f"| {key} | " + " | ".join(SPLITS) + " | total |", "|---|" + "---:|" * (len(SPLITS) + 1)]
-    for value in values:
-        row = [counts[(value, s)] for s in SPLITS]
-        lines.append(f"| {value} | " + " | ".join(str(n) for n in row) + f" | {sum(row)} |")
-    return "\n".join(lines)
-
-
-def matching_lines(meta: dict) -> list[str]:
-    """Markdown lines: identities per number of styles, unmatched files per style."""
-    matching = meta.get("matching")
-    if not matching:
-        return []
-    by_count = matching["identities_by_style_count"]
-    lines = ["| styles drawing it | identities |", "|---:|---:|"]
-    lines += [f"| {k} | {n} |" for k, n in by_count.items()]
-    lines += ["", "| style | identities drawn | files that matched no identity |", "|---|---:|---:|"]
-    lines += [f"| {s} | {matching['drawn'][s]} | {matching['unmatched_files'][s]} |" for s in matching["drawn"]]
-    for style, examples in matching.get("unmatched_examples", {}).items():
-        lines.append(f"- {style}, unmatched examples: {', '.join(examples)}")
-    return lines
-
-
-def build_summary(records: list[dict], meta: dict) -> str:
-    """The build's printed summary: matching, rows per style and split, held-out styles."""
-    matching = meta.get("matching", {})
-    by_count = matching.get("identities_by_style_count", {})
-    lines = [
-        f"{len(records)} images, styles {', '.join(meta['styles'])} (held out: "
-        f"{', '.join(meta.get('heldout_styles', [])) or 'none'}), built in {meta.get('build_seconds', '?')} s",
-        "identities by number of styles: " + ", ".join(f"{k}: {n}" for k, n in by_count.items()),
-        "files matching no identity: " + ", ".join(f"{s} {n}" for s, n in matching.get("unmatched_files", {}).items()),
-        "rows per style and split:",
-        count_table(records, "style"),
-    ]
-    return "\n".join(lines)
-
-
-def source_line(source: dict) -> str:
-    spec = spec_of(source.get("style", source.get("vendor", "")))
-    return (f"- {spec.style}: `{source['package']}` {source['version']} (`{source.get('folder', spec.folder)}`), "
-            f"{spec.artwork}, artwork licence {spec.licence}")
-
-
-def licence_section(meta: dict) -> list[str]:
-    texts = meta.get("licences", {})
-    lines = []
-    for package, text in texts.items():
-        lines += [f"### `{package}`", "", "```text", text, "```", ""]
-    return lines
-
-
-def dataset_card(records: list[dict], meta: dict) -> str:
-    """The dataset card: sources, versions, licences, decisions, matching, counts per style/category/split."""
-    styles = meta["styles"]
-    heldout = meta.get("heldout_styles", [])
-    identities = Counter(r["split"] for r in {r["identity"]: r for r in records}.values())
-    holdout_names = sorted({r["name"] for r in records if r["split"] == "holdout"})
-    fraction = meta.get("unstyled_caption_fraction", 0.0)
-    return "\n".join([
-        "# Emoji dataset card",
-        "",
-        "Built by `consistent-diffusion data emoji`. The same emoji drawn in several house styles, "
-        "so style and identity are labels we know.",
-        "",
-        "## Sources and licences",
-        *[source_line(s) for s in meta.get("sources", [])],
-        "- names, categories and subcategories: `emoji.json` from the emoji-datasource packages "
-        "(emoji-data by Cal Henderson, MIT); OpenMoji's `data/openmoji.json` (CLDR names) names the "
-        "captions and helps match the name-only Fluent files.",
-        "- attribution: Noto Emoji, Copyright Google, Apache-2.0. Twemoji: Copyright Twitter, Inc. and other "
-        "contributors, CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/). OpenMoji: the open-source "
-        "emoji and icon project of HfG Schwaebisch Gmuend, CC-BY-SA-4.0 "
-        "(https://creativecommons.org/licenses/by-sa/4.0/): images derived from it, the openmoji and "
-        "openmoji-line rows, must be shared under the same licence. Fluent Emoji: Copyright Microsoft "
-        "Corporation, MIT (https://github.com/microsoft/fluentui-emoji); the npm packages that carry it are "
-        "MIT too (`@lobehub/fluent-emoji-3d` ships no licence file; its package.json and README say MIT).",
-        "- the emoji-datasource packages' own LICENSE file is emoji-data's MIT licence; their README gives the "
-        "artwork licences above.",
-        "",
-        "## Content",
-        f"- {len(records)} images, {meta['image_size']}x{meta['image_size']} RGB composited on white "
-        "(SVG rasterised with resvg at 64x64, WebP resized with Lanczos), "
-        f"styles: {', '.join(styles)}; {identities.total()} identities.",
-        "- captions: `<name in lower case>, <style> style`, e.g. `red heart, twitter style`; for "
-        f"{fraction:.0%} of the training rows (a hash of identity and style) just `<name>`. The name is the "
-        "emoji's CLDR short name (OpenMoji's annotation) where there is one"
-        + (" ({cldr} identities), else its Unicode name ({unicode})".format(**meta["caption_names"])
-           if "caption_names" in meta else ", else its Unicode name")
-        + ": U+2764's Unicode name is `heavy black heart`, its CLDR name `red heart`.",
-        "- labels per image: style, identity (code point), name, Unicode name, short name, category, subcategory, "
-        "split, style_split.",
-        "- skin-tone variants dropped: they repeat an identity and caption with another skin colour, "
-        "would add five near-duplicates to each of ~400 people emoji (skewing counts towards People & Body) "
-        "and their captions cannot tell them apart. The `Component` category (bare skin-tone swatches, hair "
-        "parts) is dropped too.",
-        "",
-        "## Held-out styles",
-        f"- {', '.join(heldout) or 'none'}: `style_split = heldout`. Never used to train the VAE, the UNet, the "
-        "probes or the metric heads (training selects rows with `trainable_rows`: train split and a trained "
-        "style); they test whether a method carries a style the model never saw, and whether the style "
-        "metric works on unseen styles.",
-        "",
-        "## Matching identities across packages",
-        "- by code point where the package names files by code point (emoji-datasource, OpenMoji, Fluent 3D; "
-        "U+FE0F and U+E007F ignored), by normalised name otherwise (fluentui-emoji: a hand-checked alias table "
-        "for the ~30 Fluent names that are no CLDR, Unicode or short name, then CLDR name, then Unicode name, "
-        "then short names, each pass over all identities). Identities drawn by fewer than "
-        f"{meta.get('min_styles', len(styles))} styles are dropped.",
-        "- files that matched no identity are not emoji of emoji.json (OpenMoji's extras: regional indicator "
-        "letters, symbols, its own pictograms; skin-tone variants are not counted).",
-        "",
-        *matching_lines(meta),
-        "",
-        "## Split (by identity, every style together; deterministic hash of the code point)",
-        f"- train {identities['train']}, val {identities['val']}, holdout {identities['holdout']} identities.",
-        "- holdout identities never enter any training (base model, probes); they serve as new subjects "
-        "for DreamBooth and novel concepts. Holdout emoji: " + ", ".join(holdout_names) + ".",
-        "",
-        "## Counts per style",
-        count_table(records, "style"),
-        "",
-        "## Counts per category",
-        count_table(records, "category"),
-        "",
-        "## Licence files of the packages",
-        "",
-        *licence_section(meta),
-    ])

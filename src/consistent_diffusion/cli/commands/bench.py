@@ -81,6 +81,16 @@ def _shard(worker: str | None, out: Path):
     return Shard(state.process_index, state.num_processes), state, state.wait_for_everyone
 
 
+def _worker_progress(worker: str | None, out: Path):
+    """A process of ``--workers`` writes its prepare stage's progress for the main process to show."""
+    if worker is None:
+        return None
+    from consistent_diffusion.bench.progress import ProgressFile, progress_path
+    from consistent_diffusion.bench.workers import WORKERS_DIR, parse_worker
+
+    return ProgressFile(progress_path(out / WORKERS_DIR, parse_worker(worker)[0]))
+
+
 def default_workers(device: str) -> int:
     """Bench processes by default: the CPU cores up to 4 on CPU, 1 on a GPU."""
     if not str(device).startswith("cpu"):
@@ -110,12 +120,11 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.bench.runner import merge_report, run_bench
     from consistent_diffusion.bench.scoring import make_scorer
     from consistent_diffusion.bench.suite import load_suite
+    from consistent_diffusion.bench.suite_checks import check_suite_for_bench
     from consistent_diffusion.core.errors import ConfigError
 
     suite = load_suite(args.suite)
-    from consistent_diffusion.bench.suite_identities import check_tuning_identities
-
-    check_tuning_identities(suite, args.suite)  # no tuning identity in an evaluation suite
+    check_suite_for_bench(suite, args.suite)  # every suite problem, one line each, before any model loads
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
@@ -145,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         run_bench(suite, out, load_pipe=lambda: load_model_from_args(args), scorer=scorer,
                   shard=shard, batch_size=args.batch_size, progress=not args.quiet and shard.index == 0,
                   load_train_pipe=lambda: load_model_from_args(args, dtype="float32"),  # fine-tune in full precision
-                  barrier=barrier)
+                  barrier=barrier, on_prepare=_worker_progress(args.worker, out))
     if state is not None:
         state.wait_for_everyone()
     if shard.index == 0 and args.worker is None:

@@ -74,9 +74,9 @@ def run_emoji(args: argparse.Namespace) -> int:
         build_emoji_dataset,
         load_emoji_dataset,
     )
-    from consistent_diffusion.data.styles import ALL_STYLES, HELDOUT_STYLES
+    from consistent_diffusion.data.styles import HELDOUT_STYLES
 
-    styles = tuple(args.styles) if args.styles else (None if args.sources else ALL_STYLES)
+    styles = tuple(args.styles) if args.styles else None  # None: every style of --from, or DEFAULT_STYLES via npm
     config = EmojiDatasetConfig(
         out=args.out,
         sources=args.sources,

@@ -169,7 +169,7 @@ def edit_recipe_text(manifest: dict[str, Any], file: str, prompt: str, inversion
         "Size": f"{size[0]}x{size[1]}",
         **recipe.model_fields(manifest["model"]),
         "Methods": "ddpm_edit",
-        "Skip": manifest["skip"] or None,
+        "Skip": manifest["skip"],
         **recipe.version_field(),
     }
     parameters = recipe.format_parameters(prompt, manifest.get("negative_prompt") or "", fields)
