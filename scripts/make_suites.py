@@ -65,7 +65,7 @@ STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md:
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
 # references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
 # About 49 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
-# reference report's per-cell costs (docs/bench.md). Quick's header comment follows:
+# reference report's per-cell costs (docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
 #"""
 
 
