@@ -3,8 +3,8 @@
 The methods, trainings and the [tuning] record are hand-written at the top of `quick.toml`
 (everything before its first `[[tasks]]`); this script keeps that header, rewrites the tasks, and
 gives `full.toml` the same header with more subjects per family and four seeds per prompt (for
-GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 12 tasks per
-style family, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
+GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 16 tasks per
+style family, 12 object tasks, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
 (identities the UNet never trained on) written by `bench_references.py`; none is one the tuning
 suite chooses options on (`bench.suite_identities`). The tables list quick's subjects first, then
 full's, then the standard suite's (val identities).
@@ -22,17 +22,21 @@ UNNAMED = ["cat face", "rocket", "pizza", "house"]  # prompts without a style wo
 STYLED = ["twitter", "google", "openmoji", "fluent-3d"]  # the trained styles a subject is asked in
 
 # (subject, reference style) per family; quick takes the first three (two exemplar concepts), full
-# six (four), standard all: twelve per style family, eight per other family
+# six (four), standard all: sixteen per style family, twelve objects, eight per other family
 STYLE_UNNAMED = [("giraffe", "twitter"), ("mango", "google"), ("hiking boot", "fluent-3d"),
                  ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter"),
                  ("bird", "twitter"), ("bouquet", "google"), ("seedling", "fluent-3d"),
-                 ("ticket", "openmoji"), ("video game", "fluent-flat"), ("egg", "twitter")]
+                 ("ticket", "openmoji"), ("video game", "fluent-flat"), ("egg", "twitter"),
+                 ("evergreen tree", "twitter"), ("lime", "google"), ("desert", "fluent-3d"), ("file folder", "openmoji")]
 STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), ("rugby football", "openmoji-line"),
                 ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast"),
                 ("house with garden", "openmoji-line"), ("fire extinguisher", "fluent-contrast"),
                 ("skateboard", "openmoji-line"), ("hammer and wrench", "fluent-contrast"),
-                ("japanese castle", "openmoji-line"), ("tooth", "fluent-contrast")]
-OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves", "brain", "dress"]
+                ("japanese castle", "openmoji-line"), ("tooth", "fluent-contrast"),
+                ("factory", "openmoji-line"), ("locked with key", "fluent-contrast"), ("broken heart", "openmoji-line"),
+                ("broken chain", "fluent-contrast")]
+OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves", "brain", "dress", "briefs",
+           "manual wheelchair"]
 EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks", "cookie", "tropical drink", "white flower",
                      "high-heeled shoe"]
 TEXT_CONCEPTS = [("cat face with sunglasses", "cat"), ("pizza with a face", "pizza"), ("rocket made of flowers", "rocket"),
@@ -55,13 +59,13 @@ SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
 
 
 STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md: power), built like the quick suite:
-# 12 tasks per style family, 10 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
+# 16 tasks per style family, 12 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
 # shape task 16 seeds of its one prompt), the same method stacks and [tuning] record as quick.
 # Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
 # references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
-# About 43 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
-# reference report's per-cell costs (docs/bench.md). Quick's header comment follows:
+# About 49 minutes on 2 CPU cores (`bench --suite standard --workers 2`), estimated from the
+# reference report's per-cell costs (docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
 #"""
 
 
@@ -143,7 +147,7 @@ def main() -> None:
     full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
-    standard = tasks(8, 8, 4, styles=12, objects=10)
+    standard = tasks(8, 8, 4, styles=16, objects=12)
     standard_header = full_header.replace('name = "full"', 'name = "standard"').replace(
         "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:",
         STANDARD_INTRO)
