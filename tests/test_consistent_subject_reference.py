@@ -1,0 +1,58 @@
+"""consistent_subject's shared self-attention equals NVlabs/consistory's on SDXL-architecture layers.
+
+The numbers below were recorded by running the reference's own attention processor
+(``ConsistoryExtendedAttnXFormersAttnProcessor`` with its ``AttentionStore`` extended mask, xformers
+swapped for PyTorch's SDPA) outside the project, on these exact inputs: SDXL's self-attention shapes
+(640 channels / 10 heads at 16x16 tokens, 1280 / 20 at 8x8; head size 64), random init under
+``torch.manual_seed(0)``, a batch of 2 CFG halves x 4 images with anchors 0 and 1, the reference's
+``create_anchor_mapping`` (every image sees itself and the anchors), and the anchors' subject masks
+after dropout ``rand > 0.6``. Our processor matched it to 8.2e-8 (docs/methods.md). No reference
+code is in the project: only its outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from consistent_diffusion.methods.consistent_subject import SubjectAttentionProcessor, SubjectState
+
+# (channels, heads, grid side) -> the reference's outputs at (row, token, channel), and the mean and
+# mean absolute value of the non-anchor rows (2, 3 unconditional half; 6, 7 conditional half).
+REFERENCE = {
+    (640, 10, 16): {"values": [-0.0391788, -0.045064, -0.0258009, -0.0141958],
+                    "mean": -0.00157381, "absmean": 0.02348638},
+    (1280, 20, 8): {"values": [0.0074398, -0.028133, -0.0416508, 0.0200129],
+                    "mean": 0.00020737, "absmean": 0.0284112},
+}
+POSITIONS = ((2, 0, 0), (3, 5, 7), (6, 10, 100), (7, 3, 33))
+ROWS = [2, 3, 6, 7]
+
+
+def _shared_output(dim: int, heads: int, width: int, share: bool = True) -> torch.Tensor:
+    torch.manual_seed(0)
+    attn = Attention(query_dim=dim, heads=heads, dim_head=64, bias=False, out_bias=True).eval()
+    n, anchors = 4, [0, 1]
+    hidden = torch.randn(2 * n, width * width, dim)
+    masks = torch.rand(n, width * width) > 0.6
+    state = SubjectState(n=n, groups=2, anchors=anchors, positions=[[1]] * n, steps=50, latent_size=(width, width),
+                         step=3, share=share)
+    state.share_levels = {0}
+    state.visible = {(width, width): masks[anchors]}
+    processor = SubjectAttentionProcessor(state, AttnProcessor2_0(), "up_blocks.0.attentions.0.attn1.processor", 0)
+    with torch.no_grad():
+        return processor(attn, hidden)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", list(REFERENCE))
+def test_shared_attention_equals_the_reference_on_sdxl_layers(shape):
+    out = _shared_output(*shape)
+    expected = REFERENCE[shape]
+    got = [float(out[p]) for p in POSITIONS]
+    assert got == pytest.approx(expected["values"], abs=1e-6)
+    assert float(out[ROWS].mean()) == pytest.approx(expected["mean"], abs=1e-7)
+    assert float(out[ROWS].abs().mean()) == pytest.approx(expected["absmean"], abs=1e-7)
+    plain = _shared_output(*shape, share=False)
+    assert float(plain[ROWS].abs().mean()) != pytest.approx(expected["absmean"], abs=1e-5), "the pins tell sharing on from off"
