@@ -217,6 +217,7 @@ def main() -> None:
             pixel_diff.append(float(np.mean([np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
                                              for a, b in zip(images, plain[subject], strict=True)])))
             per_subject[subject] = {"agreement": float(within.mean()), "plain": float(base.mean()),
+                                    "per_image": [float(x) for x in within],
                                     "diversity_ratio": diversities[-1], "pixel_diff": pixel_diff[-1]}
             if options is not None and options.get("mode", "subject") == "subject":
                 per_subject[subject]["masks"] = mask_report(log, images, [0, 1])
