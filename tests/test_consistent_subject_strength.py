@@ -135,3 +135,21 @@ def test_shared_attention_runs_through_sdpa_with_an_additive_mask(monkeypatch):
     assert processor_calls and len(calls) == len(processor_calls)
     assert all(mask is not None and mask.dtype.is_floating_point for mask in calls)
     assert any(bool(torch.isinf(mask).any()) for mask in calls), "the -inf bias hides masked anchor tokens"
+
+
+def test_subject_maps_are_at_least_16x16_where_the_unet_has_them():
+    """The map grid: the short side nearest max(16, latent / 4): SDXL at 1024 px -> 32x32 (the
+    reference's), SD 1.5 at 512 -> 16x16, the embedded model's 16x16 latents -> 16x16 (8x8 maps there
+    mark the border, not the subject)."""
+    from types import SimpleNamespace
+
+    from consistent_diffusion.methods.consistent_subject.attention import choose_map_level
+
+    def unet(levels_with_cross: list[int]) -> SimpleNamespace:
+        names = [f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.processor" for i in levels_with_cross]
+        return SimpleNamespace(down_blocks=[0, 1, 2, 3], up_blocks=[0, 1, 2, 3], attn_processors=dict.fromkeys(names))
+
+    sdxl, sd15, embedded = unet([1, 2]), unet([0, 1, 2]), unet([0, 1])
+    assert choose_map_level(sdxl, (128, 128)) == 2  # 128 / 2**2 = 32
+    assert choose_map_level(sd15, (64, 64)) == 2  # 16x16
+    assert choose_map_level(embedded, (16, 16)) == 0  # 16x16, not 8x8
