@@ -56,3 +56,40 @@ def test_shared_attention_equals_the_reference_on_sdxl_layers(shape):
     assert float(out[ROWS].abs().mean()) == pytest.approx(expected["absmean"], abs=1e-7)
     plain = _shared_output(*shape, share=False)
     assert float(plain[ROWS].abs().mean()) != pytest.approx(expected["absmean"], abs=1e-5), "the pins tell sharing on from off"
+
+
+# The reference's masks (``AttentionStore.aggregate_last_steps_attention``, scikit-image's Otsu, no
+# dropout) from the synthetic cross-attention below, at its 32x32 map and 32x32 / 64x64 mask grids:
+# per image the number of subject patches and the first and last one (flat index). Ours matched
+# them pixel for pixel.
+REFERENCE_MASKS = {
+    32: {"counts": [69, 70, 70, 70], "first": [138, 268, 398, 528], "last": [398, 528, 658, 817]},
+    64: {"counts": [310, 304, 288, 304], "first": [470, 987, 1503, 2019], "last": [1691, 2206, 2660, 3239]},
+}
+
+
+@pytest.mark.slow
+def test_subject_masks_equal_the_reference_on_sdxl_maps():
+    """4 images, 10 heads, 32x32 maps, 77 text tokens, 3 layers x 25 steps (the last 20 averaged):
+    softmax of noise plus a subject blob per image on token 5, the conditional half's maps."""
+    from consistent_diffusion.methods.consistent_subject import masks_from_maps, subject_map
+
+    torch.manual_seed(0)
+    bsz, heads, hw, tokens, token = 4, 10, 32 * 32, 77, 5
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    step_maps = []
+    for _step in range(25):
+        layer_maps = []
+        for _layer in range(3):
+            logits = torch.randn(2 * bsz, heads, hw, tokens)
+            for i in range(bsz):
+                blob = torch.exp(-((yy - 8 - 4 * i) ** 2 + (xx - 12 - 2 * i) ** 2) / 40.0).flatten()
+                logits[bsz + i, :, :, token] += 3 * blob
+            layer_maps.append(subject_map(logits.softmax(-1)[bsz:], [[token]] * bsz))
+        step_maps.append(torch.stack(layer_maps).mean(0))
+    masks = masks_from_maps(torch.stack(step_maps[-20:]).mean(0), (32, 32), [(32, 32), (64, 64)])
+    for side, expected in REFERENCE_MASKS.items():
+        mask = masks[(side, side)]
+        assert mask.sum(1).tolist() == expected["counts"]
+        assert [int(torch.nonzero(row)[0]) for row in mask] == expected["first"]
+        assert [int(torch.nonzero(row)[-1]) for row in mask] == expected["last"]
