@@ -132,3 +132,16 @@ def test_feature_injection_equals_the_reference():
     positions = ((0, 4 * 32 + 4, 0), (1, 300, 5), (2, 10 * 32 + 10, 7), (3, 12 * 32 + 12, 100))
     assert [float(out[p]) for p in positions] == pytest.approx(expected["values"], abs=1e-5)
     assert [int(((out[i] - output[i]).abs().amax(-1) > 0).sum()) for i in range(n)] == expected["changed"]
+
+
+def test_vanilla_query_strengths_equal_the_reference():
+    """The reference's QueryStore at 50 steps: t_range [0, 5], strengths linspace(0.9, 0.81836735, 6),
+    injected only where extended attention runs (steps >= 1): 0.88367347 .. 0.81836735 at steps 1..5."""
+    reference = [0.88367347, 0.86734694, 0.85102041, 0.83469388, 0.81836735]
+    state = SubjectState(n=2, groups=2, anchors=[0], positions=[[1]] * 2, steps=50, blend_steps=50 // 10)
+    strengths = []
+    for step in range(8):
+        state.step = step
+        strengths.append(state.blend_strength())
+    assert strengths[0] is None and strengths[6:] == [None, None]
+    assert strengths[1:6] == pytest.approx(reference, abs=1e-8)
