@@ -1,4 +1,5 @@
-"""consistent_subject's shared self-attention equals NVlabs/consistory's on SDXL-architecture layers.
+"""consistent_subject equals NVlabs/consistory part by part: the shared self-attention on SDXL-architecture
+layers, the subject masks, the feature injection and the vanilla-query strengths.
 
 The numbers below were recorded by running the reference's own attention processor
 (``ConsistoryExtendedAttnXFormersAttnProcessor`` with its ``AttentionStore`` extended mask, xformers
