@@ -374,12 +374,17 @@ def cross_attention_levels(unet: Any) -> list[int]:
     return sorted({layer_level(n, down, up) for n in unet.attn_processors if n.endswith("attn2.processor")} - {None})
 
 
+MIN_MAP_SIDE = 16  # the coarsest subject-map grid: 8x8 maps do not localise the subject (docs/methods.md)
+
+
 def choose_map_level(unet: Any, latent_size: tuple[int, int]) -> int:
-    """The level whose grid's short side is nearest max(8, short latent side / 4): SDXL at 1024 px ->
-    32x32 (the reference's), SD 1.5 at 512 -> 16x16, the embedded model -> 8x8 (ties: the finer)."""
+    """The level whose grid's short side is nearest max(16, short latent side / 4): SDXL at 1024 px ->
+    32x32 (the reference's), SD 1.5 at 512 -> 16x16, the embedded model (16x16 latents) -> 16x16
+    (ties: the finer). On the embedded model the 8x8 maps' masks mark the border, not the subject
+    (IoU 0.14 with the anchor's foreground; 16x16: 0.66), chosen on the tuning suite's subjects."""
     levels = cross_attention_levels(unet)
     if not levels:
         return 0
     short = min(latent_size)
-    target = max(8.0, short / 4)
+    target = max(float(MIN_MAP_SIDE), short / 4)
     return min(levels, key=lambda level: (abs(math.ceil(short / 2**level) - target), level))

@@ -10,8 +10,9 @@ wins. In the second pass, over steps [steps // 10, steps // 3], the self-attenti
 pixels whose distance is below the Otsu threshold of its distances:
 ``x_i <- alpha x_nn + (1 - alpha) x_i`` with alpha 0.8, conditional half only.
 
-The reference updates the images in place one after another (an image can read features already
-injected into an earlier one); here every image reads the pass's own outputs (order-free).
+As the reference, the images are updated in place one after another: an image reads features
+already injected into an earlier one (anchor 1 reads anchor 0's injected pixels; the other images
+read the injected anchors). Anchors come first, so they still do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -116,15 +117,14 @@ def _injection_hook(state: Any, plan: InjectionPlan) -> Any:
         if tokens != plan.grid[0] * plan.grid[1] or batch % state.groups or batch // state.groups < state.n:
             return None
         start = batch - state.n  # this method's rows of the conditional half
-        mine = output[start:]
         blended = output.clone()
-        for i, apply in plan.found.apply.items():
+        mine = blended[start:]  # rows in order, each reading the rows injected before it (as the reference)
+        for i, apply in sorted(plan.found.apply.items()):
             if not bool(apply.any()):
                 continue
             source = mine[plan.found.source_row[i].to(output.device), plan.found.source_pixel[i].to(output.device)]
-            target = blended[start + i]
             where = apply.to(output.device)
-            target[where] = plan.alpha * source[where] + (1 - plan.alpha) * mine[i][where]
+            mine[i][where] = plan.alpha * source[where] + (1 - plan.alpha) * mine[i][where]
         return blended
 
     return hook
