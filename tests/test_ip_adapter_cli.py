@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from _ip_adapter_files import save_noise_image, save_random_adapter
 from consistent_diffusion.cli.main import main
 from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
 from consistent_diffusion.core.errors import ConfigError
@@ -26,42 +26,11 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _save_adapter(folder: Path, unet, seed: int = 0) -> Path:
-    """A random IP-Adapter for ``unet`` in the released layout (models/ip-adapter_sd15.safetensors
-    and models/image_encoder/, a tiny random CLIPVisionModelWithProjection)."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    models = folder / "models"
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8)).save_pretrained(models / "image_encoder")
-    cross = unet.config.cross_attention_dim
-    flat = {"image_proj.proj.weight": torch.randn(4 * cross, 16) * 0.5, "image_proj.proj.bias": torch.zeros(4 * cross),
-            "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
-    key = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            inner = unet.get_submodule(name[: -len(".processor")]).to_k.weight.shape[0]
-            flat[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.5
-            flat[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.5
-            key += 2
-    save_file(flat, str(models / "ip-adapter_sd15.safetensors"))
-    return folder
-
-
-def _save_image(path: Path, seed: int) -> str:
-    pixels = (np.random.default_rng(seed).random((40, 40, 3)) * 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
 @pytest.fixture
 def adapter(tmp_path, tiny_sd_folder):
     from consistent_diffusion.models.loading import load_pipeline
 
-    return _save_adapter(tmp_path / "ip", load_pipeline(str(tiny_sd_folder)).unet)
+    return save_random_adapter(tmp_path / "ip", load_pipeline(str(tiny_sd_folder)).unet)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -72,7 +41,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_flags_build_the_method_after_style_aligned_before_lora(adapter, tmp_path):
-    image = _save_image(tmp_path / "a.png", 0)
+    image = save_noise_image(tmp_path / "a.png", 0)
     lora = tmp_path / "lora.safetensors"
     lora.write_bytes(b"")
     args = _parse(["--style-aligned", "--ip-adapter", str(adapter), "--ip-image", image, "--ip-scale", "0.5",
@@ -85,7 +54,7 @@ def test_flags_build_the_method_after_style_aligned_before_lora(adapter, tmp_pat
 
 
 def test_per_row_and_masks_reach_the_method(adapter, tmp_path):
-    images = [_save_image(tmp_path / f"{i}.png", i) for i in range(2)]
+    images = [save_noise_image(tmp_path / f"{i}.png", i) for i in range(2)]
     args = _parse(["--ip-adapter", str(adapter), "--ip-image", images[0], "--ip-image", images[1], "--ip-per-row"])
     (method,) = methods_from_args(args)
     assert method.per_row and method.images == tuple(images)
@@ -117,7 +86,7 @@ def test_missing_encoder_is_a_one_line_cli_error(adapter, tiny_sd_folder, tmp_pa
     import shutil
 
     shutil.rmtree(adapter / "models" / "image_encoder")
-    image = _save_image(tmp_path / "a.png", 0)
+    image = save_noise_image(tmp_path / "a.png", 0)
     code = main(["generate", "--model", str(tiny_sd_folder), "--prompt", "a cat", "--seeds", "0", "--steps", "2",
                  "--height", "32", "--width", "32", "--ip-adapter", str(adapter), "--ip-image", image,
                  "--out", str(tmp_path / "o"), "--quiet"])
@@ -131,7 +100,7 @@ def test_generate_equals_the_library_and_recreates_from_its_manifest(adapter, ti
     from consistent_diffusion.models.loading import load_pipeline
     from consistent_diffusion.series import SeriesConfig, generate_series
 
-    image = _save_image(tmp_path / "a.png", 0)
+    image = save_noise_image(tmp_path / "a.png", 0)
     common = ["--model", str(tiny_sd_folder), "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0", "--steps", "2",
               "--height", "32", "--width", "32", "--guidance", "5", "--quiet"]
     ip = ["--ip-adapter", str(adapter), "--ip-image", image, "--ip-scale", "0.7"]
