@@ -110,3 +110,32 @@ def test_img2img_sibling_gets_the_adapter_and_equals_diffusers(files):
                        output_type="np", **call).images
     assert np.abs(ours - theirs).max() < 1e-5
     assert np.abs(ours - _run(tiny_sd_pipeline(), [Img2Img(image=init, strength=0.8)])).max() > 1e-3
+
+
+def test_textual_inversion_word_with_the_adapter_equals_diffusers(files, tmp_path):
+    from safetensors.torch import save_file
+
+    from consistent_diffusion.methods.textual_inversion import TextualInversion
+
+    folder, image = files
+    token = "<my-shape>"
+    (tmp_path / "ti").mkdir()
+    save_file({token: torch.randn(1, 32, generator=torch.Generator().manual_seed(4))},
+              str(tmp_path / "ti" / "learned_embeds.safetensors"))
+    prompts = [f"a photo of a {token}", f"a {token} in snow"]
+    pipe = tiny_sd_pipeline()
+    before, vocabulary = _snapshot(pipe), len(pipe.tokenizer)
+    ctx = GenerationContext(pipe=pipe, prompts=list(prompts), negative_prompts=None, generators=_generators(),
+                            call_kwargs=dict(CALL))
+    ours = np.stack(run(ctx, [TextualInversion(embeddings=str(tmp_path / "ti")),
+                              IPAdapter(adapters=str(folder), images=image)], output_type="np"))
+    _assert_restored(pipe, before)
+    assert len(pipe.tokenizer) == vocabulary
+
+    stock = tiny_sd_pipeline()
+    stock.load_textual_inversion(str(tmp_path / "ti"))
+    stock.load_ip_adapter(str(folder), subfolder="models", weight_name="ip-adapter_sd15.safetensors",
+                          local_files_only=True)
+    theirs = stock(prompts, ip_adapter_image=Image.open(image).convert("RGB"), generator=_generators(),
+                   output_type="np", **CALL).images
+    assert np.abs(ours - theirs).max() < 1e-5
