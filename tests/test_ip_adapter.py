@@ -304,7 +304,7 @@ def test_two_subjects_two_adapters_with_masks(adapter, tmp_path):
     out = _latents([IPAdapter(adapters=(first, str(target)), images=(image, second_image), masks=halves)])
     swapped = _latents([IPAdapter(adapters=(first, str(target)), images=(image, third), masks=halves)])
     diff = np.abs(out - swapped)
-    assert diff[..., 10:].mean() > 2 * diff[..., :6].mean()  # the second subject's image acts on its half  # the second subject's image acts on its half
+    assert diff[..., 10:].mean() > 2 * diff[..., :6].mean()  # the second subject's image acts on its half
 
 
 def test_presets_and_bad_input(adapter, tmp_path):
