@@ -125,3 +125,19 @@ def test_generate_equals_the_library_and_recreates_from_its_manifest(adapter, ti
                  "--out", str(tmp_path / "again"), "--quiet"]) == 0
     for first, again in zip(cli, sorted((tmp_path / "again").glob("p*_s*.png")), strict=True):
         assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_generate_stacks_the_adapter_after_a_style_reference_row(adapter, tiny_sd_folder, tmp_path):
+    """--style-reference-prompt prepends a reference row; the CLI's order gives the adapter that row too."""
+    image = save_noise_image(tmp_path / "a.png", 0)
+    common = ["--model", str(tiny_sd_folder), "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2",
+              "--height", "32", "--width", "32", "--quiet", "--style-aligned", "--style-reference-prompt", "red"]
+    assert main(["generate", *common, "--ip-adapter", str(adapter), "--ip-image", image, "--out", str(tmp_path / "b")]) == 0
+    assert main(["generate", *common, "--out", str(tmp_path / "s")]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["methods"]] == ["style_aligned", "ip_adapter"]
+    both, style = sorted((tmp_path / "b").glob("p*_s*.png")), sorted((tmp_path / "s").glob("p*_s*.png"))
+    assert len(both) == len(style) == 2
+    diff = max(np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)).max()
+               for a, b in zip(both, style, strict=True))
+    assert diff > 8  # the adapter acted under StyleAligned
