@@ -25,9 +25,9 @@ def _generators() -> list[torch.Generator]:
     return [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
 
 
-def _run(pipe, methods) -> np.ndarray:
+def _run(pipe, methods, **call) -> np.ndarray:
     ctx = GenerationContext(pipe=pipe, prompts=list(PROMPTS), negative_prompts=None, generators=_generators(),
-                            call_kwargs=dict(CALL))
+                            call_kwargs={**CALL, **call})
     return np.stack(run(ctx, methods, output_type="np"))
 
 
@@ -139,3 +139,23 @@ def test_textual_inversion_word_with_the_adapter_equals_diffusers(files, tmp_pat
     theirs = stock(prompts, ip_adapter_image=Image.open(image).convert("RGB"), generator=_generators(),
                    output_type="np", **CALL).images
     assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_ddpm_edit_with_the_adapter(files):
+    """The edit replays its inversion's noise with the adapter loaded: scale 0 gives the edit
+    alone exactly, scale 1 changes it; the scheduler and processors come back."""
+    from consistent_diffusion.methods.inversion import DdpmEdit, invert
+
+    folder, image = files
+    pipe = tiny_sd_pipeline()
+    source = invert(pipe, shape_image("circle", COLOURS["red"], 32), "a photo", steps=3, cfg=3.0,
+                    generator=torch.Generator().manual_seed(0))
+    before, scheduler = _snapshot(pipe), pipe.scheduler
+    edit = DdpmEdit(inversion=source, skip=1)
+    alone = _run(pipe, [edit], num_inference_steps=3)
+    off = _run(pipe, [edit, IPAdapter(adapters=str(folder), images=image, scales=0.0)], num_inference_steps=3)
+    on = _run(pipe, [edit, IPAdapter(adapters=str(folder), images=image)], num_inference_steps=3)
+    assert np.abs(off - alone).max() < 1e-5
+    assert np.abs(on - alone).max() > 1e-3
+    assert pipe.scheduler is scheduler
+    _assert_restored(pipe, before)
