@@ -329,3 +329,24 @@ def test_presets_and_bad_input(adapter, tmp_path):
     (folder / "models" / "image_encoder" / "config.json").unlink()
     with pytest.raises(ConfigError, match="image encoder missing"):
         images(tiny_sd_pipeline(), [IPAdapter(adapters=str(folder), images=image)])
+
+
+def test_masks_reach_the_adapter_under_another_methods_cross_attention_wrapper(adapter, tmp_path):
+    """consistent_subject wraps every cross-attention layer; the mask must still restrict the adapter."""
+    from consistent_diffusion.methods.consistent_subject import ConsistentSubject
+
+    folder, image = adapter()
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, :16] = 255
+    Image.fromarray(mask).save(tmp_path / "left.png")
+    subject = ConsistentSubject(subject="cat", anchors=1, share=False)
+
+    def latents(methods):
+        ctx = ctx_for(tiny_sd_pipeline(), ("a cat",))
+        ctx.call_kwargs["num_inference_steps"] = 1
+        return np.stack([x.numpy() for x in run(ctx, methods, output_type="latent")])
+
+    plain = latents([subject])
+    masked = latents([subject, IPAdapter(adapters=str(folder), images=image, masks=str(tmp_path / "left.png"))])
+    diff = np.abs(masked - plain)
+    assert diff[..., :6].mean() > 2 * diff[..., 10:].mean()
