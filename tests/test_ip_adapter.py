@@ -350,3 +350,34 @@ def test_masks_reach_the_adapter_under_another_methods_cross_attention_wrapper(a
     masked = latents([subject, IPAdapter(adapters=str(folder), images=image, masks=str(tmp_path / "left.png"))])
     diff = np.abs(masked - plain)
     assert diff[..., :6].mean() > 2 * diff[..., 10:].mean()
+
+
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize(("family", "config", "expected"), [
+    ("sd15", SD15_UNET, {"style": ["up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"],
+                         "style+layout": ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "mid_block.attentions.0",
+                                          "up_blocks.1.attentions.0", "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"]}),
+    ("sdxl", SDXL_UNET, {"style": ["up_blocks.0.attentions.1"],
+                         "style+layout": ["down_blocks.2.attentions.1", "up_blocks.0.attentions.1"]}),
+])
+def test_presets_select_instantstyles_blocks_on_the_real_layouts(family, config, expected):
+    """On the real SD 1.5 / SDXL block layouts (built on the meta device: no memory), diffusers expands
+    the presets to exactly InstantStyle's target blocks (SDXL README; SD 1.5 infer_style_sd15.py)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**config)
+    for name, blocks in expected.items():
+        scales = _maybe_expand_lora_scales(unet, [INSTANTSTYLE_PRESETS[family][name]], default_scale=0.0)[0]
+        assert sorted(k for k, v in scales.items() if v) == blocks
