@@ -237,16 +237,18 @@ def test_stacks_with_lora_either_order(adapter, tmp_path, ip_first):
     assert np.abs(images(pipe, []) - images(tiny_sd_pipeline(), [])).max() < 1e-6
 
 
-def test_per_row_images(adapter, tmp_path):
-    folder, image = adapter()
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_per_row_images(adapter, tmp_path, kind):
+    folder, image = adapter(kind)
+    build = BUILDERS[kind]
     second, third = save_image(tmp_path / "b.png", 2), save_image(tmp_path / "c.png", 3)
     prompts = ("a cat", "a dog")
-    first = images(tiny_sd_pipeline(), [IPAdapter(adapters=str(folder), images=(image, second), per_row=True)], prompts)
-    changed = images(tiny_sd_pipeline(), [IPAdapter(adapters=str(folder), images=(image, third), per_row=True)], prompts)
+    first = images(build(), [IPAdapter(adapters=str(folder), images=(image, second), per_row=True)], prompts)
+    changed = images(build(), [IPAdapter(adapters=str(folder), images=(image, third), per_row=True)], prompts)
     assert np.abs(first[0] - changed[0]).max() < 1e-6
     assert np.abs(first[1] - changed[1]).max() > 1e-3
     # row i uses image i: row 1 equals a one-image call with the second image on that row alone
-    alone = images(tiny_sd_pipeline(), [IPAdapter(adapters=str(folder), images=second)], ("a dog",), seeds=[1])
+    alone = images(build(), [IPAdapter(adapters=str(folder), images=second)], ("a dog",), seeds=[1])
     assert np.abs(first[1] - alone[0]).max() < 1e-5
 
 
