@@ -141,3 +141,14 @@ def test_generate_stacks_the_adapter_after_a_style_reference_row(adapter, tiny_s
     diff = max(np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)).max()
                for a, b in zip(both, style, strict=True))
     assert diff > 8  # the adapter acted under StyleAligned
+
+
+def test_the_weight_file_and_its_folder_give_the_same_images(adapter, tiny_sd_folder, tmp_path):
+    image = save_noise_image(tmp_path / "a.png", 0)
+    common = ["--model", str(tiny_sd_folder), "--prompt", "a cat", "--seeds", "0", "--steps", "2",
+              "--height", "32", "--width", "32", "--quiet", "--ip-image", image]
+    weights = adapter / "models" / "ip-adapter_sd15.safetensors"
+    assert main(["generate", *common, "--ip-adapter", str(adapter), "--out", str(tmp_path / "folder")]) == 0
+    assert main(["generate", *common, "--ip-adapter", str(weights), "--out", str(tmp_path / "file")]) == 0
+    (a,), (b,) = sorted((tmp_path / "folder").glob("p*.png")), sorted((tmp_path / "file").glob("p*.png"))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
