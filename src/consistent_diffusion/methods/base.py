@@ -204,6 +204,7 @@ BUILTIN_METHOD_MODULES: list[str] = [
     "consistent_diffusion.methods.controlnet",
     "consistent_diffusion.methods.consistent_subject",
     "consistent_diffusion.methods.textual_inversion",
+    "consistent_diffusion.methods.ip_adapter",
 ]
 
 

@@ -26,6 +26,7 @@ DEFAULT_GUIDANCE = 5.0  # the embedded model's setting (guidance sweep in its mo
 EXAMPLES = """examples:
   consistent-diffusion generate --prompt "grinning face, twitter style" --seeds 0 1 2 3 --out runs/faces
   consistent-diffusion generate --model path/to/sd15 --prompt "a red fox, watercolor" --steps 25 --out runs/fox
+  consistent-diffusion generate --model path/to/sd15 --prompt "a fox" --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors --ip-image style.png --ip-preset style --out runs/styled
   consistent-diffusion generate --from-manifest runs/faces/manifest.json --out runs/faces-again
   consistent-diffusion generate --from-image runs/faces/p00_s0002.png --out runs/again.png
 """

@@ -5,7 +5,8 @@ Methods are stacked in a fixed, valid order: textual inversion (it changes how p
 tokenized, for every method after it), img2img or ddpm_edit (they set the starting
 point), then consistent_subject (it prepends its anchors), then StyleAligned (it prepends its
 reference to whatever the others prepared, and takes the subject anchors into its attention), then
-LoRA adapters and ControlNets (`cli/options/finetune.py`). Options only: every rule about what
+the image prompt (`cli/options/ip_adapter.py`: its embeddings cover every batch entry the others
+added), then LoRA adapters and ControlNets (`cli/options/finetune.py`). Options only: every rule about what
 the methods do (e.g. one StyleAligned reference per series) lives in the methods themselves.
 """
 
@@ -15,12 +16,14 @@ import argparse
 from typing import Any
 
 from consistent_diffusion.cli.options.finetune import add_finetune_arguments, finetune_methods_from_args
+from consistent_diffusion.cli.options.ip_adapter import add_ip_adapter_arguments, ip_adapter_from_args
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import Method
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     _add_training_free_arguments(parser)
+    add_ip_adapter_arguments(parser)
     add_finetune_arguments(parser)
 
 
@@ -130,6 +133,9 @@ def methods_from_args(args: argparse.Namespace) -> list[Method]:
         given = [f"--{name.replace('_', '-')}" for name in _STYLE_ONLY if getattr(args, name, None) is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --style-aligned")
+    image_prompt = ip_adapter_from_args(args)
+    if image_prompt is not None:
+        methods.append(image_prompt)
     finetuned = finetune_methods_from_args(args)
     # Textual inversion goes first: it changes the tokenizer, and the methods after it (the subject
     # search of consistent_subject, a real reference's inversion) must read prompts as the call does.
