@@ -70,9 +70,9 @@ def _heads(x, heads=2):
     return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def _naive_row(q, k_own, v_own, k_ref, v_ref, scale_keys=1.0, shift=0.0):
+def _naive_row(q, k_own, v_own, k_ref, v_ref, scale_keys=1.0, shift=0.0, heads=2):
     """softmax([q k_own^T, q (s k_ref)^T + shift] / sqrt(d)) [v_own; v_ref], per head, written out."""
-    q, k_own, v_own, k_ref, v_ref = (_heads(x) for x in (q, k_own, v_own, k_ref, v_ref))
+    q, k_own, v_own, k_ref, v_ref = (_heads(x, heads) for x in (q, k_own, v_own, k_ref, v_ref))
     d = q.shape[-1]
     logits_own = q @ k_own.transpose(-1, -2) / d**0.5
     logits_ref = q @ (scale_keys * k_ref).transpose(-1, -2) / d**0.5 + shift
@@ -157,6 +157,7 @@ def test_switch_vector_leaves_the_asked_fraction_unshared():
         ({"adain_keys": "yes"}, "adain_keys must be True or False, got 'yes'"),
         ({"reference_prompt": "a", "reference_image": "b.png"}, "at most one StyleAligned reference source"),
         ({"reference_seed": 1.5}, "reference_seed must be an integer"),
+        ({"min_shared_tokens": -1}, "min_shared_tokens must be an integer >= 0, got -1"),
     ],
 )
 def test_validation_errors(kwargs, message):
@@ -211,6 +212,41 @@ def test_only_self_level_shares_a_fraction_of_layers(tiny_sd):
     with StyleAligned(only_self_level=0.5).installed(unet, per_group=2):
         kinds = [type(p).__name__ for n, p in unet.attn_processors.items() if n.endswith("attn1.processor")]
     assert kinds.count("SharedAttentionProcessor") == len(kinds) // 2 and len(kinds) >= 2
+
+
+def test_min_shared_tokens_leaves_smaller_layers_unshared(tiny_sd):
+    # every self-attention layer of the tiny UNet works on 8x8 = 64 tokens
+    plain, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2])
+    above, _ = _generate(tiny_sd, [StyleAligned(share_group_norm=False, min_shared_tokens=65)], ["a", "b"], [1, 2])
+    at, _ = _generate(tiny_sd, [StyleAligned(share_group_norm=False, min_shared_tokens=64)], ["a", "b"], [1, 2])
+    assert np.array_equal(plain, above)
+    assert np.abs(at[1] - plain[1]).max() > 1e-3
+
+
+def test_shared_attention_never_materialises_the_score_matrix(tiny_sd):
+    """The shared processors (score shift as an additive mask on the reference's keys) run through
+    ``scaled_dot_product_attention``'s fused CPU kernel: no softmax over a (tokens x 2 tokens) matrix."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        _generate(tiny_sd, [StyleAligned(shared_score_shift=2.0, shared_score_scale=0.9)], ["a", "b", "c"], [1, 2, 3])
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert not ops & {"aten::softmax", "aten::_softmax", "aten::_safe_softmax", "aten::bmm", "aten::baddbmm"}
+
+
+def test_shifted_shared_attention_in_float32_equals_the_explicit_softmax():
+    """SDXL-sized heads (10 of 64) on a 16x16 grid, shift 2: within 1e-5 of softmax written out."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 256, 640) for _ in range(3))
+    options = StyleAligned(shared_score_shift=2.0)
+    out = shared_attention(q, k, v, options, heads=10)
+    for g in range(2):
+        for i in (1, 2):
+            qi, ki = adain(q[g, i], q[g, 0]), adain(k[g, i], k[g, 0])
+            expected = _naive_row(qi.double(), ki.double(), v[g, i].double(), k[g, 0].double(), v[g, 0].double(),
+                                  shift=2.0, heads=10)
+            assert (out[g, i].double() - expected).abs().max() < 1e-5
 
 
 def test_loading_a_lora_while_active_keeps_the_processors(tiny_sd):
