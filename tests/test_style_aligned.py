@@ -366,3 +366,16 @@ def test_stock_load_lora_weights_while_active_keeps_the_processors(tmp_path):
         assert sum(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values()) > 0
     assert not any(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values())
 
+
+
+def test_cli_min_shared_tokens_reaches_the_method():
+    import argparse
+
+    from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert methods_from_args(parser.parse_args(["--style-aligned", "--style-min-shared-tokens", "256"]))[0].min_shared_tokens == 256
+    assert methods_from_args(parser.parse_args(["--style-aligned"]))[0].min_shared_tokens == StyleAligned().min_shared_tokens
+    with pytest.raises(ConfigError, match="only apply with --style-aligned"):
+        methods_from_args(parser.parse_args(["--style-min-shared-tokens", "256"]))
