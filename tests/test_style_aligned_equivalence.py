@@ -94,3 +94,37 @@ def test_equals_the_reference_handler_on_an_sdxl_attention_layer(shift):
     assert out.abs().mean(dim=(1, 2)).tolist() == pytest.approx(recorded["row_abs_mean"], abs=2e-4)
     assert out[1, 0, :4].tolist() == pytest.approx(recorded["values_1_0"], abs=2e-4)
     assert out[5, 777, :4].tolist() == pytest.approx(recorded["values_5_777"], abs=2e-4)
+
+
+# sa_handler on the SDXL-architecture pipeline (testing_architectures, seed 0), recorded in scratch:
+# three prompts, seeds 0-2, 3 DDIM steps, guidance 5, 256 px (32x32 latents), paper defaults.
+SA_HANDLER_SDXL_PIPELINE = {
+    "mean": [0.471467, 0.469264, 0.46902],
+    "std": [0.174038, 0.172217, 0.172423],
+    "pixels": [[0.405979, 0.450523, 0.789258, 0.32349], [0.468932, 0.25436, 0.252304, 0.692514], [0.30752, 0.782557, 0.327976, 0.294139]],  # image i, row 128, columns 96-144 step 16, red
+    "channel_means": [[0.419549, 0.449259, 0.545595], [0.414227, 0.448112, 0.545454], [0.4138, 0.451113, 0.542149]],
+}
+
+
+@pytest.mark.slow
+def test_equals_the_reference_handler_on_the_sdxl_architecture_pipeline():
+    """The whole SDXL-architecture pipeline (2.6 B random UNet parameters, float32, ~14 GB: run alone):
+    our images equal sa_handler's recorded statistics within 1e-3."""
+    import numpy as np
+
+    from consistent_diffusion.methods.base import run
+    from consistent_diffusion.testing_architectures import sdxl_architecture_pipeline
+
+    recorded = SA_HANDLER_SDXL_PIPELINE
+    pipe = sdxl_architecture_pipeline(seed=0)
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+    ctx = GenerationContext(pipe, ["a house, watercolor", "a cat", "a car"], None, generators,
+                            {"num_inference_steps": 3, "guidance_scale": 5.0, "height": 256, "width": 256})
+    with torch.no_grad():
+        images = np.stack(run(ctx, [StyleAligned()], output_type="np"))
+    assert images.mean(axis=(1, 2, 3)).tolist() == pytest.approx(recorded["mean"], abs=1e-3)
+    assert images.std(axis=(1, 2, 3)).tolist() == pytest.approx(recorded["std"], abs=1e-3)
+    for i, row in enumerate(recorded["pixels"]):
+        assert images[i, 128, 96:160:16, 0].tolist() == pytest.approx(row, abs=1e-3)
+    for i, means in enumerate(recorded["channel_means"]):
+        assert images[i].mean(axis=(0, 1)).tolist() == pytest.approx(means, abs=1e-3)
