@@ -70,9 +70,9 @@ def _heads(x, heads=2):
     return x.reshape(x.shape[0], heads, -1).transpose(0, 1)
 
 
-def _naive_row(q, k_own, v_own, k_ref, v_ref, scale_keys=1.0, shift=0.0):
+def _naive_row(q, k_own, v_own, k_ref, v_ref, scale_keys=1.0, shift=0.0, heads=2):
     """softmax([q k_own^T, q (s k_ref)^T + shift] / sqrt(d)) [v_own; v_ref], per head, written out."""
-    q, k_own, v_own, k_ref, v_ref = (_heads(x) for x in (q, k_own, v_own, k_ref, v_ref))
+    q, k_own, v_own, k_ref, v_ref = (_heads(x, heads) for x in (q, k_own, v_own, k_ref, v_ref))
     d = q.shape[-1]
     logits_own = q @ k_own.transpose(-1, -2) / d**0.5
     logits_ref = q @ (scale_keys * k_ref).transpose(-1, -2) / d**0.5 + shift
@@ -157,6 +157,7 @@ def test_switch_vector_leaves_the_asked_fraction_unshared():
         ({"adain_keys": "yes"}, "adain_keys must be True or False, got 'yes'"),
         ({"reference_prompt": "a", "reference_image": "b.png"}, "at most one StyleAligned reference source"),
         ({"reference_seed": 1.5}, "reference_seed must be an integer"),
+        ({"min_shared_tokens": -1}, "min_shared_tokens must be an integer >= 0, got -1"),
     ],
 )
 def test_validation_errors(kwargs, message):
@@ -211,6 +212,15 @@ def test_only_self_level_shares_a_fraction_of_layers(tiny_sd):
     with StyleAligned(only_self_level=0.5).installed(unet, per_group=2):
         kinds = [type(p).__name__ for n, p in unet.attn_processors.items() if n.endswith("attn1.processor")]
     assert kinds.count("SharedAttentionProcessor") == len(kinds) // 2 and len(kinds) >= 2
+
+
+def test_min_shared_tokens_leaves_smaller_layers_unshared(tiny_sd):
+    # every self-attention layer of the tiny UNet works on 8x8 = 64 tokens
+    plain, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2])
+    above, _ = _generate(tiny_sd, [StyleAligned(share_group_norm=False, min_shared_tokens=65)], ["a", "b"], [1, 2])
+    at, _ = _generate(tiny_sd, [StyleAligned(share_group_norm=False, min_shared_tokens=64)], ["a", "b"], [1, 2])
+    assert np.array_equal(plain, above)
+    assert np.abs(at[1] - plain[1]).max() > 1e-3
 
 
 def test_loading_a_lora_while_active_keeps_the_processors(tiny_sd):
@@ -355,3 +365,17 @@ def test_stock_load_lora_weights_while_active_keeps_the_processors(tmp_path):
         assert pipe.get_active_adapters() == ["style"]
         assert sum(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values()) > 0
     assert not any(isinstance(p, SharedAttentionProcessor) for p in pipe.unet.attn_processors.values())
+
+
+
+def test_cli_min_shared_tokens_reaches_the_method():
+    import argparse
+
+    from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert methods_from_args(parser.parse_args(["--style-aligned", "--style-min-shared-tokens", "256"]))[0].min_shared_tokens == 256
+    assert methods_from_args(parser.parse_args(["--style-aligned"]))[0].min_shared_tokens == StyleAligned().min_shared_tokens
+    with pytest.raises(ConfigError, match="only apply with --style-aligned"):
+        methods_from_args(parser.parse_args(["--style-min-shared-tokens", "256"]))

@@ -94,6 +94,9 @@ def _add_training_free_arguments(parser: argparse.ArgumentParser) -> None:
                        help="added to the logits of reference tokens (default: 0)")
     group.add_argument("--style-only-self-level", type=float, default=0.0, metavar="F",
                        help="fraction of self-attention layers left unshared, in [0, 1] (default: 0)")
+    group.add_argument("--style-min-shared-tokens", type=int, default=None, metavar="N",
+                       help="self-attention layers with fewer spatial tokens (h*w) stay unshared "
+                            "(default: the method's)")
     group.add_argument("--style-full-share", action="store_true",
                        help="every image attends to every image (quadratic in the batch)")
 
@@ -103,6 +106,7 @@ _STYLE_ONLY = (
     "style_reference_image",
     "style_reference_inversion",
     "style_reference_seed",
+    "style_min_shared_tokens",
 )
 
 
@@ -170,6 +174,8 @@ def _style_options(args: argparse.Namespace) -> dict[str, Any]:
         "full_attention_share": args.style_full_share,
         "reference_seed": seed,
     }
+    if args.style_min_shared_tokens is not None:
+        options["min_shared_tokens"] = args.style_min_shared_tokens
     if args.style_reference_image:
         options["reference_image"] = args.style_reference_image
         options["reference_image_prompt"] = args.style_reference_image_prompt

@@ -45,6 +45,7 @@ class SharingOptions(Protocol):
     shared_score_shift: float
     only_self_level: float
     full_attention_share: bool
+    min_shared_tokens: int
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +111,7 @@ class SharedAttentionProcessor:
             or encoder_hidden_states is not None
             or per < 2
             or batch % per != 0
+            or _tokens(hidden_states) < self.method.min_shared_tokens
         )
         if not plain and attention_mask is not None:
             if not self._warned_mask:
@@ -160,6 +162,11 @@ class SharedAttentionProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _tokens(hidden_states: torch.Tensor) -> int:
+    """Spatial tokens of an attention input: (B, tokens, C) or (B, C, h, w)."""
+    return hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[-2] * hidden_states.shape[-1]
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

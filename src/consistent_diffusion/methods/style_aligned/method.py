@@ -57,6 +57,7 @@ class StyleAligned(Method):
     shared_score_shift: float = 0.0  # added to the logits of reference tokens (log-space boost), finite
     only_self_level: float = 0.0  # fraction of self-attention layers left unshared, in [0, 1]
     full_attention_share: bool = False  # every image attends to all images of the batch (quadratic)
+    min_shared_tokens: int = 0  # self-attention layers with fewer spatial tokens (h * w) stay unshared (0: all share)
     reference_prompt: str | None = None  # internal reference entry generated in the same batch
     reference_seed: int = 0  # seed of the internal reference entry
     reference_image: str | None = None  # path of a real reference image (inverted with DDPM inversion)
@@ -84,6 +85,9 @@ class StyleAligned(Method):
             raise ConfigError(f"shared_score_shift must be a finite number, got {self.shared_score_shift!r}")
         if not _finite(self.only_self_level) or not 0 <= self.only_self_level <= 1:
             raise ConfigError(f"only_self_level must be a fraction in [0, 1], got {self.only_self_level!r}")
+        if not isinstance(self.min_shared_tokens, int) or isinstance(self.min_shared_tokens, bool) \
+                or self.min_shared_tokens < 0:
+            raise ConfigError(f"min_shared_tokens must be an integer >= 0, got {self.min_shared_tokens!r}")
         if not isinstance(self.reference_seed, int) or isinstance(self.reference_seed, bool):
             raise ConfigError(f"reference_seed must be an integer, got {self.reference_seed!r}")
         if self.reference_prompt is not None and not isinstance(self.reference_prompt, str):
