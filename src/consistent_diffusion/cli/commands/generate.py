@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consistent_diffusion.cli.options import methods as method_options
+from consistent_diffusion.cli.options.memory import add_memory_arguments
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.models.loading import SCHEDULERS
 
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
+    add_memory_arguments(parser)
     method_options.add_method_arguments(parser)
     parser.set_defaults(func=run)
 
