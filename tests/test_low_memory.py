@@ -204,3 +204,21 @@ def test_cli_options_build_the_switches():
                                                    attention_slicing=True)
     with pytest.raises(SystemExit):
         parser.parse_args(["--offload", "disk"])
+
+
+def test_generate_command_with_the_switches_writes_the_same_images(tiny_sd_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from consistent_diffusion.cli.main import main
+
+    common = ["generate", "--model", str(tiny_sd_folder), "--prompt", "a cat", "--seeds", "0", "1", "--steps", "2",
+              "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "low"), "--offload", "model", "--vae-slicing", "--vae-tiling",
+                 "--attention-slicing"]) == 0
+    assert "nothing to offload to" in capsys.readouterr().err
+    for name in ("p00_s0000.png", "p00_s0001.png"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "plain" / name)),
+                              np.asarray(Image.open(tmp_path / "low" / name)))
+    assert main([*common, "--out", str(tmp_path / "seq"), "--offload", "sequential"]) != 0
+    assert "accelerator" in capsys.readouterr().err

@@ -188,3 +188,26 @@ def weights_device(pipe: Any) -> torch.device:
     """Where a new module for ``pipe`` (a ControlNet) should hold its weights: the CPU under
     offload (the hooks move it), else the UNet's device."""
     return torch.device("cpu") if offload_mode(pipe) else pipe.unet.device
+
+
+@contextlib.contextmanager
+def low_memory_applied(pipe: Any, options: LowMemory) -> Iterator[Any]:
+    """``options`` switched on for the block, and ``pipe`` as it was afterwards (its attention
+    processors, VAE flags, device; offload it already had is left alone): for a long-lived pipeline
+    that one job runs with the switches (the app). Offload executes on the pipeline's device."""
+    processors = dict(pipe.unet.attn_processors)
+    vae = getattr(pipe, "vae", None)
+    flags = (getattr(vae, "use_slicing", False), getattr(vae, "use_tiling", False))
+    had_offload = offload_mode(pipe) is not None
+    device = offload_device(pipe) if had_offload else pipe.device
+    wanted = options if not had_offload else LowMemory(vae_slicing=options.vae_slicing, vae_tiling=options.vae_tiling,
+                                                        attention_slicing=options.attention_slicing)
+    try:
+        yield apply_low_memory(pipe, wanted, device=device)
+    finally:
+        if wanted.offload is not None and offload_mode(pipe) is not None:
+            pipe.remove_all_hooks()
+            pipe.to(device)
+        if vae is not None and hasattr(vae, "use_slicing"):
+            vae.use_slicing, vae.use_tiling = flags
+        pipe.unet.set_attn_processor(processors)
