@@ -104,8 +104,13 @@ ARCHITECTURES = {
 
 def build_pipeline(arch: Architecture, seed: int = 0) -> Any:
     """A random-init pipeline of ``arch`` (CPU, ``arch.dtype``), offline; DDIM with the published betas."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from consistent_diffusion.testing import tiny_clip_tokenizer
@@ -242,7 +247,10 @@ def training_rows(pipe: Any, size: int, folder: Path) -> list[tuple]:
     from consistent_diffusion.training.controlnet import ControlNetTrainConfig, train_controlnet
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
-    from consistent_diffusion.training.textual_inversion import TextualInversionConfig, train_textual_inversion
+    from consistent_diffusion.training.textual_inversion import (
+        TextualInversionConfig,
+        train_textual_inversion,
+    )
 
     images = folder / "instance"
     images.mkdir(exist_ok=True)
@@ -307,10 +315,15 @@ def markdown(arch: Architecture, size: int, results: list[dict[str, Any]], build
     return head + "\n".join(lines) + "\n"
 
 
+TRAINING_LABELS = ("train ControlNet, 1 step", "train textual inversion, 1 step", "train LoRA, 1 step",
+                   "train DreamBooth (full UNet), 1 step")
+
+
 def run_architecture(name: str, size: int | None = None, rows: str = "training-free",
                      batches: tuple[int, ...] = (2, 4, 8), only: tuple[str, ...] = ()) -> tuple[str, list]:
     """Build ``name``, run its rows, return (markdown table, results). ``only``: row labels to keep
-    (substring match; plain is always run)."""
+    (substring match; plain is always run). Training rows (``rows="all"``) each run in a fresh
+    process (they change the pipeline, and their memory must not hide the next row's)."""
     arch = ARCHITECTURES[name]
     size = size or arch.size
     torch.set_num_threads(1)
@@ -319,15 +332,49 @@ def run_architecture(name: str, size: int | None = None, rows: str = "training-f
     build = {"build_s": time.perf_counter() - start, "rss_mb": PeakMemory._rss() / 2**20,
              "params": ", ".join(f"{k} {v:.0f}M" for k, v in parameter_count(pipe).items())}
     with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
-        folder = Path(scratch)
-        inputs = make_inputs(pipe, size, folder)
+        inputs = make_inputs(pipe, size, Path(scratch))
         selected = training_free_rows(pipe, inputs, size, batches)
-        if rows == "all":
-            selected += training_rows(pipe, size, folder)
         if only:
             selected = [r for r in selected if r[0] == "plain" or any(o in r[0] for o in only)]
         results = measure(selected)
+    del pipe, inputs, selected
+    gc.collect()
+    if rows == "all":
+        results += [row_in_subprocess(name, size, label) for label in TRAINING_LABELS]
     return markdown(arch, size, results, build), results
+
+
+def row_in_subprocess(name: str, size: int, label: str) -> dict[str, Any]:
+    """One row measured in a fresh process (``--row``); its result or the process's error."""
+    import json
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve()), "--arch", name, "--size", str(size), "--row", label]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
+    return {"row": label, "batch": 1, "cpu_s": 0.0, "wall_s": 0.0, "peak_mb": None, "note": "",
+            "error": f"process exited {done.returncode}: {tail}"}
+
+
+RESULT_PREFIX = "ROW-RESULT "
+
+
+def one_row(name: str, size: int, label: str) -> dict[str, Any]:
+    """Build ``name`` and measure the row ``label`` (a training row or a training-free one)."""
+    import json
+
+    torch.set_num_threads(1)
+    pipe = build_pipeline(ARCHITECTURES[name])
+    with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
+        folder = Path(scratch)
+        rows = training_rows(pipe, size, folder) if label in TRAINING_LABELS else \
+            training_free_rows(pipe, make_inputs(pipe, size, folder), size, (2, 4, 8))
+        [result] = measure([r for r in rows if r[0] == label])
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
@@ -338,7 +385,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--only", nargs="*", default=[], help="keep rows whose label contains one of these")
     parser.add_argument("--out", type=Path, help="also write the table here")
+    parser.add_argument("--row", help="measure only this row, in this process, and print its result as JSON")
     args = parser.parse_args()
+    if args.row:
+        one_row(args.arch, args.size or ARCHITECTURES[args.arch].size, args.row)
+        return
     start = time.perf_counter()
     table, _ = run_architecture(args.arch, args.size, args.rows, tuple(args.batches), tuple(args.only))
     footer = (f"\n`cpu: {platform.machine()}, torch threads 1, torch {torch.__version__}; whole run "

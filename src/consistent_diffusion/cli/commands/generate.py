@@ -136,7 +136,7 @@ def run_from_image(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     index, seed = int(image_info["prompt_index"]), int(image_info["seed"])
     image = recreate_image(pipe, request, index, seed, progress=not args.quiet)
-    device = str(getattr(pipe, "device", "cpu"))
+    device = str(getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu"))  # offload: where it ran
     dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")
     manifest = build_manifest(pipe, request.config, request.methods, device, dtype)
     save_png_atomic(image, out, text=image_recipe_text(manifest, index, image_info["prompt"], seed, image.size))
