@@ -69,6 +69,22 @@ def test_a_series_job_writes_what_the_cli_would(tiny_sd, tmp_path):
     assert again.folder != job.folder, "one folder per job"
 
 
+def test_a_series_job_with_the_low_memory_switches_gives_the_same_images_and_leaves_the_pipeline(tiny_sd, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    before = dict(tiny_sd.unet.attn_processors)
+    plain = jobs.make_series(tiny_sd, jobs.SeriesForm(prompts="a cat", seeds="0 1", steps=2), tmp_path / "a",
+                             progress=False)
+    low = jobs.make_series(tiny_sd, jobs.SeriesForm(prompts="a cat", seeds="0 1", steps=2, offload="model",
+                                                    vae_slicing=True, vae_tiling=True, attention_slicing=True),
+                           tmp_path / "b", progress=False)
+    for a, b in zip(plain.images, low.images, strict=True):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert not hasattr(tiny_sd.unet, "_hf_hook") and not tiny_sd.vae.use_slicing and not tiny_sd.vae.use_tiling
+    assert {k: id(v) for k, v in tiny_sd.unet.attn_processors.items()} == {k: id(v) for k, v in before.items()}
+
+
 def test_training_from_the_page_cancels_and_keeps_the_last_checkpoint(uploads):
     from consistent_diffusion.testing import tiny_sd_pipeline
 

@@ -223,7 +223,7 @@ def generate_series(
         for batch in _batches(items, config.batch_size):
             images.extend(generate_batch(pipe, config, batch, running))
             bar.update(len(batch))
-    device = str(getattr(pipe, "device", "cpu"))
+    device = str(getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu"))  # offload: where it ran
     dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")
     manifest = build_manifest(pipe, config, methods, device, dtype)
     result = SeriesResult(config=config, images=images, manifest=manifest)

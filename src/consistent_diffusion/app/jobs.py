@@ -128,6 +128,10 @@ class SeriesForm:
     control_preprocess: str = "canny"
     control_scale: float = 1.0
     controlnet: str = "default"
+    offload: str | None = None  # the low-memory switches (models.memory.LowMemory) for this series
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    attention_slicing: bool = False
 
     def prompt_list(self) -> tuple[str, ...]:
         prompts = tuple(line.strip() for line in self.prompts.splitlines() if line.strip())
@@ -196,6 +200,7 @@ def make_series(pipe: Any, form: SeriesForm, out_root: str | os.PathLike, limits
                 progress: bool = True) -> SeriesJob:
     """Generate the form's series into a new job folder, zip it and score it (style, object, text,
     diversity, each with its validation status; the references are the uploads the stack reads)."""
+    from consistent_diffusion.models.memory import LowMemory, low_memory_applied
     from consistent_diffusion.series import SeriesConfig, generate_series, image_filename
 
     methods = form_methods(form, limits)
@@ -203,8 +208,11 @@ def make_series(pipe: Any, form: SeriesForm, out_root: str | os.PathLike, limits
     config = SeriesConfig(prompts=form.prompt_list(), seeds=form.seed_list(), steps=int(form.steps),
                           guidance_scale=float(form.guidance), height=size, width=size,
                           negative_prompt=form.negative_prompt or "")
+    low_memory = LowMemory(offload=form.offload or None, vae_slicing=bool(form.vae_slicing),
+                           vae_tiling=bool(form.vae_tiling), attention_slicing=bool(form.attention_slicing))
     folder = job_folder(out_root, "series")
-    result = generate_series(pipe, config, methods, out_dir=folder, progress=progress)
+    with low_memory_applied(pipe, low_memory):
+        result = generate_series(pipe, config, methods, out_dir=folder, progress=progress)
     references = [p for p in (form.style_image, form.init_image, form.edit_image) if p]
     scores = series_scores(pipe, result.images, [p for _, p, _ in config.items], references)
     return SeriesJob(folder=folder, images=[folder / image_filename(i, s) for i, _, s in config.items],

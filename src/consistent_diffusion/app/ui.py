@@ -67,7 +67,8 @@ class App:
                     init_image: Any, strength: float, style_on: bool, style_image: Any, style_prompt: str,
                     subject: str, edit_image: Any, edit_prompt: str, edit_skip: float, lora_files: Any,
                     lora_weight: float, trained: str | None, control_image: Any, control_preprocess: str,
-                    control_scale: float, progress: Any = None) -> tuple:
+                    control_scale: float, offload: str = "none", vae_slicing: bool = False,
+                    vae_tiling: bool = False, attention_slicing: bool = False, progress: Any = None) -> tuple:
         import gradio as gr
 
         progress = progress or gr.Progress(track_tqdm=True)
@@ -85,6 +86,8 @@ class App:
             edit_image=_path(edit_image), edit_source_prompt=edit_prompt or "", edit_skip=int(edit_skip),
             loras=loras, dreambooth=dreambooth, control_image=_path(control_image),
             control_preprocess=control_preprocess or "canny", control_scale=float(control_scale),
+            offload=None if offload in (None, "none") else offload, vae_slicing=bool(vae_slicing),
+            vae_tiling=bool(vae_tiling), attention_slicing=bool(attention_slicing),
         )
         try:
             progress(0.0, desc="loading the model")
@@ -237,6 +240,12 @@ def build(app: App) -> Any:
                         control_preprocess = gr.Dropdown(["canny", "silhouette", "scribble", "none"], value="canny",
                                                          label="Preprocessor")
                         control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
+                    with gr.Accordion("Low memory (same images, slower)", open=False):
+                        offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload")
+                        with gr.Row():
+                            vae_slicing = gr.Checkbox(label="VAE slicing")
+                            vae_tiling = gr.Checkbox(label="VAE tiling")
+                            attention_slicing = gr.Checkbox(label="Attention slicing")
                     make = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column(scale=1):
                     status = gr.Markdown(elem_id="series-status")
@@ -251,7 +260,8 @@ def build(app: App) -> Any:
             make.click(app.make_series,
                        [prompts, seeds, steps, guidance, size, negative, init_image, strength, style_on, style_image,
                         style_prompt, subject, edit_image, edit_prompt, edit_skip, lora_files, lora_weight, trained,
-                        control_image, control_preprocess, control_scale],
+                        control_image, control_preprocess, control_scale, offload, vae_slicing, vae_tiling,
+                        attention_slicing],
                        [sheet, gallery, scores, manifest, archive, status])
         with gr.Tab("Fine-tune a subject"):
             files = gr.File(file_count="multiple", label="3-20 images of the subject", elem_id="train-files")

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.models.memory import free_after_call
 
 
 @dataclass
@@ -92,6 +93,7 @@ def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str
     entry of the pipeline's output per image (latents: (C, H/f, W/f) tensors). Every method's
     context is closed, restoring the pipeline, before this returns or raises.
     """
+    source = ctx.pipe
     with contextlib.ExitStack() as stack:
         for method in methods:
             ctx = stack.enter_context(method.applied(ctx))
@@ -103,6 +105,7 @@ def run(ctx: GenerationContext, methods: Sequence[Method] = (), output_type: str
             output_type=output_type,
             **call_kwargs,
         )
+        free_after_call(source, ctx.pipe)  # a sibling's call leaves the offloaded components in place
     return list(output.images[ctx.num_internal :])
 
 

@@ -36,6 +36,7 @@ from consistent_diffusion.core.images import load_image
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import follow_source, generation_size, restoring
 from consistent_diffusion.methods.controls import CONDITIONS, make_control
+from consistent_diffusion.models.memory import offload_suspended, offloaded_like, weights_device
 
 SHIPPED_PREFIX = "embedded-"
 SHIPPED_ROOT = ASSETS_DIR / "controlnet"
@@ -136,7 +137,8 @@ def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
     cached = _SIBLINGS.get(pipe)
     if cached is None or cached[0] != key:
         cls = StableDiffusionXLControlNetPipeline if _is_xl(pipe) else StableDiffusionControlNetPipeline
-        sibling = cls.from_pipe(pipe, controlnet=models if len(models) > 1 else models[0])
+        with offload_suspended(pipe):  # from_pipe casts every component (.to(dtype)): not on offloaded weights
+            sibling = cls.from_pipe(pipe, controlnet=models if len(models) > 1 else models[0], torch_dtype=pipe.unet.dtype)
         _SIBLINGS[pipe] = cached = (key, sibling)
     return follow_source(cached[1], pipe)
 
@@ -227,11 +229,13 @@ class ControlNet(Method):
     def applied(self, ctx: GenerationContext) -> Iterator[GenerationContext]:
         if "image" in ctx.call_kwargs:
             raise ConfigError("controlnet cannot follow a method that sets `image` (img2img) in this version")
-        with restoring(ctx):
+        with restoring(ctx), contextlib.ExitStack() as stack:
             unet = ctx.pipe.unet
             specs = [default_controlnet_for(ctx.pipe, condition) if spec == DEFAULT_SPEC else spec
                      for spec, condition in zip(self.controlnets, self.preprocess, strict=True)]
-            models = [load_controlnet(spec, unet.device, unet.dtype) for spec in specs]
+            models = [load_controlnet(spec, weights_device(ctx.pipe), unet.dtype) for spec in specs]
+            for model in models:  # under the pipeline's offload for the call, if it has one
+                stack.enter_context(offloaded_like(ctx.pipe, model))
             ctx.pipe = controlnet_pipeline(ctx.pipe, models)
             images = self.control_images(generation_size(ctx))
             single = len(models) == 1

@@ -27,6 +27,7 @@ import torch
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import restoring
+from consistent_diffusion.models.memory import changed_without_offload
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _CACHE: dict[tuple, dict[str, dict[str, torch.Tensor]]] = {}  # files_key of the weight files -> weights
@@ -132,5 +133,6 @@ class DreamBooth(Method):
     @contextlib.contextmanager
     def applied(self, ctx: GenerationContext) -> Iterator[GenerationContext]:
         folder = dreambooth_folder(self.model)
-        with restoring(ctx), weights_swapped(ctx.pipe, load_component_weights(folder), self.model):
+        swap = weights_swapped(ctx.pipe, load_component_weights(folder), self.model)
+        with restoring(ctx), changed_without_offload(ctx.pipe, swap):
             yield ctx

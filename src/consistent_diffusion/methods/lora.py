@@ -28,6 +28,7 @@ import torch
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import restoring
+from consistent_diffusion.models.memory import changed_without_offload
 
 _ADAPTER_PREFIX = "cd_lora"
 
@@ -161,7 +162,8 @@ class LoRA(Method):
 
     @contextlib.contextmanager
     def applied(self, ctx: GenerationContext) -> Iterator[GenerationContext]:
-        with restoring(ctx), loras_loaded(ctx.pipe, self.weights, self.scales, self.adapter_names()):
+        loading = loras_loaded(ctx.pipe, self.weights, self.scales, self.adapter_names())
+        with restoring(ctx), changed_without_offload(ctx.pipe, loading):
             yield ctx
 
 

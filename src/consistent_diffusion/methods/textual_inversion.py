@@ -29,6 +29,7 @@ from torch import nn
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import restoring
+from consistent_diffusion.models.memory import changed_without_offload
 
 FILE_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 SECOND_FILE_NAMES = ("learned_embeds_2.safetensors", "learned_embeds_2.bin")
@@ -126,7 +127,8 @@ class TextualInversion(Method):
                           UserWarning, stacklevel=3)
         with restoring(ctx), contextlib.ExitStack() as stack:
             for (tokenizer_name, encoder_name), rows in zip(present, vectors, strict=False):
-                stack.enter_context(_tokens_added(pipe, tokenizer_name, encoder_name, token, rows))
+                stack.enter_context(changed_without_offload(pipe, _tokens_added(pipe, tokenizer_name, encoder_name,
+                                                                                 token, rows)))
             yield ctx
 
 

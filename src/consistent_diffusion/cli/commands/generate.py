@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consistent_diffusion.cli.options import methods as method_options
+from consistent_diffusion.cli.options.memory import add_memory_arguments
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.models.loading import SCHEDULERS
 
@@ -66,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new one is complete)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_arguments(parser)
+    add_memory_arguments(parser)
     method_options.add_method_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -135,7 +137,7 @@ def run_from_image(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     index, seed = int(image_info["prompt_index"]), int(image_info["seed"])
     image = recreate_image(pipe, request, index, seed, progress=not args.quiet)
-    device = str(getattr(pipe, "device", "cpu"))
+    device = str(getattr(pipe, "_execution_device", None) or getattr(pipe, "device", "cpu"))  # offload: where it ran
     dtype = str(getattr(pipe.unet, "dtype", "")).replace("torch.", "")
     manifest = build_manifest(pipe, request.config, request.methods, device, dtype)
     save_png_atomic(image, out, text=image_recipe_text(manifest, index, image_info["prompt"], seed, image.size))

@@ -34,11 +34,17 @@ def model_argv(args: argparse.Namespace) -> list[str]:
 
 
 def load_model_from_args(args: argparse.Namespace, spec: str | None = None, dtype: str | None = None) -> Any:
-    return load_pipeline(
+    """The pipeline ``args`` name, with the low-memory switches of ``cli.options.memory`` on where the
+    command has them (offloaded pipelines load on the CPU; the hooks move them to ``--device``)."""
+    from consistent_diffusion.cli.options.memory import apply_memory_from_args, low_memory_from_args
+
+    offload = low_memory_from_args(args).offload is not None
+    pipe = load_pipeline(
         spec or args.model,
-        device=args.device,
+        device="cpu" if offload else args.device,
         dtype=parse_dtype(dtype or args.dtype),
         config=args.config,
         revision=args.revision,
         allow_download=args.allow_download,
     )
+    return apply_memory_from_args(pipe, args)

@@ -123,6 +123,12 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+def _rest(temb: torch.Tensor | None, args: tuple) -> tuple:
+    """The positional arguments after ``attention_mask`` to pass on: none when there are none, so an
+    inner processor without ``temb`` (diffusers' ``SlicedAttnProcessor``, attention slicing) works."""
+    return (temb, *args) if temb is not None or args else ()
+
+
 class SubjectMapRecorder:
     """Cross-attention processor that leaves the output to ``inner`` and, at the mask level in the
     main pass, records the subject map of this method's conditional rows (``masks.subject_map``)."""
@@ -137,7 +143,7 @@ class SubjectMapRecorder:
         if (s.share and s.mode == "subject" and not s.in_vanilla_pass and encoder_hidden_states is not None
                 and self.level == s.map_level and hidden_states.ndim == 3):
             self._record(attn, hidden_states, encoder_hidden_states)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *_rest(temb, args), **kwargs)
 
     @torch.no_grad()
     def _record(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
@@ -176,7 +182,7 @@ class SubjectAttentionProcessor:
         if usable and s.in_vanilla_pass and s.blend_strength() is not None:
             self.blended_query(attn, attn.to_q(hidden_states))  # caches the vanilla query
         if not usable or not s.sharing_now():
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *_rest(temb, args), **kwargs)
         return self._shared(attn, hidden_states)
 
     # -- the parts another sharing processor (StyleAligned's) can reuse --------------------------
