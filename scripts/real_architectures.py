@@ -15,8 +15,8 @@ thread and their ratio to the plain row of the same run; StyleAligned and consis
 also at 2, 4 and 8 images. The tokenizer is the project's offline byte-level ``CLIPTokenizer``
 (77 tokens; the weights are random, so the vocabulary only has to tokenize).
 
-Usage (one big model at a time on a shared machine):
-    flock /tmp/cd-bigmodel.lock python scripts/real_architectures.py --arch sd15 [--size 256]
+Usage (SDXL needs about 10 GB in float32; run one architecture at a time):
+    python scripts/real_architectures.py --arch sd15 [--size 256]
         [--rows training-free|all] [--batches 2 4 8] [--out table.md]
 """
 

@@ -7,7 +7,7 @@ swapped for PyTorch's SDPA) outside the project, on these exact inputs: SDXL's s
 (640 channels / 10 heads at 16x16 tokens, 1280 / 20 at 8x8; head size 64), random init under
 ``torch.manual_seed(0)``, a batch of 2 CFG halves x 4 images with anchors 0 and 1, the reference's
 ``create_anchor_mapping`` (every image sees itself and the anchors), and the anchors' subject masks
-after dropout ``rand > 0.6``. Our processor matched it to 8.2e-8 (docs/methods.md). No reference
+after dropout ``rand > 0.6``. Our processor matched it to 8.2e-8 (docs/consistent_subject.md). No reference
 code is in the project: only its outputs.
 """
 

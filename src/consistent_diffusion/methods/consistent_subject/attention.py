@@ -380,7 +380,7 @@ def cross_attention_levels(unet: Any) -> list[int]:
     return sorted({layer_level(n, down, up) for n in unet.attn_processors if n.endswith("attn2.processor")} - {None})
 
 
-MIN_MAP_SIDE = 16  # the coarsest subject-map grid: 8x8 maps do not localise the subject (docs/methods.md)
+MIN_MAP_SIDE = 16  # the coarsest subject-map grid: 8x8 maps do not localise the subject (docs/consistent_subject_diagnosis.md)
 
 
 def choose_map_level(unet: Any, latent_size: tuple[int, int]) -> int:
