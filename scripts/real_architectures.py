@@ -41,17 +41,18 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import PeakMemory  # noqa: E402
 
-SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                 "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
-SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-          "block_out_channels": (128, 256, 512, 512), "act_fn": "silu",
-          "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-          "projection_dim": 768, "hidden_act": "quick_gelu"}  # openai/clip-vit-large-patch14
+from consistent_diffusion.testing_architectures import (  # noqa: E402  (published configs, one place)
+    CLIP_L,
+    OPEN_CLIP_BIG_G,
+    SCALED_LINEAR_DDIM,
+    SD_VAE,
+    SDXL_UNET,
+    SDXL_VAE,
+)
+
+SCALED_LINEAR = SCALED_LINEAR_DDIM  # the published betas; prediction_type set per architecture
 OPEN_CLIP_H = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23, "num_attention_heads": 16,
                "projection_dim": 512, "hidden_act": "gelu"}  # SD 2.x: OpenCLIP ViT-H, penultimate layer
-OPEN_CLIP_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
-                   "projection_dim": 1280, "hidden_act": "gelu"}  # SDXL text_encoder_2
 SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
@@ -90,14 +91,8 @@ ARCHITECTURES = {
         text_encoders=(OPEN_CLIP_H,), scheduler={**SCALED_LINEAR, "prediction_type": "v_prediction"}),
     "sdxl": Architecture(  # stabilityai/stable-diffusion-xl-base-1.0
         label="SDXL", native=1024, size=512, dtype=torch.bfloat16, xl=True,
-        unet={"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-              "block_out_channels": (320, 640, 1280),
-              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-              "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-              "attention_head_dim": (5, 10, 20), "transformer_layers_per_block": (1, 2, 10),
-              "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
-              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32},
-        vae={**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        unet=SDXL_UNET,
+        vae=SDXL_VAE,
         text_encoders=(CLIP_L, OPEN_CLIP_BIG_G), scheduler={**SCALED_LINEAR, "prediction_type": "epsilon"}),
 }
 
