@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from _finetune_data import COLOURS, noise_image, one_thread, random_controlnet, shape_image
+from _ip_adapter_files import save_noise_image, save_random_adapter
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, get_method, run
 from consistent_diffusion.methods.inversion import invert
@@ -30,13 +31,13 @@ _ = one_thread
 TOKEN = "<tok>"
 PROMPTS = [f"a {TOKEN} cat", "a cat on grass", "a cat"]
 METHODS = ["plain", "img2img", "ddpm_edit", "style_aligned", "consistent_subject", "story", "controlnet", "lora",
-           "dreambooth", "textual_inversion", "style_aligned+controlnet+lora"]
+           "dreambooth", "textual_inversion", "style_aligned+controlnet+lora", "ip_adapter", "ip_adapter_per_row"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Random inputs for every method, built in code: a LoRA, a DreamBooth folder, embeddings, an
-    inversion, a ControlNet, an init image."""
+    inversion, a ControlNet, an init image, an IP-Adapter (released layout) and its prompt images."""
     root = tmp_path_factory.mktemp("low-memory")
     with_lora = tiny_sd_pipeline()
     torch.manual_seed(1)
@@ -52,7 +53,9 @@ def inputs(tmp_path_factory):
               str(root / "ti" / "learned_embeds.safetensors"))
     base = tiny_sd_pipeline()
     image = noise_image(0)
-    return {"root": root, "image": image, "controlnet": random_controlnet(base),
+    save_random_adapter(root / "ip", base.unet)
+    prompt_images = tuple(save_noise_image(root / f"ip{i}.png", i) for i in range(len(PROMPTS)))
+    return {"root": root, "image": image, "ip_images": prompt_images, "controlnet": random_controlnet(base),
             "inversion": invert(base, image, "a photo", steps=2, cfg=3.0, generator=torch.Generator().manual_seed(0)),
             "control": shape_image("circle", COLOURS["red"], size=32)}
 
@@ -74,6 +77,9 @@ def methods_for(name: str, inputs: dict) -> list:
             get_method("style_aligned"),
             get_method("controlnet", controlnets=inputs["controlnet"], images=inputs["control"]),
             get_method("lora", weights=str(root / "lora"))],
+        "ip_adapter": lambda: [get_method("ip_adapter", adapters=str(root / "ip"), images=inputs["ip_images"][0])],
+        "ip_adapter_per_row": lambda: [
+            get_method("ip_adapter", adapters=str(root / "ip"), images=inputs["ip_images"], per_row=True)],
     }
     return build[name]()
 
@@ -172,6 +178,30 @@ def test_offload_moves_nothing_it_should_not_and_frees_after_a_sibling_call(inpu
     finally:
         type(pipe).maybe_free_model_hooks = original
     assert "StableDiffusionPipeline" in calls
+
+
+@pytest.mark.parametrize("name", ["ip_adapter", "ip_adapter_per_row"])
+def test_the_ip_adapters_image_encoder_is_offloaded_with_the_pipeline_for_its_call(inputs, name):
+    """The image encoder the adapter adds joins model offload for the call (a CpuOffload hook, so it
+    follows the other components onto the accelerator) and leaves with the adapter; the UNet's hook
+    sees the adapter's ``encoder_hid_proj`` (the pipeline is offloaded again after loading)."""
+    pipe = apply_low_memory(tiny_sd_pipeline(), LowMemory(offload="model"), device="cpu")
+    before = hook_state(pipe)
+    seen: list[tuple[str, str, bool]] = []
+
+    def spy(pipeline, step, timestep, callback_kwargs):
+        encoder = pipeline.image_encoder
+        seen.append((type(getattr(encoder, "_hf_hook", None)).__name__, offload_mode(pipeline),
+                     pipeline.unet.encoder_hid_proj is not None))
+        return callback_kwargs
+
+    ctx = GenerationContext(pipe=pipe, prompts=list(PROMPTS), negative_prompts=None,
+                            generators=[torch.Generator().manual_seed(s) for s in range(len(PROMPTS))],
+                            call_kwargs={"num_inference_steps": 2, "guidance_scale": 3.0, "height": 32, "width": 32,
+                                         "callback_on_step_end": spy})
+    run(ctx, methods_for(name, inputs), output_type="np")
+    assert seen == [("CpuOffload", "model", True)] * 2
+    assert pipe.image_encoder is None and hook_state(pipe) == before
 
 
 def test_switches_are_validated_and_sequential_offload_needs_an_accelerator():

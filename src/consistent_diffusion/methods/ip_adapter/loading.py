@@ -195,6 +195,20 @@ def _innermost(processor: Any, name: str) -> Any:
     return processor
 
 
+def _constructible(processor: Any) -> Any:
+    """``processor``, or diffusers' default processor where its class needs constructor arguments
+    (``SlicedAttnProcessor(slice_size)`` under attention slicing): ``load_ip_adapter`` rebuilds
+    each non-IP layer's processor with its class's no-argument constructor (the layer's own
+    processor comes back afterwards in ``merged_processors``)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    try:
+        type(processor)()
+    except TypeError:
+        return AttnProcessor2_0()
+    return processor
+
+
 def merged_processors(previous: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
     """After ``load_ip_adapter``: the IP processors where it put them (inside any wrapper that was
     there), every other layer's previous processor back as it was."""
@@ -253,7 +267,7 @@ def installed_adapters(pipe: Any, state_dicts: list[dict], encoder: Any) -> Iter
         pipe.register_modules(image_encoder=encoder)
         # diffusers re-creates every processor with its class's no-argument constructor: hand it the
         # stock processors under the wrappers (the wrappers come back in merged_processors)
-        pipe.unet.set_attn_processor({name: _innermost(p, name) for name, p in saved.processors.items()})
+        pipe.unet.set_attn_processor({name: _constructible(_innermost(p, name)) for name, p in saved.processors.items()})
         try:
             pipe.load_ip_adapter(list(state_dicts), subfolder=[""] * len(state_dicts),
                                  weight_name=[""] * len(state_dicts), image_encoder_folder=None)

@@ -8,6 +8,12 @@ InstantStyle (Wang et al. 2024) is the same adapter with ``s`` set per block so 
 method loads them for one call (``loading.installed_adapters``), passes the image embeddings as
 ``ip_adapter_image_embeds`` (one row per batch entry: one image for all rows, or one per series
 row) and region masks as ``cross_attention_kwargs["ip_adapter_masks"]``.
+
+Low-memory switches (models/memory.py): under model offload the adapter is loaded and unloaded
+with the hooks off, so the added image encoder is offloaded like the other components for the
+call. Under attention slicing the self-attention layers stay sliced; the cross-attention layers
+run diffusers' IP-Adapter processor (unsliced: its text and image scores are (HW, 77) and
+(HW, tokens), small beside self-attention's (HW, HW)) for the call.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from consistent_diffusion.methods.ip_adapter.loading import (
     read_state_dict,
     resolve_adapter,
 )
+from consistent_diffusion.models.memory import changed_without_offload
 
 # InstantStyle's block choices, as diffusers' ``set_ip_adapter_scale`` dicts (1.0 = the scale).
 # SDXL: the InstantStyle README and diffusers' IP-Adapter guide ("style" = up_blocks.0.attentions.1,
@@ -174,7 +181,10 @@ class IPAdapter(Method):
     @contextlib.contextmanager
     def applied(self, ctx: GenerationContext) -> Iterator[GenerationContext]:
         state_dicts, encoder = self._loaded(ctx.pipe)
-        with restoring(ctx), installed_adapters(ctx.pipe, state_dicts, encoder) as pipe:
+        # loaded and unloaded with the offload hooks off: model offload is then installed again over
+        # the added image encoder (it follows the other components) and leaves with it
+        loading = installed_adapters(ctx.pipe, state_dicts, encoder)
+        with restoring(ctx), changed_without_offload(ctx.pipe, loading) as pipe:
             try:
                 pipe.set_ip_adapter_scale(self.scale_configs(pipe))
             except (ValueError, KeyError, IndexError) as error:
