@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _ip_adapter_files import adapter_weights, save_noise_image, save_random_adapter
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, available_methods, run
 from consistent_diffusion.methods.ip_adapter import INSTANTSTYLE_PRESETS, IPAdapter
@@ -28,45 +29,6 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def save_tiny_adapter(folder: Path, pipe, seed: int = 0, suffix: str = ".safetensors") -> Path:
-    """A random IP-Adapter for ``pipe``'s UNet in the released layout: ``models/ip-adapter*`` plus
-    ``models/image_encoder/`` (a tiny random CLIPVisionModelWithProjection)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    models = folder / "models"
-    torch.manual_seed(seed)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8))
-    encoder.save_pretrained(models / "image_encoder")
-    cross = pipe.unet.config.cross_attention_dim
-    state = {"image_proj": {"proj.weight": torch.randn(4 * cross, 24) * 0.5, "proj.bias": torch.randn(4 * cross) * 0.1,
-                            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
-             "ip_adapter": {}}
-    key = 1
-    for name in pipe.unet.attn_processors:
-        if name.endswith("attn2.processor"):
-            attn = pipe.unet.get_submodule(name[: -len(".processor")])
-            inner = attn.to_k.weight.shape[0]
-            state["ip_adapter"][f"{key}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.5
-            state["ip_adapter"][f"{key}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.5
-            key += 2
-    weights = models / f"ip-adapter_tiny{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file({f"{part}.{k}": v for part, d in state.items() for k, v in d.items()}, str(weights))
-    else:
-        torch.save(state, weights)
-    return weights
-
-
-def save_image(path: Path, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    return str(path)
-
-
 def ctx_for(pipe, prompts=("a cat",), seeds=None) -> GenerationContext:
     seeds = seeds or list(range(len(prompts)))
     return GenerationContext(pipe=pipe, prompts=list(prompts), negative_prompts=None,
@@ -81,8 +43,8 @@ def images(pipe, methods, prompts=("a cat",), seeds=None) -> np.ndarray:
 def adapter(tmp_path):
     def make(kind: str = "sd", suffix: str = ".safetensors") -> tuple[Path, str]:
         folder = tmp_path / f"ip-{kind}{suffix}"
-        save_tiny_adapter(folder, BUILDERS[kind](), suffix=suffix)
-        return folder, save_image(tmp_path / "image.png", 1)
+        save_random_adapter(folder, BUILDERS[kind]().unet, suffix=suffix)
+        return folder, save_noise_image(tmp_path / "image.png", 1, size=32)
     return make
 
 
@@ -95,7 +57,7 @@ def test_equals_diffusers_load_ip_adapter(adapter, kind, suffix):
     folder, image = adapter(kind, suffix)
     ours = images(BUILDERS[kind](), [IPAdapter(adapters=str(folder), images=image, scales=0.8)])
     stock = BUILDERS[kind]()
-    stock.load_ip_adapter(str(folder), subfolder="models", weight_name=f"ip-adapter_tiny{suffix}", local_files_only=True)
+    stock.load_ip_adapter(str(folder), subfolder="models", weight_name=adapter_weights(folder, suffix).name, local_files_only=True)
     stock.set_ip_adapter_scale(0.8)
     theirs = stock("a cat", ip_adapter_image=Image.open(image), generator=torch.Generator("cpu").manual_seed(0),
                    output_type="np", **CALL).images
@@ -164,7 +126,7 @@ def test_entering_before_a_method_that_adds_rows_is_refused(adapter):
     folder, image = adapter()
     pipe = tiny_sd_pipeline()
     original = dict(pipe.unet.attn_processors)
-    second = save_image(folder / "b.png", 2)
+    second = save_noise_image(folder / "b.png", 2, size=32)
     per_row = IPAdapter(adapters=str(folder), images=(image, second), per_row=True)
     with pytest.raises(ConfigError, match="stack ip_adapter after"):
         images(pipe, [per_row, StyleAligned(reference_prompt="red", reference_seed=3)], ("a cat", "a dog"))
@@ -241,7 +203,7 @@ def test_stacks_with_lora_either_order(adapter, tmp_path, ip_first):
 def test_per_row_images(adapter, tmp_path, kind):
     folder, image = adapter(kind)
     build = BUILDERS[kind]
-    second, third = save_image(tmp_path / "b.png", 2), save_image(tmp_path / "c.png", 3)
+    second, third = save_noise_image(tmp_path / "b.png", 2, size=32), save_noise_image(tmp_path / "c.png", 3, size=32)
     prompts = ("a cat", "a dog")
     first = images(build(), [IPAdapter(adapters=str(folder), images=(image, second), per_row=True)], prompts)
     changed = images(build(), [IPAdapter(adapters=str(folder), images=(image, third), per_row=True)], prompts)
@@ -254,7 +216,7 @@ def test_per_row_images(adapter, tmp_path, kind):
 
 def test_per_row_follows_series_prompt_indices(adapter, tmp_path):
     folder, image = adapter()
-    second = save_image(tmp_path / "b.png", 2)
+    second = save_noise_image(tmp_path / "b.png", 2, size=32)
     method = IPAdapter(adapters=str(folder), images=(image, second), per_row=True)
     series = method.for_series([(1, "a dog", 7), (0, "a cat", 4)], batch_size=1)
     one = images(tiny_sd_pipeline(), [series], ("a dog",), seeds=[7])
@@ -289,9 +251,9 @@ def test_mask_restricts_the_adapter_to_its_region(adapter, tmp_path):
 def test_two_subjects_two_adapters_with_masks(adapter, tmp_path):
     folder, image = adapter()
     other = tmp_path / "other"
-    save_tiny_adapter(other, tiny_sd_pipeline(), seed=5)
+    save_random_adapter(other, tiny_sd_pipeline().unet, seed=5)
     # one encoder for both: the second adapter's weights beside the first's encoder
-    weights = other / "models" / "ip-adapter_tiny.safetensors"
+    weights = adapter_weights(other)
     target = folder / "models" / "second.safetensors"
     target.write_bytes(weights.read_bytes())
     halves = []
@@ -300,9 +262,9 @@ def test_two_subjects_two_adapters_with_masks(adapter, tmp_path):
         mask[:, cols] = 255
         Image.fromarray(mask).save(tmp_path / name)
         halves.append(str(tmp_path / name))
-    first = str(folder / "models" / "ip-adapter_tiny.safetensors")
-    second_image = save_image(tmp_path / "b.png", 2)
-    third = save_image(tmp_path / "c.png", 3)
+    first = str(adapter_weights(folder))
+    second_image = save_noise_image(tmp_path / "b.png", 2, size=32)
+    third = save_noise_image(tmp_path / "c.png", 3, size=32)
     out = _latents([IPAdapter(adapters=(first, str(target)), images=(image, second_image), masks=halves)])
     swapped = _latents([IPAdapter(adapters=(first, str(target)), images=(image, third), masks=halves)])
     diff = np.abs(out - swapped)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _ip_adapter_files import save_noise_image, save_random_adapter
+from _ip_adapter_files import adapter_weights, save_noise_image, save_random_adapter
 from consistent_diffusion.cli.main import main
 from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
 from consistent_diffusion.core.errors import ConfigError
@@ -147,7 +147,7 @@ def test_the_weight_file_and_its_folder_give_the_same_images(adapter, tiny_sd_fo
     image = save_noise_image(tmp_path / "a.png", 0)
     common = ["--model", str(tiny_sd_folder), "--prompt", "a cat", "--seeds", "0", "--steps", "2",
               "--height", "32", "--width", "32", "--quiet", "--ip-image", image]
-    weights = adapter / "models" / "ip-adapter_sd15.safetensors"
+    weights = adapter_weights(adapter)
     assert main(["generate", *common, "--ip-adapter", str(adapter), "--out", str(tmp_path / "folder")]) == 0
     assert main(["generate", *common, "--ip-adapter", str(weights), "--out", str(tmp_path / "file")]) == 0
     (a,), (b,) = sorted((tmp_path / "folder").glob("p*.png")), sorted((tmp_path / "file").glob("p*.png"))
