@@ -102,14 +102,18 @@ def read_state_dict(weights: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def load_image_encoder(folder: str, pipe: Any) -> Any:
-    """The CLIP image encoder in ``folder``, offline, in the pipeline's dtype and device."""
+    """The CLIP image encoder in ``folder``, offline, in the pipeline's dtype, on the device its
+    weights belong on (the CPU under offload: the hooks move it; ``pipe.device`` is ``meta`` under
+    sequential offload)."""
     from transformers import CLIPVisionModelWithProjection
+
+    from consistent_diffusion.models.memory import weights_device
 
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load the IP-Adapter image encoder {folder}: {error}") from error
-    return encoder.to(device=pipe.device, dtype=pipe.dtype).eval()
+    return encoder.to(device=weights_device(pipe), dtype=pipe.dtype).eval()
 
 
 def _is_ip_processor(processor: Any) -> bool:

@@ -39,7 +39,7 @@ from consistent_diffusion.methods.ip_adapter.loading import (
     read_state_dict,
     resolve_adapter,
 )
-from consistent_diffusion.models.memory import changed_without_offload
+from consistent_diffusion.models.memory import changed_without_offload, weights_device
 
 # InstantStyle's block choices, as diffusers' ``set_ip_adapter_scale`` dicts (1.0 = the scale).
 # SDXL: the InstantStyle README and diffusers' IP-Adapter guide ("style" = up_blocks.0.attentions.1,
@@ -167,7 +167,7 @@ class IPAdapter(Method):
     def _loaded(self, pipe: Any) -> tuple[list[dict], Any]:
         """State dicts and image encoder (read once per method, kept for its later calls)."""
         sdxl = is_sdxl(pipe)
-        key = ("sdxl" if sdxl else "sd", str(pipe.dtype), str(pipe.device))
+        key = ("sdxl" if sdxl else "sd", str(pipe.dtype), str(weights_device(pipe)))
         if key not in self._cache:
             files = [resolve_adapter(path, sdxl) for path in self.adapters]
             encoders = {f.image_encoder for f in files}
