@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from _finetune_data import COLOURS, instance_folder, one_thread, random_controlnet, shape_image
+from _ip_adapter_files import save_random_adapter
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, available_methods, run
 from consistent_diffusion.methods.consistent_subject import ConsistentSubject
@@ -33,6 +34,7 @@ from consistent_diffusion.methods.inversion import (
     reconstruct,
     sample_trajectory,
 )
+from consistent_diffusion.methods.ip_adapter import IPAdapter
 from consistent_diffusion.methods.lora import LoRA
 from consistent_diffusion.methods.style_aligned import StyleAligned
 from consistent_diffusion.methods.textual_inversion import TextualInversion
@@ -166,9 +168,10 @@ def assets(tmp_path_factory, image):
                                templates=("a {}",)),
         tiny_sd_pipeline(zero_snr=True)).result
     image.save(root / "reference.png")
+    ip_adapter = save_random_adapter(root / "ip_adapter", tiny_sd_pipeline(zero_snr=True).unet)
     torch.set_num_threads(previous)
     return {"lora": lora, "dreambooth": dreambooth, "textual_inversion": inversion, "controlnet": random_controlnet(tiny_sd_pipeline()),
-            "image": root / "reference.png"}
+            "image": root / "reference.png", "ip_adapter": ip_adapter}
 
 
 METHOD_PROMPTS = {"textual_inversion": ("a red <zs-shape>", "a blue <zs-shape>")}  # the learned word in use
@@ -183,6 +186,7 @@ METHODS = {
     "consistent_subject_real": lambda a: [ConsistentSubject(subject="cat", reference_image=str(a["image"]),
                                                             reference_image_prompt="a cat")],
     "textual_inversion": lambda a: [TextualInversion(embeddings=str(a["textual_inversion"]))],
+    "ip_adapter": lambda a: [IPAdapter(adapters=str(a["ip_adapter"]), images=str(a["image"]))],
     "controlnet": lambda a: [ControlNet(controlnets=a["controlnet"], images=shape_image("circle", COLOURS["red"], 32))],
 }
 

@@ -53,12 +53,21 @@ Example::
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consistent_diffusion.bench.suite_schema import (  # noqa: F401 - the vocabulary, re-exported
+    KINDS,
+    REQUIRED_TRAINING_OPTIONS,
+    TRAINED_PLACEHOLDER,
+    TRAINING_KINDS,
+    Problem,
+    raise_problems,
+    schema_problems,
+    trained_name,
+)
 from consistent_diffusion.core.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -66,25 +75,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KINDS = ("style", "object", "shape", "concept")
 BUILTIN_SUITES_DIR = Path(__file__).parent / "suites"
 REFERENCE_PLACEHOLDER = "{reference}"
 PROMPT_PLACEHOLDER = "{prompt}"
-TRAINED_PLACEHOLDER = re.compile(r"^\{trained:([A-Za-z0-9_-]+)\}$")
-TRAINING_KINDS = ("dreambooth", "lora", "textual_inversion")  # configs and train functions: bench.prepare.training_kind
-REQUIRED_TRAINING_OPTIONS = {
-    "dreambooth": ("instance_prompt",),
-    "lora": ("instance_prompt",),
-    "textual_inversion": ("placeholder_token", "initializer_token"),
-}
 SUBJECT_PLACEHOLDER = "{subject}"
 REFERENCE_PROMPT_PLACEHOLDER = "{reference_prompt}"
-
-
-def trained_name(value: Any) -> str | None:
-    """NAME if ``value`` is the placeholder ``"{trained:NAME}"``, else None."""
-    match = TRAINED_PLACEHOLDER.match(value) if isinstance(value, str) else None
-    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -270,10 +265,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
 
 
 def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite:
-    """The suite ``data`` (a parsed TOML) describes; every problem found (``bench.suite_checks``) is
+    """The suite ``data`` (a parsed TOML) describes; every problem found (``bench.suite_schema``) is
     raised at once as one ``SuiteError``, a line each naming ``source``, the task and the key."""
-    from consistent_diffusion.bench.suite_checks import Problem, raise_problems, schema_problems
-
     where = source or "suite"
     raise_problems(where, schema_problems(data))
     problems: list[Problem] = []
@@ -317,8 +310,6 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
 
 def _task(task: dict[str, Any], base: Path, problems: list[Any]) -> Task:
     """A task of the suite's data; a reference file that is missing is added to ``problems``."""
-    from consistent_diffusion.bench.suite_checks import Problem
-
     references = []
     for ref in task.get("references", ()):
         try:

@@ -316,7 +316,7 @@ def build_emoji_dataset(config: EmojiDatasetConfig, log=None) -> Path:
     if config.out.exists() and not config.overwrite:
         raise ConfigError(f"{config.out} already exists; remove it or pass --overwrite")
     start = time.perf_counter()
-    sources = resolve_sources(config)
+    sources = resolve_sources(config.sources, config.styles, config.cache, config.npm_version)
     table = identity_table(sources)
     matches = match_sources(sources, table)
     entries = common_entries(sources, matches, config.min_styles)

@@ -13,14 +13,11 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.data.styles import ALL_STYLES, DATASOURCE_PREFIX, spec_of, styles_of_package
-
-if TYPE_CHECKING:
-    from consistent_diffusion.data.emoji import EmojiDatasetConfig
 
 DEFAULT_STYLES = ALL_STYLES  # the styles a build fetches by default: all seven
 DEFAULT_NPM_VERSION = "16.0.0"  # emoji-datasource version; the other packages' versions are in STYLES
@@ -84,25 +81,28 @@ def describe_source(folder: Path) -> dict:
     return sources[0]
 
 
-def resolve_sources(config: EmojiDatasetConfig) -> list[dict]:
-    """Source descriptions (one per style, in the order asked), from ``--from`` folders or npm packs."""
-    if config.sources:
-        found = [s for folder in config.sources for s in describe_sources(folder)]
+def resolve_sources(sources: Sequence[str | Path], styles: Sequence[str] | None, cache: str | Path | None,
+                    npm_version: str) -> list[dict]:
+    """Source descriptions (one per style, in the order asked), from ``--from`` folders (``sources``)
+    or npm packs of ``styles`` (default ``DEFAULT_STYLES``; the emoji-datasource packages at
+    ``npm_version``) cached under ``cache``: ``EmojiDatasetConfig``'s fields of the same names."""
+    if sources:
+        found = [s for folder in sources for s in describe_sources(folder)]
     else:
-        cache = Path(config.cache or Path.home() / ".cache" / "consistent-diffusion" / "npm")
+        cache = Path(cache or Path.home() / ".cache" / "consistent-diffusion" / "npm")
         packages: dict[str, str] = {}
-        for style in config.styles or DEFAULT_STYLES:
+        for style in styles or DEFAULT_STYLES:
             spec = spec_of(style)
-            version = config.npm_version if spec.package.startswith(DATASOURCE_PREFIX) else spec.version
+            version = npm_version if spec.package.startswith(DATASOURCE_PREFIX) else spec.version
             packages.setdefault(spec.package, version)
         found = [s for p, v in packages.items() for s in describe_sources(npm_pack(p, v, cache))]
-    styles = [s["style"] for s in found]
-    if len(set(styles)) != len(styles):
-        raise ConfigError(f"each style may be given once, got {styles}")
-    if config.styles is None:
+    drawn = [s["style"] for s in found]
+    if len(set(drawn)) != len(drawn):
+        raise ConfigError(f"each style may be given once, got {drawn}")
+    if styles is None:
         return found
-    missing = [s for s in config.styles if s not in styles]
+    missing = [s for s in styles if s not in drawn]
     if missing:
-        raise ConfigError(f"no source draws the style(s) {missing}; sources draw {styles}")
+        raise ConfigError(f"no source draws the style(s) {missing}; sources draw {drawn}")
     by_style = {s["style"]: s for s in found}
-    return [by_style[s] for s in config.styles]
+    return [by_style[s] for s in styles]

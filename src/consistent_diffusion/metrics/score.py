@@ -16,8 +16,9 @@ another domain. Off the embedded model no score is ``validated`` (the table was 
 scores of a published protocol carry ``validated: null`` and name the protocol.
 
 Modules: ``extractor_sets`` (which extractor reads each axis), ``axes`` (one function per axis),
-``series_scores`` (``score_series``: a series folder to ``scores.json``). Their public names are
-re-exported here, so ``from consistent_diffusion.metrics.score import ...`` keeps working.
+``series_scores`` (``score_series``: a series folder to ``scores.json``; it calls this dispatcher,
+so it is imported from there, not re-exported here). The first two's public names are re-exported
+here, so ``from consistent_diffusion.metrics.score import ...`` keeps working for them.
 """
 
 from __future__ import annotations
@@ -61,14 +62,6 @@ from consistent_diffusion.metrics.extractor_sets import (  # noqa: F401 - re-exp
     parse_feature_models,
     parse_metric_list,
     resolve_extractors,
-)
-from consistent_diffusion.metrics.series_scores import (  # noqa: F401 - re-exported
-    SCORES_FORMAT,
-    ScoreConfig,
-    format_table,
-    read_reference,
-    read_series,
-    score_series,
 )
 
 OUT_OF_DOMAIN = "validated on held-out real emoji (the embedded model's images) only, not on this model's"

@@ -46,13 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from consistent_diffusion.metrics.score import (
-        ScoreConfig,
-        format_table,
-        parse_feature_models,
-        parse_metric_list,
-        score_series,
-    )
+    from consistent_diffusion.metrics.score import parse_feature_models, parse_metric_list
+    from consistent_diffusion.metrics.series_scores import ScoreConfig, format_table, score_series
 
     extractors = {key: value for key, value in (("style", args.style_features), ("object", args.object_features),
                                                 ("concept", args.object_features), ("text", args.text_features))
