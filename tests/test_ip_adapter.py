@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _finetune_data import one_thread
 from _ip_adapter_files import adapter_weights, save_noise_image, save_random_adapter
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.methods.base import GenerationContext, available_methods, run
@@ -21,12 +22,8 @@ BUILDERS = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}
 CALL = {"num_inference_steps": 2, "guidance_scale": 5.0, "height": 32, "width": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_ = one_thread  # the fixture, imported
 
 
 def ctx_for(pipe, prompts=("a cat",), seeds=None) -> GenerationContext:

@@ -9,21 +9,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from _finetune_data import one_thread
 from _ip_adapter_files import adapter_weights, save_noise_image, save_random_adapter
 from consistent_diffusion.cli.main import main
 from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
 from consistent_diffusion.core.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
+_ = one_thread  # the fixture, imported
 
 
 @pytest.fixture
