@@ -71,7 +71,8 @@ def test_the_object_extractor_keeps_its_auc_on_foreground_crops():
     from consistent_diffusion.metrics.common import cosine_matrix, roc_auc
     from consistent_diffusion.metrics.consistency import foreground_crop
     from consistent_diffusion.metrics.extractors import load_features
-    from consistent_diffusion.metrics.validation import BARS, ValidationConfig, load_held_out, object_pairs
+    from consistent_diffusion.metrics.validation import BARS, ValidationConfig, load_held_out
+    from consistent_diffusion.metrics.validation_protocols import object_pairs
 
     data = os.environ.get("CD_EMOJI_DATA")
     if not data:

@@ -377,7 +377,8 @@ def test_score_command_clear_errors(tmp_path, capsys):
 
 
 def test_validation_table_markdown_flags_failures():
-    from consistent_diffusion.metrics.validation import _row, markdown_table
+    from consistent_diffusion.metrics.validation import _row
+    from consistent_diffusion.metrics.validation_report import markdown_table
 
     report = {"results": [_row("style", "palette", "style-sets-trained", "sets", [0.9, 0.8], [0.1, 0.85]),
                           _row("object", "efficientnet-lite0", "object", "pairs", [0.9], [0.1]),

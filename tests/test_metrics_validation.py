@@ -13,18 +13,15 @@ import torch
 from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.data.emoji import trainable_rows
 from consistent_diffusion.metrics.consistency import concept_scores, summarise_validation
-from consistent_diffusion.metrics.validation import (
-    BARS,
+from consistent_diffusion.metrics.validation import BARS, ValidationConfig, auc_interval, validate_metrics
+from consistent_diffusion.metrics.validation_protocols import (
     HeldOut,
-    ValidationConfig,
-    auc_interval,
     concept_series,
     object_pairs,
     shape_pairs,
     style_reference_sets,
     style_sets,
     text_pairs,
-    validate_metrics,
 )
 
 TRAINED, UNSEEN = ["a", "b", "c"], ["x", "y"]

@@ -74,12 +74,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from consistent_diffusion.metrics.validation import (
-        ValidationConfig,
-        markdown_table,
-        validate_metrics,
-        write_validation,
-    )
+    from consistent_diffusion.metrics.validation import ValidationConfig, validate_metrics
+    from consistent_diffusion.metrics.validation_report import markdown_table, write_validation
 
     data = args.data
     if data is None:
