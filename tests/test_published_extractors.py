@@ -15,14 +15,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
-from consistent_diffusion.metrics.extractors import published
+from consistent_diffusion.metrics.extractors import dreamsim
+from consistent_diffusion.metrics.extractors.dreamsim import (
+    DreamSimExtractor,
+    dreamsim_normalize,
+    read_lora_deltas,
+)
 from consistent_diffusion.metrics.extractors.published import (
     CSDExtractor,
-    DreamSimExtractor,
     VitShape,
-    dreamsim_normalize,
     openai_visual_to_hf,
-    read_lora_deltas,
     resize_shorter_and_center_crop,
     split_qkv,
 )
@@ -334,7 +336,7 @@ def _write_dreamsim(folder, variant: str, *, dino_layout: str = "hub", rank: int
     ``peft.get_peft_model(PerceptualModel, LoraConfig(target_modules=['qkv'])).save_pretrained`` writes."""
     from peft import LoraConfig, get_peft_model
 
-    names, adapter = published.DREAMSIM_VARIANTS[variant]
+    names, adapter = dreamsim.DREAMSIM_VARIANTS[variant]
     extractors = []
     for index, name in enumerate(names):
         extractor, content = _branch(name, seed=10 * index)

@@ -23,7 +23,7 @@ Registered names (``available_features()``):
 ``csd`` ``dreamsim``        published descriptors from their released weights at ``model=PATH``
 ==========================  ==========================================================================
 
-The built-in extractors live in ``pretrained``, ``pixel``, ``heads``, ``probes`` and ``published`` beside this module;
+The built-in extractors live in ``pretrained``, ``pixel``, ``heads``, ``probes``, ``published`` and ``dreamsim`` beside this module;
 each registers its names when imported, and this module imports them (lazily, on the first lookup),
 so what is registered never depends on import order and no module imports this one's importers.
 """
@@ -91,6 +91,7 @@ BUILTIN_EXTRACTOR_MODULES: tuple[str, ...] = (
     "consistent_diffusion.metrics.extractors.heads",
     "consistent_diffusion.metrics.extractors.probes",
     "consistent_diffusion.metrics.extractors.published",
+    "consistent_diffusion.metrics.extractors.dreamsim",
 )
 
 
