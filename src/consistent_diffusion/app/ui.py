@@ -126,7 +126,7 @@ class App:
             except (ConsistentDiffusionError, ValueError, OSError) as error:
                 return gr.update(), gr.update(), f"Image prompt unavailable: {str(error).splitlines()[0]}"
         names, defaults, reason = self._adapters
-        note = (f"No adapter to offer: {reason}." if reason else
+        note = (f"{reason[:1].upper()}{reason[1:]}." if reason else
                 f"Adapters for this model: {', '.join(f'`{n}`' for n in names)} (or type a folder in the released layout).")
         return (gr.update(choices=names, value=defaults["style"]), gr.update(choices=names, value=defaults["subject"]),
                 note)
@@ -238,8 +238,9 @@ def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
         note = gr.Markdown("Looking for adapters...", elem_id="ip-note")
         with gr.Row():
             for slot in image_prompt.SLOTS:
-                with gr.Column():
-                    inputs.append(gr.Image(type="filepath", label=f"{slot.capitalize()} image", elem_id=f"ip-{slot}-image"))
+                with gr.Column(min_width=160):
+                    inputs.append(gr.Image(type="filepath", label=f"{slot.capitalize()} image", height=180,
+                                           elem_id=f"ip-{slot}-image"))
                     inputs.append(gr.Dropdown(choices=[], label=f"Adapter carrying the {slot}", allow_custom_value=True,
                                               elem_id=f"ip-{slot}-adapter"))
                     inputs.append(gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale",

@@ -72,7 +72,7 @@ def available_adapters(pipe: Any, folders: Sequence[str] = ()) -> AvailableAdapt
     if refused:
         return AvailableAdapters((), "no IP-Adapter fits this model (" + "; ".join(refused) + ")")
     installed = not all("not found" in line for line in own)
-    embedded = ("the embedded model's own are made for the embedded model" if installed else
-                f"the embedded model's own, {' and '.join(EMBEDDED_ADAPTERS)}, are not installed")
-    return AvailableAdapters((), f"no IP-Adapter is installed for this model ({embedded}); give a folder in the "
-                                 "released layout (models/ or sdxl_models/ with image_encoder/)")
+    embedded = ("the embedded model's own fit only the embedded model" if installed else
+                f"the embedded model's own ({', '.join(EMBEDDED_ADAPTERS)}) are not installed")
+    return AvailableAdapters((), f"no IP-Adapter for this model: {embedded}; give a folder in the released layout "
+                                 "(models/ or sdxl_models/ with image_encoder/)")
