@@ -114,7 +114,7 @@ def test_the_cli_teaches_and_warns_off_loopback(capsys):
     with pytest.raises(SystemExit):
         main(["app", "--help"])
     text = capsys.readouterr().out
-    assert "examples:" in text and "127.0.0.1" in text and "--max-upload-mb" in text
+    assert "examples:" in text and "127.0.0.1" in text and "--max-upload-mb" in text and "--ip-adapter" in text
     assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1") and not loopback("0.0.0.0")
 
 
