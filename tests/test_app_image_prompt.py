@@ -90,9 +90,9 @@ def test_bad_image_prompts_get_one_line_errors(files):
             jobs.form_methods(_form(**options))
         assert "\n" not in str(caught.value)
     pipe = tiny_sd_pipeline()  # with the pipeline, adapters that cannot fit it are refused before any work
-    with pytest.raises(ConfigError, match="style image's adapter .*made for cross-attention width 80, this model's is 32"):
+    with pytest.raises(ConfigError, match="style image prompt: .*sdxl-width is made for cross-attention width 80, this model's is 32"):
         jobs.form_methods(_form(style_image=files["style_image"], style_adapter=files["sdxl"]), pipe=pipe)
-    with pytest.raises(ConfigError, match="subject image's adapter .*image encoder missing"):
+    with pytest.raises(ConfigError, match="subject image prompt: IP-Adapter image encoder missing"):
         jobs.form_methods(_form(subject_image=files["subject_image"], subject_adapter=files["no_encoder"]), pipe=pipe)
 
 
@@ -144,6 +144,7 @@ def test_a_series_with_an_image_prompt_records_it_and_its_images_are_made_again(
 def test_the_section_in_a_real_browser_offers_the_adapter_and_runs_it(browser, files, tmp_path):
     pytest.importorskip("gradio", reason="gradio is part of the app extra")
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     from consistent_diffusion.app.ui import App, launch
 
@@ -172,6 +173,17 @@ def test_the_section_in_a_real_browser_offers_the_adapter_and_runs_it(browser, f
         (method,) = json.loads(manifests[0].read_text())["methods"]
         assert method["name"] == "ip_adapter" and method["options"]["adapters"] == [str(Path(files["folder"]).resolve())]
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), what="the images")
+        # a typed adapter that is not there: a one-line error in the page, and no job
+        browser.find_element(By.CSS_SELECTOR, "#ip-subject-image input[type=file]").send_keys(files["subject_image"])
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#ip-subject-image img"), what="the subject image")
+        typed = browser.find_element(By.CSS_SELECTOR, "#ip-subject-adapter input")
+        typed.send_keys(Keys.CONTROL, "a")
+        typed.send_keys(files["folder"] + "-missing", Keys.ENTER)
+        browser.find_element(By.CSS_SELECTOR, "#prompts textarea").click()  # the typed value is committed on blur
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait_for(lambda: "subject image prompt: IP-Adapter not found: " + files["folder"] + "-missing" in browser.page_source,
+                 what="the error")
+        assert len(list((tmp_path / "jobs").glob("series-*/manifest.json"))) == 1
     finally:
         page.close()
     bare = App(lambda: pipe, tmp_path / "jobs")  # no adapter for this model: the note says why, in one line

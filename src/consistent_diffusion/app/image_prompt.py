@@ -61,7 +61,7 @@ def image_prompt_method(form: ImagePromptForm, upload: Callable[[str, str], str]
 
             why = unfit_reason(adapter, pipe)
             if why is not None:
-                raise ConfigError(f"the {slot} image's adapter {adapter}: {why}")
+                raise ConfigError(f"{slot} image prompt: {why if adapter in why else f'{adapter} is {why}'}")
     images = tuple(upload(image, f"{slot} image prompt") for slot, image, _, _ in given)
     return get_method("ip_adapter", adapters=tuple(a for _, _, a, _ in given), images=images,
                       scales=tuple(s for _, _, _, s in given), preset=form.preset or None)
