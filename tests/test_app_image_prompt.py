@@ -173,9 +173,12 @@ def test_the_section_in_a_real_browser_offers_the_adapter_and_runs_it(browser, f
         (method,) = json.loads(manifests[0].read_text())["methods"]
         assert method["name"] == "ip_adapter" and method["options"]["adapters"] == [str(Path(files["folder"]).resolve())]
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), what="the images")
-        # a typed adapter that is not there: a one-line error in the page, and no job
-        browser.find_element(By.CSS_SELECTOR, "#ip-subject-image input[type=file]").send_keys(files["subject_image"])
+        # a corrupt image, then a typed adapter that is not there: one-line errors in the page, no job
+        browser.find_element(By.CSS_SELECTOR, "#ip-subject-image input[type=file]").send_keys(files["corrupt"])
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#ip-subject-image img"), what="the subject image")
+        browser.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait_for(lambda: "subject image prompt corrupt.png is not a readable image" in browser.page_source,
+                 what="the corrupt image's error")
         typed = browser.find_element(By.CSS_SELECTOR, "#ip-subject-adapter input")
         typed.send_keys(Keys.CONTROL, "a")
         typed.send_keys(files["folder"] + "-missing", Keys.ENTER)

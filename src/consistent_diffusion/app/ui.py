@@ -229,6 +229,24 @@ def _loss_rows(losses: list[float]) -> list[list[float]]:
     return [[i + 1, round(loss, 5)] for i, loss in enumerate(losses)][-200:]
 
 
+def _image_upload(gr: Any, **options: Any) -> Any:
+    """An image upload field whose file the job checks: Gradio decodes an upload before the job
+    sees it, and a corrupt file fails there with a long message naming its cache; such a file's path
+    is handed on instead, and the job's upload check (``uploads.check_image``) says in one line
+    what is wrong with it."""
+    image = gr.Image(type="filepath", **options)
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except Exception:
+            return getattr(payload, "path", None)
+
+    image.preprocess = preprocess
+    return image
+
+
 def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
     """The image prompt accordion: per slot an image, its adapter (choices filled on page load) and a
     scale; the InstantStyle blocks. Returns (inputs in ``App.make_series`` order, the note)."""
@@ -239,7 +257,7 @@ def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
         with gr.Row():
             for slot in image_prompt.SLOTS:
                 with gr.Column(min_width=160):
-                    inputs.append(gr.Image(type="filepath", label=f"{slot.capitalize()} image", height=180,
+                    inputs.append(_image_upload(gr, label=f"{slot.capitalize()} image", height=180,
                                            elem_id=f"ip-{slot}-image"))
                     inputs.append(gr.Dropdown(choices=[], label=f"Adapter carrying the {slot}", allow_custom_value=True,
                                               elem_id=f"ip-{slot}-adapter"))
@@ -269,16 +287,16 @@ def build(app: App) -> Any:
                     size = gr.Number(value=0, precision=0, label="Size in pixels (0: the model's own)")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Accordion("img2img", open=False):
-                        init_image = gr.Image(type="filepath", label="Reference image", elem_id="init-image")
+                        init_image = _image_upload(gr, label="Reference image", elem_id="init-image")
                         strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
                     with gr.Accordion("StyleAligned", open=False):
                         style_on = gr.Checkbox(label="Share the style of the first image (or a reference)")
-                        style_image = gr.Image(type="filepath", label="Style reference image")
+                        style_image = _image_upload(gr, label="Style reference image")
                         style_prompt = gr.Textbox(label="...or a reference prompt")
                     with gr.Accordion("Consistent subject (no training)", open=False):
                         subject = gr.Textbox(label="Subject word of the prompts (e.g. cat)")
                     with gr.Accordion("DDPM edit of an uploaded image", open=False):
-                        edit_image = gr.Image(type="filepath", label="Image to edit")
+                        edit_image = _image_upload(gr, label="Image to edit")
                         edit_prompt = gr.Textbox(label="What the image shows (its inversion prompt)")
                         edit_skip = gr.Slider(0, 30, value=0, step=1, label="Steps to skip (more keeps more)")
                     with gr.Accordion("LoRA / DreamBooth", open=False):
@@ -287,7 +305,7 @@ def build(app: App) -> Any:
                         trained = gr.Dropdown(choices=[], label="Trained in this session", allow_custom_value=True)
                     with gr.Accordion("ControlNet", open=False):
                         with gr.Row():
-                            control_image = gr.Image(type="filepath", label="Control source image")
+                            control_image = _image_upload(gr, label="Control source image")
                             control_view = gr.Image(label="What the ControlNet sees", interactive=False)
                         control_preprocess = gr.Dropdown(["canny", "silhouette", "scribble", "none"], value="canny",
                                                          label="Preprocessor")
