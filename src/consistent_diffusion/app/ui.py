@@ -250,6 +250,8 @@ def _image_upload(gr: Any, **options: Any) -> Any:
 def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
     """The image prompt accordion: per slot an image, its adapter (choices filled on page load) and a
     scale; the InstantStyle blocks. Returns (inputs in ``App.make_series`` order, the note)."""
+    from consistent_diffusion.methods.ip_adapter.method import PRESET_NAMES
+
     inputs = []
     with gr.Accordion("Image prompt (IP-Adapter): style and/or subject from an image", open=False,
                       elem_id="image-prompt"):
@@ -258,12 +260,12 @@ def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
             for slot in image_prompt.SLOTS:
                 with gr.Column(min_width=160):
                     inputs.append(_image_upload(gr, label=f"{slot.capitalize()} image", height=180,
-                                           elem_id=f"ip-{slot}-image"))
+                                                elem_id=f"ip-{slot}-image"))
                     inputs.append(gr.Dropdown(choices=[], label=f"Adapter carrying the {slot}", allow_custom_value=True,
                                               elem_id=f"ip-{slot}-adapter"))
                     inputs.append(gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale",
                                             elem_id=f"ip-{slot}-scale"))
-        inputs.append(gr.Radio([ALL_BLOCKS, "style", "style+layout"], value=ALL_BLOCKS, elem_id="ip-preset",
+        inputs.append(gr.Radio([ALL_BLOCKS, *PRESET_NAMES], value=ALL_BLOCKS, elem_id="ip-preset",
                                label="Blocks the images act in (InstantStyle presets; for every adapter)"))
     return inputs, note
 
