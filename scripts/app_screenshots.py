@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Screenshots of the web app's three tabs, taken in headless Chromium, for the README.
 
-    python scripts/app_screenshots.py --out docs/app [--report docs/bench] [--model embedded]
+    python scripts/app_screenshots.py --out docs/app [--report docs/bench] [--model embedded] \
+        [--ip-adapter PATH ...] [--ip-style IMG] [--ip-subject IMG]
 
 Run it from the repository root (the page shows the relative job and report folders). Starts the
-app on a free localhost port, generates the default series in "Make a series" (and
-prints the time from the click to the first image), shows "Fine-tune a subject", opens the bench
-report folder in "Compare" and asks the advisor; writes make.png, finetune.png and compare.png.
+app on a free localhost port, opens the image prompt section of "Make a series" (its note says
+which adapters the model has, or why none; with --ip-style / --ip-subject the images go in with
+the section's default adapters), generates the default series (and prints the time from the click
+to the first image), shows "Fine-tune a subject", opens the bench report folder in "Compare" and
+asks the advisor; writes make.png, finetune.png and compare.png, each the whole tab.
 Needs Debian's chromium and chromium-driver and the app extra (gradio).
 """
 
@@ -36,12 +39,43 @@ def _wait(condition, timeout: float = 300.0):
     raise TimeoutError("the page did not get there in time")
 
 
+def _image_prompt(browser, style: str | None, subject: str | None) -> None:
+    """Open the image prompt section, wait for its note (the adapters found, or why none) and put in
+    the given images (each slot keeps the adapter the page chose for it)."""
+    from selenium.webdriver.common.by import By
+
+    section = [b for b in browser.find_elements(By.CSS_SELECTOR, "#image-prompt button") if "Image prompt" in b.text][0]
+    browser.execute_script("arguments[0].click()", section)
+    _wait(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#ip-note") if "Looking" not in e.text and e.text])
+    for slot, image in (("style", style), ("subject", subject)):
+        if image:
+            browser.find_element(By.CSS_SELECTOR, f"#ip-{slot}-image input[type=file]").send_keys(str(Path(image).resolve()))
+            _wait(lambda slot=slot: browser.find_elements(By.CSS_SELECTOR, f"#ip-{slot}-image img"))
+
+
+def _whole_page(browser, path: Path, least: int = 0) -> None:
+    """A screenshot of the whole page (the window grown to its height, at least ``least`` pixels)."""
+    browser.set_window_size(1400, max(least, 600))  # measured from a short window: the page's own height
+    time.sleep(0.5)
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    for _ in range(3):  # the window holds the browser's frame too: grow it until the viewport holds the page
+        browser.set_window_size(1400, max(least, int(height)) + browser.get_window_size()["height"]
+                                - int(browser.execute_script("return window.innerHeight")))
+        time.sleep(0.3)
+    browser.execute_script("window.scrollTo(0, 0)")
+    time.sleep(1.5)
+    browser.save_screenshot(str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--report", type=Path, default=Path("docs/bench"))
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ip-adapter", action="append", default=[], help="an IP-Adapter offered in the page")
+    parser.add_argument("--ip-style", help="a style image for the image prompt section")
+    parser.add_argument("--ip-subject", help="a subject image for the image prompt section")
     args = parser.parse_args()
 
     import torch
@@ -58,7 +92,7 @@ def main() -> None:
     # relative folders, so the page (and the screenshots) show no path of this machine
     jobs = Path("runs") / f"app-screenshots-{os.getpid()}"
     try:
-        app = App(lambda: pipe, jobs, model_label=args.model)
+        app = App(lambda: pipe, jobs, model_label=args.model, ip_adapters=args.ip_adapter)
         port = _free_port()
         page = launch(app, port=port, block=False)
         options = webdriver.ChromeOptions()
@@ -69,12 +103,13 @@ def main() -> None:
         try:
             browser.get(f"http://127.0.0.1:{port}/")
             _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#generate"))
+            _image_prompt(browser, args.ip_style, args.ip_subject)
             start = time.monotonic()
             browser.find_element(By.CSS_SELECTOR, "#generate").click()
             _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"))
             print(f"click to first image ({args.model}, 8 images, 30 steps): {time.monotonic() - start:.1f} s")
             time.sleep(1.0)
-            browser.save_screenshot(str(args.out / "make.png"))
+            _whole_page(browser, args.out / "make.png")
 
             def tab(title: str) -> None:
                 found = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if title in t.text]
@@ -82,7 +117,7 @@ def main() -> None:
                 time.sleep(1.0)
 
             tab("Fine-tune a subject")
-            browser.save_screenshot(str(args.out / "finetune.png"))
+            _whole_page(browser, args.out / "finetune.png", 900)
             tab("Compare")
             box = [b for b in browser.find_elements(By.CSS_SELECTOR, "textarea") if b.is_displayed()][0]
             box.send_keys(str(args.report))
@@ -91,11 +126,7 @@ def main() -> None:
             [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Advise"][0].click()
             _wait(lambda: any("for style, object" in (b.get_attribute("value") or "")
                               for b in browser.find_elements(By.CSS_SELECTOR, "textarea")))
-            height = browser.execute_script("return document.documentElement.scrollHeight")
-            browser.set_window_size(1400, int(height) + 40)  # the whole tab: table, claims, plots, images, advice
-            browser.execute_script("window.scrollTo(0, 0)")
-            time.sleep(1.5)
-            browser.save_screenshot(str(args.out / "compare.png"))
+            _whole_page(browser, args.out / "compare.png")  # table, claims, plots, images, advice
         finally:
             browser.quit()
             page.close()

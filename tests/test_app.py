@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import threading
 import time
 import zipfile
@@ -12,6 +10,7 @@ import zipfile
 import pytest
 from PIL import Image
 
+from _browser import browser, free_port, open_tab, wait_for
 from consistent_diffusion.app import jobs
 from consistent_diffusion.core.errors import ConfigError
 
@@ -115,46 +114,13 @@ def test_the_cli_teaches_and_warns_off_loopback(capsys):
     with pytest.raises(SystemExit):
         main(["app", "--help"])
     text = capsys.readouterr().out
-    assert "examples:" in text and "127.0.0.1" in text and "--max-upload-mb" in text
+    assert "examples:" in text and "127.0.0.1" in text and "--max-upload-mb" in text and "--ip-adapter" in text
     assert loopback("127.0.0.1") and loopback("localhost") and loopback("::1") and not loopback("0.0.0.0")
 
 
 # -- the page in a real browser -----------------------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does, as root)")
-    pytest.importorskip("selenium", reason="selenium is part of the test extra")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2400"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
-def _wait(condition, timeout=120.0, what="the page"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+_ = browser  # the fixture, imported
 
 
 def _hand_made_report():
@@ -169,14 +135,6 @@ def _hand_made_report():
             "suite": {"name": "hand-made", "tasks": [{"name": "s", "kind": "style", "prompts": ["a"], "seeds": list(range(8))}]}}
 
 
-def _tab(browser, title):
-    from selenium.webdriver.common.by import By
-
-    tabs = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if title in t.text]
-    assert tabs, f"no tab {title!r}"
-    browser.execute_script("arguments[0].click()", tabs[0])
-
-
 def test_the_page_generates_and_shows_errors_in_a_real_browser(browser, uploads, tmp_path):
     pytest.importorskip("gradio", reason="gradio is part of the app extra")
     from selenium.webdriver.common.by import By
@@ -186,66 +144,66 @@ def test_the_page_generates_and_shows_errors_in_a_real_browser(browser, uploads,
 
     pipe = tiny_sd_pipeline()
     app = App(lambda: pipe, tmp_path / "jobs", model_label="tiny-sd (built in code)")
-    port = _free_port()
+    port = free_port()
     page = launch(app, port=port, block=False)
     try:
         started = time.monotonic()
         browser.get(f"http://127.0.0.1:{port}/")
-        prompts = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#prompts textarea"), what="the prompt box")[0]
+        prompts = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#prompts textarea"), what="the prompt box")[0]
         prompts.clear()
         prompts.send_keys("a red cat\na blue dog")
         steps = browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
         steps.clear()
         steps.send_keys("3")
         browser.find_element(By.CSS_SELECTOR, "#generate").click()
-        images = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), what="the images")
+        images = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), what="the images")
         click_to_image = time.monotonic() - started
         assert len(images) >= 1
-        folders = _wait(lambda: list((tmp_path / "jobs").glob("series-*/manifest.json")), what="the manifest")
+        folders = wait_for(lambda: list((tmp_path / "jobs").glob("series-*/manifest.json")), what="the manifest")
         manifest = json.loads(folders[0].read_text())
         assert manifest["config"]["prompts"] == ["a red cat", "a blue dog"] and manifest["config"]["steps"] == 3
         browser.save_screenshot(str(tmp_path / "make.png"))
         # a fine-tune that succeeds, then offered to "Make a series"
-        _tab(browser, "Fine-tune a subject")
+        open_tab(browser, "Fine-tune a subject")
         subjects = []
         for index in range(3):
             subjects.append(tmp_path / f"subject{index}.png")
             Image.new("RGB", (32, 32), (60 * index, 120, 200)).save(subjects[-1])
-        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
+        upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
                        what="the upload field")[0]
         upload.send_keys("\n".join(str(p) for p in subjects))
-        _wait(lambda: "subject2.png" in browser.page_source, what="the uploaded subject images")
+        wait_for(lambda: "subject2.png" in browser.page_source, what="the uploaded subject images")
         steps_box = browser.find_element(By.CSS_SELECTOR, "#train-steps input[type=number]")
         steps_box.clear()
         steps_box.send_keys("10")
         browser.find_element(By.CSS_SELECTOR, "#train").click()
-        _wait(lambda: "it is now in 'Make a series'" in browser.page_source, what="the trained LoRA")
+        wait_for(lambda: "it is now in 'Make a series'" in browser.page_source, what="the trained LoRA")
         assert list((tmp_path / "jobs").glob("train-lora-*/run/lora/pytorch_lora_weights.safetensors"))
         # a corrupt upload: the error shows in the page and the app keeps serving
         clear = [b for b in browser.find_elements(By.CSS_SELECTOR, "#train-files button")
                  if (b.get_attribute("aria-label") or "").lower().startswith("clear")]
         assert clear, "the file field's clear button"
         browser.execute_script("arguments[0].click()", clear[0])
-        upload = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
+        upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#train-files input[type=file]"),
                        what="the upload field")[0]
         upload.send_keys("\n".join(str(uploads[k]) for k in ("good", "corrupt")) + "\n" + str(uploads["good"]))
-        _wait(lambda: "corrupt.png" in browser.page_source, what="the uploaded files")
+        wait_for(lambda: "corrupt.png" in browser.page_source, what="the uploaded files")
         browser.find_element(By.CSS_SELECTOR, "#train").click()
-        _wait(lambda: "is not a readable image" in browser.page_source, what="the error message")
-        _tab(browser, "Make a series")
+        wait_for(lambda: "is not a readable image" in browser.page_source, what="the error message")
+        open_tab(browser, "Make a series")
         browser.find_element(By.CSS_SELECTOR, "#generate").click()
-        _wait(lambda: len(list((tmp_path / "jobs").glob("series-*/manifest.json"))) == 2, what="a second job")
+        wait_for(lambda: len(list((tmp_path / "jobs").glob("series-*/manifest.json"))) == 2, what="a second job")
         # Compare: open a report folder, read the claims, ask the advisor
         report = tmp_path / "report"
         report.mkdir()
         (report / "report.json").write_text(json.dumps(_hand_made_report()))
-        _tab(browser, "Compare")
+        open_tab(browser, "Compare")
         folder = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#report-folder textarea, #report-folder input"))
         folder.send_keys(str(report))
         browser.find_element(By.CSS_SELECTOR, "#open-report").click()
-        _wait(lambda: "StyleAligned gives style consistency" in browser.page_source, what="the claims")
+        wait_for(lambda: "StyleAligned gives style consistency" in browser.page_source, what="the claims")
         browser.find_element(By.CSS_SELECTOR, "#advise").click()
-        _wait(lambda: "for style, object" in (browser.find_element(By.CSS_SELECTOR, "#advice textarea")
+        wait_for(lambda: "for style, object" in (browser.find_element(By.CSS_SELECTOR, "#advice textarea")
                                               .get_attribute("value") or ""), what="the advice")
         print(f"click to first image: {click_to_image:.1f} s")
     finally:

@@ -3,7 +3,9 @@ the page's form, a subject fine-tune, a bench run, a report folder opened, advic
 
 Every job writes where the CLI would (one output folder per job, with its manifest), so a job done
 in the browser is re-created from the command line: a series folder by ``generate
---from-manifest``, any of its images by ``generate --from-image``.
+--from-manifest``, any of its images by ``generate --from-image`` (the uploads a series reads are
+kept under the jobs' ``inputs/`` folder, ``app.uploads``). The image prompt section is
+``app.image_prompt``.
 """
 
 from __future__ import annotations
@@ -18,62 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from consistent_diffusion.app.image_prompt import ImagePromptForm, image_prompt_method
+from consistent_diffusion.app.uploads import (
+    DEFAULT_LIMITS,
+    UploadLimits,
+    check_image,
+    check_images,
+    keep_upload,
+)
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """What an upload may be: size per file, pixels per image, files per field."""
-
-    max_bytes: int = 20 * 2**20
-    max_pixels: int = 4096 * 4096
-    max_files: int = 20
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_files"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_image(path: str | os.PathLike, limits: UploadLimits = UploadLimits(), what: str = "image") -> Path:
-    """``path`` if it is a readable, non-empty image within ``limits``; else a ConfigError that says
-    what is wrong in words a person can act on (nothing is kept of a refused file)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    name = path.name
-    if not path.is_file():
-        raise ConfigError(f"{what} {name}: not found")
-    size = path.stat().st_size
-    if size == 0:
-        raise ConfigError(f"{what} {name} is empty (0 bytes)")
-    if size > limits.max_bytes:
-        raise ConfigError(f"{what} {name} is {size / 2**20:.1f} MB; the limit is {limits.max_bytes / 2**20:.0f} MB")
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise ConfigError(f"{what} {name} is {width}x{height} pixels; the limit is {limits.max_pixels:,} pixels")
-            image.load()
-    except ConfigError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ConfigError(f"{what} {name} is not a readable image ({type(error).__name__})") from None
-    if width < 1 or height < 1:
-        raise ConfigError(f"{what} {name} is empty ({width}x{height})")
-    return path
-
-
-def check_images(paths: Sequence[str | os.PathLike], limits: UploadLimits = UploadLimits(),
-                 what: str = "image") -> list[Path]:
-    """Every file checked (``check_image``), and at most ``limits.max_files`` of them."""
-    if len(paths) > limits.max_files:
-        raise ConfigError(f"{len(paths)} files given; the limit is {limits.max_files}")
-    return [check_image(path, limits, what) for path in paths]
 
 
 def job_folder(root: str | os.PathLike, kind: str) -> Path:
@@ -132,6 +89,7 @@ class SeriesForm:
     vae_slicing: bool = False
     vae_tiling: bool = False
     attention_slicing: bool = False
+    image_prompt: ImagePromptForm = field(default_factory=ImagePromptForm)  # style / subject image prompts
 
     def prompt_list(self) -> tuple[str, ...]:
         prompts = tuple(line.strip() for line in self.prompts.splitlines() if line.strip())
@@ -150,28 +108,38 @@ class SeriesForm:
         return seeds
 
 
-def form_methods(form: SeriesForm, limits: UploadLimits = UploadLimits()) -> list[Any]:
-    """The method stack the form asks for, in the CLI's stacking order, uploads checked first."""
+def form_methods(form: SeriesForm, limits: UploadLimits = DEFAULT_LIMITS, inputs: str | os.PathLike | None = None,
+                 pipe: Any = None) -> list[Any]:
+    """The method stack the form asks for, in the CLI's stacking order, uploads checked first. With
+    ``inputs`` every upload is kept there (``keep_upload``) and the stack reads (and records) the
+    kept copy; with ``pipe`` the image prompt's adapters are checked against it."""
     from consistent_diffusion.methods.base import get_method
+
+    def upload(path: str, what: str) -> str:
+        checked = check_image(path, limits, what)
+        return str(keep_upload(checked, inputs) if inputs is not None else checked)
 
     methods: list[Any] = []
     if form.init_image and form.edit_image:
         raise ConfigError("img2img and DDPM edit both set the starting point; use one")
     if form.init_image:
-        methods.append(get_method("img2img", image=str(check_image(form.init_image, limits, "img2img reference")),
+        methods.append(get_method("img2img", image=upload(form.init_image, "img2img reference"),
                                   strength=float(form.strength)))
     if form.edit_image:
-        methods.append(get_method("ddpm_edit", image=str(check_image(form.edit_image, limits, "image to edit")),
+        methods.append(get_method("ddpm_edit", image=upload(form.edit_image, "image to edit"),
                                   source_prompt=form.edit_source_prompt, skip=int(form.edit_skip)))
     if form.subject.strip():
         methods.append(get_method("consistent_subject", subject=form.subject.strip()))
     if form.style_aligned or form.style_image or form.style_prompt.strip():
         options: dict[str, Any] = {}
         if form.style_image:
-            options["reference_image"] = str(check_image(form.style_image, limits, "style reference"))
+            options["reference_image"] = upload(form.style_image, "style reference")
         elif form.style_prompt.strip():
             options["reference_prompt"] = form.style_prompt.strip()
         methods.append(get_method("style_aligned", **options))
+    image_prompt = image_prompt_method(form.image_prompt, upload, pipe)
+    if image_prompt is not None:
+        methods.append(image_prompt)
     if form.dreambooth:
         methods.append(get_method("dreambooth", model=form.dreambooth))
     if form.loras:
@@ -179,7 +147,7 @@ def form_methods(form: SeriesForm, limits: UploadLimits = UploadLimits()) -> lis
                                   scales=tuple(float(w) for _, w in form.loras)))
     if form.control_image:
         methods.append(get_method("controlnet", controlnets=form.controlnet,
-                                  images=str(check_image(form.control_image, limits, "control image")),
+                                  images=upload(form.control_image, "control image"),
                                   preprocess=form.control_preprocess, scales=(float(form.control_scale),)))
     return methods
 
@@ -196,14 +164,15 @@ class SeriesJob:
     scores: dict[str, dict[str, Any]]
 
 
-def make_series(pipe: Any, form: SeriesForm, out_root: str | os.PathLike, limits: UploadLimits = UploadLimits(),
+def make_series(pipe: Any, form: SeriesForm, out_root: str | os.PathLike, limits: UploadLimits = DEFAULT_LIMITS,
                 progress: bool = True) -> SeriesJob:
     """Generate the form's series into a new job folder, zip it and score it (style, object, text,
-    diversity, each with its validation status; the references are the uploads the stack reads)."""
+    diversity, each with its validation status; the references are the uploads the stack reads).
+    Uploads are kept in ``out_root/inputs`` (the manifest and the PNGs' recipes name those copies)."""
     from consistent_diffusion.models.memory import LowMemory, low_memory_applied
     from consistent_diffusion.series import SeriesConfig, generate_series, image_filename
 
-    methods = form_methods(form, limits)
+    methods = form_methods(form, limits, inputs=Path(out_root) / "inputs", pipe=pipe)
     size = int(form.size) if form.size else None
     config = SeriesConfig(prompts=form.prompt_list(), seeds=form.seed_list(), steps=int(form.steps),
                           guidance_scale=float(form.guidance), height=size, width=size,
@@ -213,7 +182,9 @@ def make_series(pipe: Any, form: SeriesForm, out_root: str | os.PathLike, limits
     folder = job_folder(out_root, "series")
     with low_memory_applied(pipe, low_memory):
         result = generate_series(pipe, config, methods, out_dir=folder, progress=progress)
-    references = [p for p in (form.style_image, form.init_image, form.edit_image) if p]
+    prompted = form.image_prompt
+    references = [p for p in (form.style_image, form.init_image, form.edit_image, prompted.style_image,
+                              prompted.subject_image) if p]
     scores = series_scores(pipe, result.images, [p for _, p, _ in config.items], references)
     return SeriesJob(folder=folder, images=[folder / image_filename(i, s) for i, _, s in config.items],
                      contact_sheet=folder / "contact_sheet.png", manifest=folder / "manifest.json",
@@ -255,7 +226,7 @@ class SubjectTraining:
 def train_subject(pipe: Any, images: Sequence[str | os.PathLike], out_root: str | os.PathLike, kind: str = "lora",
                   instance_prompt: str = "sks emoji", steps: int = 200, learning_rate: float | None = None,
                   on_step: Callable[[int, float], None] | None = None, cancel: threading.Event | None = None,
-                  limits: UploadLimits = UploadLimits()) -> SubjectTraining:
+                  limits: UploadLimits = DEFAULT_LIMITS) -> SubjectTraining:
     """LoRA DreamBooth (``kind="lora"``) or full DreamBooth on 3-20 uploaded images, into a new run
     folder; ``on_step(step, loss)`` after every step; setting ``cancel`` stops after the current
     step, keeping the last checkpoint (written every 25 steps), so ``--resume`` continues it."""

@@ -1,8 +1,9 @@
 """The web app's page (Gradio): three tabs over ``app.jobs``, no logic of its own.
 
 - **Make a series**: prompts, seeds, steps, guidance, size and the method stack (img2img, StyleAligned,
-  consistent subject, DDPM edit, LoRA files with weights, a DreamBooth run, ControlNet with a
-  preprocessor preview); live progress; the contact sheet and each image; the manifest and a zip
+  consistent subject, DDPM edit, an image prompt: style and/or subject image with an IP-Adapter and
+  a scale each, LoRA files with weights, a DreamBooth run, ControlNet with a preprocessor preview,
+  the low-memory switches); live progress; the contact sheet and each image; the manifest and a zip
   to download; the scores with their validation status.
 - **Fine-tune a subject**: 3-20 images, LoRA or DreamBooth, progress with the loss, cancel (keeps
   the last checkpoint); the result is offered to "Make a series" at once.
@@ -20,11 +21,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from consistent_diffusion.app import jobs
+from consistent_diffusion.app import image_prompt, jobs
 from consistent_diffusion.core.errors import ConsistentDiffusionError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web-font download
+ALL_BLOCKS = "all blocks"  # the image prompt's block choice without an InstantStyle preset
 
 
 def _fail(error: Exception) -> Exception:
@@ -47,18 +49,23 @@ class App:
     """The page's state: the pipeline, where jobs write, upload limits, the running training."""
 
     def __init__(self, load_pipe: Any, out_root: str | os.PathLike, limits: jobs.UploadLimits | None = None,
-                 model_label: str = "embedded", model_argv: list[str] | None = None, bench_workers: int = 1) -> None:
+                 model_label: str = "embedded", model_argv: list[str] | None = None, bench_workers: int = 1,
+                 ip_adapters: list[str] | None = None) -> None:
         self.load_pipe, self.out_root, self.model_label = load_pipe, Path(out_root), model_label
         self.model_argv, self.bench_workers = model_argv, bench_workers  # the bench on processes (CLI-loadable model)
         self.limits = limits or jobs.UploadLimits()
+        self.ip_adapters = list(ip_adapters or [])  # IP-Adapter folders offered in the image prompt section
         self._pipe: Any = None
+        self._loading = threading.Lock()  # the page's first load and a job may ask for the pipeline at once
+        self._adapters: tuple | None = None
         self.cancel = threading.Event()
         self.trained: list[str] = []  # LoRA folders / DreamBooth runs trained in this session
 
     @property
     def pipe(self) -> Any:
-        if self._pipe is None:
-            self._pipe = self.load_pipe()
+        with self._loading:
+            if self._pipe is None:
+                self._pipe = self.load_pipe()
         return self._pipe
 
     # -- make a series ---------------------------------------------------------------------
@@ -68,7 +75,10 @@ class App:
                     subject: str, edit_image: Any, edit_prompt: str, edit_skip: float, lora_files: Any,
                     lora_weight: float, trained: str | None, control_image: Any, control_preprocess: str,
                     control_scale: float, offload: str = "none", vae_slicing: bool = False,
-                    vae_tiling: bool = False, attention_slicing: bool = False, progress: Any = None) -> tuple:
+                    vae_tiling: bool = False, attention_slicing: bool = False, ip_style_image: Any = None,
+                    ip_style_adapter: str | None = None, ip_style_scale: float = 1.0, ip_subject_image: Any = None,
+                    ip_subject_adapter: str | None = None, ip_subject_scale: float = 1.0,
+                    ip_preset: str = ALL_BLOCKS, progress: Any = None) -> tuple:
         import gradio as gr
 
         progress = progress or gr.Progress(track_tqdm=True)
@@ -88,6 +98,11 @@ class App:
             control_preprocess=control_preprocess or "canny", control_scale=float(control_scale),
             offload=None if offload in (None, "none") else offload, vae_slicing=bool(vae_slicing),
             vae_tiling=bool(vae_tiling), attention_slicing=bool(attention_slicing),
+            image_prompt=image_prompt.ImagePromptForm(
+                style_image=_path(ip_style_image), style_adapter=ip_style_adapter or "",
+                style_scale=float(ip_style_scale), subject_image=_path(ip_subject_image),
+                subject_adapter=ip_subject_adapter or "", subject_scale=float(ip_subject_scale),
+                preset=None if ip_preset in (None, ALL_BLOCKS) else ip_preset),
         )
         try:
             progress(0.0, desc="loading the model")
@@ -99,6 +114,22 @@ class App:
                  s["note"]] for name, s in job.scores.items()]
         return (str(job.contact_sheet), [str(p) for p in job.images], rows, str(job.manifest), str(job.archive),
                 f"wrote {job.folder}")
+
+    def image_prompt_section(self) -> tuple:
+        """The image prompt section filled for the loaded model: each slot's adapter choices and
+        default, and a one-line note (why there is none, or what is offered)."""
+        import gradio as gr
+
+        if self._adapters is None:
+            try:
+                self._adapters = image_prompt.adapter_choices(self.pipe, self.ip_adapters)
+            except (ConsistentDiffusionError, ValueError, OSError) as error:
+                return gr.update(), gr.update(), f"Image prompt unavailable: {str(error).splitlines()[0]}"
+        names, defaults, reason = self._adapters
+        note = (f"{reason[:1].upper()}{reason[1:]}." if reason else
+                f"Adapters for this model: {', '.join(f'`{n}`' for n in names)} (or type a folder in the released layout).")
+        return (gr.update(choices=names, value=defaults["style"]), gr.update(choices=names, value=defaults["subject"]),
+                note)
 
     def control_preview(self, image: Any, preprocess: str) -> Any:
         """What the ControlNet will see for the uploaded image (the preprocessor's output)."""
@@ -198,6 +229,47 @@ def _loss_rows(losses: list[float]) -> list[list[float]]:
     return [[i + 1, round(loss, 5)] for i, loss in enumerate(losses)][-200:]
 
 
+def _image_upload(gr: Any, **options: Any) -> Any:
+    """An image upload field whose file the job checks: Gradio decodes an upload before the job
+    sees it, and a corrupt file fails there with a long message naming its cache; such a file's path
+    is handed on instead, and the job's upload check (``uploads.check_image``) says in one line
+    what is wrong with it."""
+    image = gr.Image(type="filepath", **options)
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        try:
+            return decode(payload)
+        except Exception:
+            return getattr(payload, "path", None)
+
+    image.preprocess = preprocess
+    return image
+
+
+def _image_prompt_section(gr: Any) -> tuple[list[Any], Any]:
+    """The image prompt accordion: per slot an image, its adapter (choices filled on page load) and a
+    scale; the InstantStyle blocks. Returns (inputs in ``App.make_series`` order, the note)."""
+    from consistent_diffusion.methods.ip_adapter.method import PRESET_NAMES
+
+    inputs = []
+    with gr.Accordion("Image prompt (IP-Adapter): style and/or subject from an image", open=False,
+                      elem_id="image-prompt"):
+        note = gr.Markdown("Looking for adapters...", elem_id="ip-note")
+        with gr.Row():
+            for slot in image_prompt.SLOTS:
+                with gr.Column(min_width=160):
+                    inputs.append(_image_upload(gr, label=f"{slot.capitalize()} image", height=180,
+                                                elem_id=f"ip-{slot}-image"))
+                    inputs.append(gr.Dropdown(choices=[], label=f"Adapter carrying the {slot}", allow_custom_value=True,
+                                              elem_id=f"ip-{slot}-adapter"))
+                    inputs.append(gr.Slider(0, 2, value=1.0, step=0.05, label=f"{slot.capitalize()} scale",
+                                            elem_id=f"ip-{slot}-scale"))
+        inputs.append(gr.Radio([ALL_BLOCKS, *PRESET_NAMES], value=ALL_BLOCKS, elem_id="ip-preset",
+                               label="Blocks the images act in (InstantStyle presets; for every adapter)"))
+    return inputs, note
+
+
 def build(app: App) -> Any:
     """The Gradio Blocks page over ``app``."""
     import gradio as gr
@@ -217,16 +289,16 @@ def build(app: App) -> Any:
                     size = gr.Number(value=0, precision=0, label="Size in pixels (0: the model's own)")
                     negative = gr.Textbox(label="Negative prompt")
                     with gr.Accordion("img2img", open=False):
-                        init_image = gr.Image(type="filepath", label="Reference image", elem_id="init-image")
+                        init_image = _image_upload(gr, label="Reference image", elem_id="init-image")
                         strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="Strength")
                     with gr.Accordion("StyleAligned", open=False):
                         style_on = gr.Checkbox(label="Share the style of the first image (or a reference)")
-                        style_image = gr.Image(type="filepath", label="Style reference image")
+                        style_image = _image_upload(gr, label="Style reference image")
                         style_prompt = gr.Textbox(label="...or a reference prompt")
                     with gr.Accordion("Consistent subject (no training)", open=False):
                         subject = gr.Textbox(label="Subject word of the prompts (e.g. cat)")
                     with gr.Accordion("DDPM edit of an uploaded image", open=False):
-                        edit_image = gr.Image(type="filepath", label="Image to edit")
+                        edit_image = _image_upload(gr, label="Image to edit")
                         edit_prompt = gr.Textbox(label="What the image shows (its inversion prompt)")
                         edit_skip = gr.Slider(0, 30, value=0, step=1, label="Steps to skip (more keeps more)")
                     with gr.Accordion("LoRA / DreamBooth", open=False):
@@ -235,11 +307,12 @@ def build(app: App) -> Any:
                         trained = gr.Dropdown(choices=[], label="Trained in this session", allow_custom_value=True)
                     with gr.Accordion("ControlNet", open=False):
                         with gr.Row():
-                            control_image = gr.Image(type="filepath", label="Control source image")
+                            control_image = _image_upload(gr, label="Control source image")
                             control_view = gr.Image(label="What the ControlNet sees", interactive=False)
                         control_preprocess = gr.Dropdown(["canny", "silhouette", "scribble", "none"], value="canny",
                                                          label="Preprocessor")
                         control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
+                    ip_inputs, ip_note = _image_prompt_section(gr)
                     with gr.Accordion("Low memory (same images, slower)", open=False):
                         offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload")
                         with gr.Row():
@@ -261,7 +334,7 @@ def build(app: App) -> Any:
                        [prompts, seeds, steps, guidance, size, negative, init_image, strength, style_on, style_image,
                         style_prompt, subject, edit_image, edit_prompt, edit_skip, lora_files, lora_weight, trained,
                         control_image, control_preprocess, control_scale, offload, vae_slicing, vae_tiling,
-                        attention_slicing],
+                        attention_slicing, *ip_inputs],
                        [sheet, gallery, scores, manifest, archive, status])
         with gr.Tab("Fine-tune a subject"):
             files = gr.File(file_count="multiple", label="3-20 images of the subject", elem_id="train-files")
@@ -299,6 +372,9 @@ def build(app: App) -> Any:
             open_button.click(app.open_report, folder, [table, claims, plots, grid, compare_status])
             bench_button.click(app.run_bench, None, [table, claims, plots, grid, compare_status])
             advise_button.click(app.advise, [needs, have, no_training, min_text, min_diversity, max_seconds], advice)
+        # the image prompt's adapter choices for the loaded model, filled beside any running job
+        page.load(app.image_prompt_section, None, [ip_inputs[1], ip_inputs[4], ip_note], concurrency_limit=None,
+                  show_progress="hidden")
     page.queue(default_concurrency_limit=1)  # one generation or training at a time; others wait in line
     return page
 

@@ -11,6 +11,7 @@ from consistent_diffusion.cli.options.model import add_model_arguments, load_mod
 EXAMPLES = """examples:
   consistent-diffusion app                                 # the embedded model, http://127.0.0.1:7860
   consistent-diffusion app --model path/to/sd15 --device cuda --out runs/app
+  consistent-diffusion app --model path/to/sd15 --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors
   consistent-diffusion app --host 0.0.0.0 --port 8080      # reachable from other machines: read the warning
 """
 
@@ -35,6 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-upload-mb", type=int, default=20, help="largest upload accepted, per file (default 20)")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image accepted, in pixels")
     parser.add_argument("--max-files", type=int, default=20, help="most files per upload field (default 20)")
+    parser.add_argument("--ip-adapter", action="append", default=[], metavar="PATH",
+                        help="an IP-Adapter (released layout: a folder with models/ or sdxl_models/ and "
+                        "image_encoder/, or the weight file) offered in the image prompt section; repeat for several "
+                        "(the embedded model's own are offered once installed)")
     parser.set_defaults(func=run)
 
 
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from consistent_diffusion.cli.commands.bench import default_workers
 
     app = App(lambda: load_model_from_args(args), args.out, limits, model_label=args.model or "embedded",
-              model_argv=model_argv(args), bench_workers=default_workers(args.device))
+              model_argv=model_argv(args), bench_workers=default_workers(args.device), ip_adapters=args.ip_adapter)
     print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops); jobs write under {args.out}")
     launch(app, host=args.host, port=args.port, block=True)
     return 0
