@@ -29,6 +29,7 @@ from consistent_diffusion.core.images import save_png_atomic
 from consistent_diffusion.core.outputs import atomic_path, write_text_atomic
 from consistent_diffusion.data.emoji import load_emoji_dataset
 from consistent_diffusion.models.embedded import EMBEDDED_DIR, load_embedded_pipeline
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 from consistent_diffusion.training.recipes.evaluation import (
     EvalConfig,
     comparison_sheet,
@@ -59,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--per-category", type=int, default=None,
                         help="identities per category x styles (default: enough for >= 300 images)")
     parser.add_argument("--tuning-per-category", type=int, default=2, help="identities per category, tuning set")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--guidance-sweep", type=_floats, default=(),
                         help="comma-separated guidance scales to choose from on a separate tuning prompt set")

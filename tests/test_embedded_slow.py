@@ -11,6 +11,7 @@ from consistent_diffusion.models.embedded import (
     embedded_weights_present,
     load_embedded_pipeline,
 )
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,7 +26,7 @@ def pipe():
     return pipe
 
 
-def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 30) -> torch.Tensor:
+def generate(pipe, prompts: list[str], seed: int = 0, steps: int = DEFAULT_STEPS) -> torch.Tensor:
     """Images (B, 3, 64, 64) in [-1, 1], one generator per prompt, with the model's guidance rescale."""
     from consistent_diffusion.methods.base import default_guidance_rescale
 

@@ -35,6 +35,7 @@ from consistent_diffusion.methods.base import (
     run,
 )
 from consistent_diffusion.models.loading import SCHEDULERS, model_identity, set_scheduler
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 from consistent_diffusion.models.vae import native_size, vae_factor
 
 MANIFEST_FORMAT = "consistent-diffusion/series/v1"
@@ -49,7 +50,7 @@ class SeriesConfig:
     prompts: tuple[str, ...]  # one row of the series per prompt
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # one column per seed; each image's own generator
     negative_prompt: str = ""  # shared by every image ("" = none)
-    steps: int = 30  # denoising steps
+    steps: int = DEFAULT_STEPS  # denoising steps (models.sampling)
     guidance_scale: float = 7.5  # classifier-free guidance; <= 1 disables it
     height: int | None = None  # pixels; None = the model's native size
     width: int | None = None

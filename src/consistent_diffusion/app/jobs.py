@@ -29,6 +29,7 @@ from consistent_diffusion.app.uploads import (
     keep_upload,
 )
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 
 Progress = Callable[[float, str], None]  # (fraction done in [0, 1], what is happening)
 
@@ -66,7 +67,7 @@ class SeriesForm:
 
     prompts: str  # one prompt a line
     seeds: str = "0 1 2 3"  # numbers separated by spaces or commas
-    steps: int = 30
+    steps: int = DEFAULT_STEPS
     guidance: float = 5.0  # the embedded model's setting (its model card)
     size: int | None = None  # square side in pixels (None: the model's own)
     negative_prompt: str = ""

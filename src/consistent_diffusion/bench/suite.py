@@ -24,8 +24,7 @@ report carries it.
 Example::
 
     name = "quick"
-    steps = 20
-    guidance = 4.0
+    guidance = 4.0                 # steps: the default (models.sampling.DEFAULT_STEPS) unless set
 
     [methods.plain]
     uses = []
@@ -69,6 +68,7 @@ from consistent_diffusion.bench.suite_schema import (  # noqa: F401 - the vocabu
     trained_name,
 )
 from consistent_diffusion.core.errors import ConfigError
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -208,7 +208,7 @@ class Suite:
     name: str
     tasks: tuple[Task, ...]
     methods: dict[str, MethodSpec]
-    steps: int = 20
+    steps: int = DEFAULT_STEPS  # denoising steps (models.sampling); a suite may set its own
     guidance: float = 4.0
     source: str = ""
     options: dict[str, Any] = field(default_factory=dict)
@@ -296,7 +296,7 @@ def suite_from_dict(data: dict[str, Any], base: Path, source: str = "") -> Suite
         name=data.get("name", Path(source).stem or "suite"),
         tasks=tasks,
         methods=methods,
-        steps=int(data.get("steps", 20)),
+        steps=int(data.get("steps", DEFAULT_STEPS)),
         guidance=float(data.get("guidance", 4.0)),
         source=source,
         options={k: v for k, v in data.items() if k not in known},

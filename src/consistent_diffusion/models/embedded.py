@@ -67,12 +67,15 @@ def load_embedded_pipeline(
     dtype: torch.dtype = torch.float32,
     folder: str | os.PathLike | None = None,
 ):
-    """The embedded StableDiffusionPipeline (64x64 images, 30 steps take seconds on a CPU).
+    """The embedded StableDiffusionPipeline (64x64 images in about a second each on a CPU), sampled
+    by ``models.sampling.EMBEDDED_SAMPLER`` over its zero-SNR training schedule.
 
     folder: weights folder (default: the package's assets/embedded). Raises ModelNotFoundError
     when the weights are absent, saying how to train them.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    from consistent_diffusion.models.sampling import embedded_scheduler
 
     folder = Path(folder) if folder else EMBEDDED_DIR
     if not embedded_weights_present(folder):
@@ -83,7 +86,7 @@ def load_embedded_pipeline(
         )
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
-    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    scheduler = embedded_scheduler(folder)  # the default sampler over the training schedule
     tokenizer, text_encoder = load_text_encoder(max_length=training_max_length(folder))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.to(dtype), tokenizer=tokenizer, unet=unet, scheduler=scheduler,

@@ -28,23 +28,13 @@ import torch
 
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.models.embedded import EMBEDDED_DIR
+from consistent_diffusion.models.sampling import SCHEDULERS, scheduler_from_config  # noqa: F401 - re-exported
 
 EMBEDDED = "embedded"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _FINGERPRINT_CHUNK = 4 * 1024 * 1024
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 
 
 @dataclass
@@ -111,12 +101,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def set_scheduler(pipe: Any, name: str) -> Any:
     """Swap the pipeline's scheduler for ``name`` (one of ``SCHEDULERS``), keeping its config."""
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise ConfigError(f"unknown scheduler {name!r}; accepted: {', '.join(SCHEDULERS)}")
-    scheduler_class = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.scheduler = scheduler_from_config(name, pipe.scheduler.config)
     return pipe
 
 

@@ -11,6 +11,7 @@ from consistent_diffusion.cli.options import methods as method_options
 from consistent_diffusion.cli.options.memory import add_memory_arguments
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
 from consistent_diffusion.models.loading import SCHEDULERS
+from consistent_diffusion.models.sampling import DEFAULT_STEPS, EMBEDDED_SAMPLER
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for several)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], metavar="N", help="seeds (default: 0 1 2 3)")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
-    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default: 30)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE})")
     parser.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
@@ -58,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "else off)")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="swap the model's scheduler")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help=f"swap the model's scheduler (the embedded model samples with {EMBEDDED_SAMPLER})")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     parser.add_argument("--from-manifest", metavar="MANIFEST", help="re-create the series a manifest.json describes")
     parser.add_argument("--from-image", metavar="PNG", help="re-create one image this tool wrote, from the recipe it carries "

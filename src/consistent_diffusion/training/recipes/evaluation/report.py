@@ -113,7 +113,7 @@ def quality_rows(results: dict, baseline: dict | None = None) -> list[tuple[str,
 def _generation_note(name: str, r: dict) -> str:
     g = r["generation"]
     note = (f"{name}: {g['images']} images over {len(r.get('styles', [])) or '?'} styles "
-            f"({', '.join(r.get('styles', []))}), {g['steps']} DDIM steps, guidance {g['guidance']}, guidance "
+            f"({', '.join(r.get('styles', []))}), {g['steps']} {r.get('scheduler', {}).get('class', 'DDIMScheduler')} steps, guidance {g['guidance']}, guidance "
             f"rescale {g.get('guidance_rescale', 0.0)}, one fixed seed per prompt; {g['seconds']} s.")
     if "guidance_tuning" in r:
         t = r["guidance_tuning"]

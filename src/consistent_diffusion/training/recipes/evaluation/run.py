@@ -16,6 +16,7 @@ from consistent_diffusion.data.emoji import load_emoji_dataset
 from consistent_diffusion.methods.base import default_guidance_rescale
 from consistent_diffusion.metrics.common import as_batch
 from consistent_diffusion.models.embedded import load_embedded_pipeline
+from consistent_diffusion.models.sampling import DEFAULT_STEPS
 from consistent_diffusion.training.recipes.embedded import vae_psnr
 from consistent_diffusion.training.recipes.evaluation.colour import colour_binding, noise_colour_r2
 from consistent_diffusion.training.recipes.evaluation.frechet import frechet_table
@@ -42,7 +43,7 @@ class EvalConfig:
     styles: tuple[str, ...] | None = None  # styles measured (None: trained styles the style probe labels)
     per_category: int | None = None  # identities per category (None: >= MIN_PROMPT_IMAGES images)
     tuning_per_category: int = 2  # identities per category of the guidance tuning set
-    steps: int = 30  # DDIM steps
+    steps: int = DEFAULT_STEPS  # denoising steps of the default sampler (models.sampling)
     guidance: float = 5.0  # guidance scale (unless guidance_sweep chooses one)
     guidance_sweep: tuple[float, ...] = ()  # scales to choose from on a separate tuning prompt set
     guidance_rescale: float | None = None  # None: the model's (methods.base.default_guidance_rescale), else 0
@@ -88,7 +89,7 @@ def evaluate(config: EvalConfig) -> dict:
     held = heldout_rows(dataset, styles)
     real_held = as_batch(dataset.images[held])
     results: dict = {"styles": styles, "styles_given": config.styles is not None,
-                     "scheduler": {k: pipe.scheduler.config.get(k) for k in
+                     "scheduler": {"class": type(pipe.scheduler).__name__} | {k: pipe.scheduler.config.get(k) for k in
                                    ("prediction_type", "rescale_betas_zero_snr", "timestep_spacing")},
                      "heldout_real_images": len(held), "vae_psnr_db_heldout": round(vae_psnr(pipe.vae, real_held), 3)}
     unseen = heldout_rows(dataset, dataset.heldout_styles)

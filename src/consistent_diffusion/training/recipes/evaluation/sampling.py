@@ -14,7 +14,8 @@ from consistent_diffusion.methods.base import GenerationContext, run
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one model is sampled: DDIM steps, guidance scale, guidance rescale (0: none)."""
+    """How one model is sampled: denoising steps (of the pipeline's scheduler), guidance scale, guidance
+    rescale (0: none)."""
 
     steps: int
     guidance: float
