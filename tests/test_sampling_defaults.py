@@ -116,7 +116,17 @@ def test_entry_points_default_to_the_one_step_count():
     assert EvalConfig.__dataclass_fields__["steps"].default == DEFAULT_STEPS
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     steps = next(a for a in generate._actions if a.dest == "steps")
-    assert steps.default == DEFAULT_STEPS and f"default: {DEFAULT_STEPS}" in steps.help % {}
+    assert steps.default is None and f"default: {DEFAULT_STEPS} on the embedded model" in steps.help % {}
     # the built-in suites pin 20 steps: their ddpm_edit skip (12 of 20) and tuned options count steps
     for name in ("quick", "standard", "full", "new-subject", "tuning"):
         assert load_suite(name).steps == 20, name
+
+
+def test_other_models_keep_more_steps_for_the_scheduler_they_ship():
+    """8 steps suit the embedded model's DPM-Solver++; an SD 1.5 folder samples with its own scheduler
+    (PNDM, Euler...), so the CLI and the app give it OTHER_MODEL_STEPS unless the user sets --steps."""
+    from consistent_diffusion.models.loading import EMBEDDED, default_steps
+    from consistent_diffusion.models.sampling import OTHER_MODEL_STEPS
+
+    assert default_steps(EMBEDDED) == DEFAULT_STEPS
+    assert default_steps("path/to/sd15") == OTHER_MODEL_STEPS > DEFAULT_STEPS

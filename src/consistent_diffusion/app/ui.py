@@ -23,7 +23,7 @@ from typing import Any
 
 from consistent_diffusion.app import image_prompt, jobs
 from consistent_diffusion.core.errors import ConsistentDiffusionError
-from consistent_diffusion.models.sampling import DEFAULT_STEPS
+from consistent_diffusion.models.loading import default_steps
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # no web-font download
@@ -285,7 +285,8 @@ def build(app: App) -> Any:
                                          value="grinning face, twitter style\ncat face, twitter style")
                     seeds = gr.Textbox(label="Seeds", value="0 1 2 3", elem_id="seeds")
                     with gr.Row():
-                        steps = gr.Slider(1, 100, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
+                        steps = gr.Slider(1, 100, value=default_steps(app.model_label), step=1, label="Steps",
+                                          elem_id="steps")
                         guidance = gr.Slider(1, 15, value=5.0, step=0.5, label="Guidance")
                     size = gr.Number(value=0, precision=0, label="Size in pixels (0: the model's own)")
                     negative = gr.Textbox(label="Negative prompt")

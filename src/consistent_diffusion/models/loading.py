@@ -28,9 +28,23 @@ import torch
 
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.models.embedded import EMBEDDED_DIR
-from consistent_diffusion.models.sampling import SCHEDULERS, scheduler_from_config  # noqa: F401 - re-exported
+from consistent_diffusion.models.sampling import (  # noqa: F401 - SCHEDULERS, scheduler_from_config re-exported
+    DEFAULT_STEPS,
+    OTHER_MODEL_STEPS,
+    SCHEDULERS,
+    scheduler_from_config,
+)
 
 EMBEDDED = "embedded"
+
+
+def default_steps(model: str) -> int:
+    """Denoising steps when the user sets none, for the model ``model`` (a ``--model`` spec): the
+    embedded model's sampler needs ``DEFAULT_STEPS``; any other model samples with the scheduler it
+    ships, which is tuned for more (``OTHER_MODEL_STEPS``)."""
+    return DEFAULT_STEPS if str(model) == EMBEDDED else OTHER_MODEL_STEPS
+
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _FINGERPRINT_CHUNK = 4 * 1024 * 1024

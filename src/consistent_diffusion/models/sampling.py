@@ -32,7 +32,8 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
 }
 EMBEDDED_SAMPLER = "dpm++"  # the embedded model's default scheduler, a name in SCHEDULERS
-DEFAULT_STEPS = 8  # denoising steps when the user sets none
+DEFAULT_STEPS = 8  # the embedded model's denoising steps when the user sets none
+OTHER_MODEL_STEPS = 30  # a real SD 1.x/2.x/SDXL model keeps its own scheduler (PNDM, Euler...): 30 steps
 # Keys every sampler of the embedded model must be given so it keeps zero terminal SNR to the end.
 ZERO_SNR_OVERRIDES = {"final_sigmas_type": "zero"}
 

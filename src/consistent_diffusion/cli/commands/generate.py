@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from consistent_diffusion.cli.options import methods as method_options
 from consistent_diffusion.cli.options.memory import add_memory_arguments
 from consistent_diffusion.cli.options.model import add_model_arguments, load_model_from_args
-from consistent_diffusion.models.loading import SCHEDULERS
-from consistent_diffusion.models.sampling import DEFAULT_STEPS, EMBEDDED_SAMPLER
+from consistent_diffusion.models.loading import SCHEDULERS, default_steps
+from consistent_diffusion.models.sampling import DEFAULT_STEPS, EMBEDDED_SAMPLER, OTHER_MODEL_STEPS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for several)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], metavar="N", help="seeds (default: 0 1 2 3)")
     parser.add_argument("--negative-prompt", default="", metavar="TEXT")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"denoising steps (default: {DEFAULT_STEPS} on the embedded model, whose sampler is "
+                             f"{EMBEDDED_SAMPLER}; {OTHER_MODEL_STEPS} on other models, with the scheduler they ship)")
     parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                         help=f"classifier-free guidance (default: {DEFAULT_GUIDANCE})")
     parser.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             prompts=tuple(args.prompt),
             seeds=tuple(args.seeds),
             negative_prompt=args.negative_prompt,
-            steps=args.steps,
+            steps=args.steps if args.steps is not None else default_steps(args.model),
             guidance_scale=args.guidance,
             guidance_rescale=args.guidance_rescale,
             height=args.height,
