@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consistent_diffusion.methods.common import unet_part
+
 
 class SharingOptions(Protocol):
     """What the processors read from their method (``StyleAligned``'s fields of the same names)."""
@@ -47,14 +49,6 @@ class SharingOptions(Protocol):
     full_attention_share: bool
     min_shared_tokens: int
     share_parts: tuple[str, ...]
-
-
-UNET_PARTS = ("down", "mid", "up")  # diffusers' down_blocks, mid_block, up_blocks
-
-
-def unet_part(layer: str) -> str:
-    """The UNet part ("down", "mid" or "up") a processor name such as ``up_blocks.1.attentions.0...`` lies in."""
-    return layer.split(".", 1)[0].split("_", 1)[0]
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

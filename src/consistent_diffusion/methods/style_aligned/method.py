@@ -17,9 +17,9 @@ from typing import Any
 
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
-from consistent_diffusion.methods.common import batch_size, restoring
+from consistent_diffusion.methods.common import UNET_PARTS, batch_size, restoring
 from consistent_diffusion.methods.inversion import Inversion, inversion_reference
-from consistent_diffusion.methods.style_aligned.attention import UNET_PARTS, _SharingState, installed_sharing
+from consistent_diffusion.methods.style_aligned.attention import _SharingState, installed_sharing
 from consistent_diffusion.methods.style_aligned.reference import (
     _seeded,
     cached_reference_inversion,
