@@ -10,11 +10,17 @@ so the anchors are the series' first two images), it reports:
 - attention: for the non-anchor rows of the conditional half, the share of softmax weight that
   lands on anchor keys, per shared layer and step (mean over heads and queries);
 - effect, per variant: within-series subject agreement (mean pairwise cosine of the validated
-  object extractor ``emoji-object`` on foreground crops) minus plain's on the same prompts and seeds,
-  paired per image with a 95% bootstrap interval pooled over subjects; layout diversity (1 - SSIM,
-  the bench's) as a ratio to plain's; mean absolute pixel difference to plain (of 255);
+  object extractor ``emoji-object`` on foreground crops, the bench's ``within_series`` column: per
+  image its jackknife pseudo-value) minus plain's on the same prompts and seeds, paired per image,
+  with the bench's 95% two-stage bootstrap interval (subjects, then images); layout diversity
+  (1 - SSIM, the bench's) as a ratio to plain's; mean absolute pixel difference to plain (of 255);
 - real-image anchor: identity to the reference image (same extractor, foreground crops) of the
   image alone as anchor vs the image plus the series' first two images as anchors, vs plain.
+
+Images come from the bench's own path (``series.generate_series``: one batch of 8, the model's
+guidance rescale, pinned CPU kernels), so a variant's numbers here are the bench cell's numbers on
+the same prompts and seeds. ``--suite quick`` measures the suite's own consistent-subject tasks
+instead (their subject word, prompts and seeds): a held-out check of a choice, never a place to choose.
 
 Run (1 thread; ~10 minutes on a shared 2-core CPU):
     OMP_NUM_THREADS=1 python scripts/diagnose_consistent_subject.py --out runs/diagnose-subject
@@ -33,43 +39,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from consistent_diffusion.bench.stats import bootstrap_interval
 from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.core.outputs import write_json_atomic
-from consistent_diffusion.methods.base import GenerationContext, get_method, run
+from consistent_diffusion.methods.base import get_method
 from consistent_diffusion.methods.consistent_subject import attention as sharing
+from consistent_diffusion.metrics.axes import jackknife_pseudo_values
 from consistent_diffusion.metrics.common import as_batch
 from consistent_diffusion.metrics.consistency import diversity, object_consistency
+from consistent_diffusion.series import SeriesConfig, generate_series
 
 # Holdout subjects of the tuning suite (its object task and its style references' subjects).
 SUBJECTS = {"test tube": "test_tube_twitter.png", "onion": "onion_twitter.png", "tent": "tent_twitter.png",
             "sunglasses": "sunglasses_twitter.png"}
 STYLES = ("twitter", "google", "openmoji", "fluent-3d")
 SEEDS = (0, 1)
-STEPS, GUIDANCE = 20, 5.0
+STEPS, GUIDANCE, BATCH = 20, 5.0, 8  # the quick suite's steps and guidance, the bench's batch
 MASK_STEPS = (5, 10, 19)
 ALL_PARTS = ["down", "mid", "up"]
 EXTRACTOR = "emoji-object"
 
+CHOSEN = {"mask_dropout": 0.0, "feature_injection": True}  # the suites' options (16x16 maps: the method's rule)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
-    "bench (up, dropout 0.5, no injection)": {},
-    "paper defaults (feature injection)": {"feature_injection": True},
-    "dropout 0": {"mask_dropout": 0.0},
-    "16x16 masks": {"mask_level": 0},
-    "dropout 0, all parts": {"mask_dropout": 0.0, "share_parts": ALL_PARTS},
-    "16x16 masks, all parts, injection": {"mask_level": 0, "share_parts": ALL_PARTS, "feature_injection": True},
-    "16x16 masks, all parts, dropout 0, injection": {"mask_level": 0, "share_parts": ALL_PARTS, "mask_dropout": 0.0,
-                                                      "feature_injection": True},
+    "chosen: dropout 0, injection": CHOSEN,
+    "method defaults (dropout 0.5, no injection)": {},
+    "paper defaults (dropout 0.5, injection)": {"feature_injection": True},
+    "dropout 0, no injection": {"mask_dropout": 0.0},
+    "chosen at 8x8 masks": {**CHOSEN, "mask_level": 1},
+    "chosen, all parts": {**CHOSEN, "share_parts": ALL_PARTS},
     "upper bound: story, every token, all parts": {"mode": "story", "sample_rate": 1.0, "share_parts": ALL_PARTS},
 }
-
-
-def prompts_of(subject: str) -> list[str]:
-    return [f"{subject}, {style} style" for style in STYLES for _ in SEEDS]
-
-
-def seeds_of() -> list[int]:
-    return [seed for _ in STYLES for seed in SEEDS]
 
 
 @contextlib.contextmanager
@@ -125,19 +125,22 @@ def anchor_share(q: torch.Tensor, k: torch.Tensor, blocks: list, heads: int, sca
 
 def generate(pipe: Any, subject: str, options: dict[str, Any] | None, log: dict[str, Any] | None = None,
              prompts: list[str] | None = None, seeds: list[int] | None = None) -> list[Any]:
-    prompts = prompts or prompts_of(subject)
-    seeds = seeds or seeds_of()
-    ctx = GenerationContext(pipe=pipe, prompts=prompts, negative_prompts=None,
-                            generators=[torch.Generator().manual_seed(s) for s in seeds],
-                            call_kwargs={"num_inference_steps": STEPS, "guidance_scale": GUIDANCE})
+    """The series ``prompts`` x ``seeds`` (prompt-major, one batch of 8) through the bench's own path
+    (``series.generate_series``: the model's guidance rescale, 0.7 on the zero-SNR embedded model, and
+    its native size), with consistent subject at ``options`` (None: plain)."""
+    config = SeriesConfig(prompts=prompts or [f"{subject}, {style} style" for style in STYLES],
+                          seeds=seeds or list(SEEDS), steps=STEPS, guidance_scale=GUIDANCE, batch_size=BATCH)
     methods = [] if options is None else [get_method("consistent_subject", subject=subject, **options)]
     with probes(log) if log is not None else contextlib.nullcontext():
-        return run(ctx, methods)
+        return generate_series(pipe, config, methods, progress=False).images
 
 
 def within_series(images: list[Any]) -> np.ndarray:
+    """Per image: its jackknife pseudo-value of the series' mean pairwise cosine (the bench's
+    ``within_series`` column, ``metrics.axes``): their mean is the statistic and their spread its
+    own standard error (each image's mean cosine to the others gives about half of it)."""
     result = object_consistency(images, None, EXTRACTOR, foreground=True, diversity_with=None)
-    return np.asarray(result.per_image, dtype=float)
+    return np.asarray(jackknife_pseudo_values(result.per_image), dtype=float)
 
 
 def to_reference(images: list[Any], reference: Any) -> np.ndarray:
@@ -145,10 +148,12 @@ def to_reference(images: list[Any], reference: Any) -> np.ndarray:
     return np.asarray(result.per_image, dtype=float)
 
 
-def bootstrap(deltas: np.ndarray, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    rng = np.random.default_rng(seed)
-    means = rng.choice(deltas, size=(draws, deltas.size), replace=True).mean(axis=1)
-    return float(deltas.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def effect_interval(deltas: list[np.ndarray]) -> tuple[float, float, float]:
+    """Mean and 95% interval of paired per-image differences, one array per subject: the bench's
+    two-stage bootstrap (``bench.stats``: subjects, then images within them), so one subject that
+    gains a lot cannot make the pooled images look like a general gain."""
+    interval = bootstrap_interval([np.asarray(d, dtype=float) for d in deltas])
+    return interval.mean, interval.low, interval.high
 
 
 def mask_report(log: dict[str, Any], images: list[Any], anchors: list[int]) -> dict[str, Any]:
@@ -182,15 +187,29 @@ def share_report(log: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {layer: {step: float(np.mean(v)) for step, v in steps.items()} for layer, steps in table.items()}
 
 
+def suite_series(name: str) -> dict[str, tuple[str, list[str], list[int]]]:
+    """label -> (subject, prompts, seeds) of the suite's tasks that run consistent subject."""
+    from consistent_diffusion.bench.suite import load_suite
+
+    return {task.name: (task.subject, list(task.prompts), list(task.seeds)) for task in load_suite(name).tasks
+            if "consistent_subject" in task.methods}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--subjects", nargs="*", default=list(SUBJECTS))
+    parser.add_argument("--suite", default=None, help="measure this suite's consistent-subject tasks instead")
     parser.add_argument("--variants", nargs="*", default=None, help="names of VARIANTS (default: all)")
     parser.add_argument("--extra", action="append", default=[], help="NAME=JSON options of another variant")
     parser.add_argument("--real", default=None, help="JSON options of the real-anchor comparison (default: skip)")
     args = parser.parse_args()
+    if args.suite and args.real is not None:
+        raise SystemExit("error: --real measures the tuning subjects' references; leave out --suite")
+    from consistent_diffusion.core.cpu_kernels import pin_cpu_kernels
+
+    pin_cpu_kernels()  # the bench's kernels: the same images as its cells
     torch.set_num_threads(1)
     from consistent_diffusion.models.loading import load_pipeline
 
@@ -199,14 +218,16 @@ def main() -> None:
     for extra in args.extra:
         name, options = extra.split("=", 1)
         variants[name] = json.loads(options)
-    report: dict[str, Any] = {"model": args.model, "subjects": args.subjects, "steps": STEPS, "guidance": GUIDANCE,
-                              "seeds": list(SEEDS), "styles": list(STYLES), "extractor": EXTRACTOR, "variants": {}}
+    series = suite_series(args.suite) if args.suite else {s: (s, None, None) for s in args.subjects}
+    report: dict[str, Any] = {"model": args.model, "subjects": list(series), "suite": args.suite, "steps": STEPS,
+                              "guidance": GUIDANCE, "seeds": list(SEEDS), "styles": list(STYLES),
+                              "extractor": EXTRACTOR, "variants": {}}
     plain: dict[str, list[Any]] = {}
     for name, options in variants.items():
         deltas, agreement, diversities, pixel_diff, per_subject = [], [], [], [], {}
-        for subject in args.subjects:
+        for subject, (word, prompts, seeds) in series.items():
             log: dict[str, Any] = {}
-            images = generate(pipe, subject, options, log)
+            images = generate(pipe, word, options, log, prompts, seeds)
             if options is None:
                 plain[subject] = images
             within = within_series(images)
@@ -223,7 +244,7 @@ def main() -> None:
                 per_subject[subject]["masks"] = mask_report(log, images, [0, 1])
             if log.get("share"):
                 per_subject[subject]["anchor_share"] = share_report(log)
-        mean, low, high = bootstrap(np.concatenate(deltas))
+        mean, low, high = effect_interval(deltas)
         report["variants"][name] = {"options": options, "delta": mean, "interval": [low, high],
                                     "agreement": float(np.mean(agreement)), "diversity_ratio": float(np.mean(diversities)),
                                     "pixel_diff": float(np.mean(pixel_diff)), "subjects": per_subject}
@@ -255,7 +276,7 @@ def real_anchor(pipe: Any, subjects: list[str], options: dict[str, Any], plain: 
             deltas[label].append(values - base)
             results[subject][label] = float(values.mean())
     for label, parts in deltas.items():
-        mean, low, high = bootstrap(np.concatenate(parts))
+        mean, low, high = effect_interval(parts)
         results[label] = {"delta": mean, "interval": [low, high]}
         print(f"real anchor, {label:22s} identity - plain {mean:+.3f} [{low:+.3f}, {high:+.3f}]", flush=True)
     return results

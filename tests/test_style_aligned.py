@@ -214,6 +214,15 @@ def test_only_self_level_shares_a_fraction_of_layers(tiny_sd):
     assert kinds.count("SharedAttentionProcessor") == len(kinds) // 2 and len(kinds) >= 2
 
 
+def test_share_parts_shares_only_the_named_unet_parts(tiny_sd):
+    unet = tiny_sd.unet
+    with StyleAligned(share_parts=["up"]).installed(unet, per_group=2):
+        shared = {n.split(".")[0] for n, p in unet.attn_processors.items() if isinstance(p, SharedAttentionProcessor)}
+    assert shared == {"up_blocks"}
+    with pytest.raises(ConfigError, match="share_parts must name some of down, mid, up"):
+        StyleAligned(share_parts=["decoder"])
+
+
 def test_min_shared_tokens_leaves_smaller_layers_unshared(tiny_sd):
     # every self-attention layer of the tiny UNet works on 8x8 = 64 tokens
     plain, _ = _generate(tiny_sd, [], ["a", "b"], [1, 2])

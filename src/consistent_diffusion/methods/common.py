@@ -1,5 +1,5 @@
 """Small helpers shared by the method modules: context restore, scheduler swap, sizes
-(the native size itself is ``models.vae.native_size``)."""
+(the native size itself is ``models.vae.native_size``), the UNet parts layers are shared in."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from typing import Any
 
 from consistent_diffusion.methods.base import GenerationContext
 from consistent_diffusion.models.vae import native_size
+
+UNET_PARTS = ("down", "mid", "up")  # diffusers' down_blocks, mid_block, up_blocks
+
+
+def unet_part(layer: str) -> str:
+    """The UNet part ("down", "mid" or "up") of a module or processor name (``up_blocks.1.attentions.0...``)."""
+    return layer.split(".", 1)[0].split("_", 1)[0]
 
 
 @contextlib.contextmanager

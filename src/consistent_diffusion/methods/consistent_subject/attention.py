@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from consistent_diffusion.methods.common import unet_part
 from consistent_diffusion.methods.consistent_subject import masks as masking
 
 
@@ -344,7 +345,7 @@ def installed_subject_sharing(unet: Any, state: SubjectState, parts: Sequence[st
         level = layer_level(name, down, up)
         if name.endswith("attn1.processor") and level is not None:
             state.attention_levels.add(level)
-        if name.endswith("attn1.processor") and name.split(".")[0].split("_")[0] in parts:
+        if name.endswith("attn1.processor") and unet_part(name) in parts:
             installed[name] = SubjectAttentionProcessor(state, processor, name, level)
             state.share_levels.add(level)
         elif name.endswith("attn2.processor"):

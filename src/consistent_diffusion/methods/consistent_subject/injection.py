@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from consistent_diffusion.methods.common import unet_part
 from consistent_diffusion.methods.consistent_subject.masks import otsu_threshold
 
 DIFT_TIMESTEP_FRACTION = 0.261  # the reference takes DIFT features at t = 261 of 1000
@@ -136,7 +137,7 @@ def installed_injection(unet: Any, state: Any, plan: InjectionPlan, parts: Seque
     handles = []
     try:
         for name, module in unet.named_modules():
-            if name.endswith("attn1") and name.split(".")[0].split("_")[0] in parts:
+            if name.endswith("attn1") and unet_part(name) in parts:
                 handles.append(module.register_forward_hook(_injection_hook(state, plan)))
         yield
     finally:

@@ -17,7 +17,7 @@ import torch
 
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, Method, call_arguments, register
-from consistent_diffusion.methods.common import batch_size, generation_size, restoring
+from consistent_diffusion.methods.common import UNET_PARTS, batch_size, generation_size, restoring
 from consistent_diffusion.methods.consistent_subject.attention import (
     SubjectState,
     choose_map_level,
@@ -39,7 +39,6 @@ from consistent_diffusion.methods.style_aligned.reference import (
 )
 
 MODES = ("subject", "story")
-UNET_PARTS = ("down", "mid", "up")
 DEFAULT_ANCHORS = 2  # the reference's n_achors
 
 

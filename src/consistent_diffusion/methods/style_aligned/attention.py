@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consistent_diffusion.methods.common import unet_part
+
 
 class SharingOptions(Protocol):
     """What the processors read from their method (``StyleAligned``'s fields of the same names)."""
@@ -46,6 +48,7 @@ class SharingOptions(Protocol):
     only_self_level: float
     full_attention_share: bool
     min_shared_tokens: int
+    share_parts: tuple[str, ...]
 
 
 def calc_mean_std(feat: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +306,8 @@ def installed_sharing(unet: Any, options: SharingOptions, per_group: int) -> Ite
     """Install the shared-attention processors (and group-norm hooks) on ``unet``.
 
     Self-attention layers (``attn1``) get a ``SharedAttentionProcessor`` over their processor,
-    except the fraction ``options.only_self_level`` left unshared (``_switch_vector``); GroupNorms
+    except the fraction ``options.only_self_level`` left unshared (``_switch_vector``) and those
+    outside ``options.share_parts`` (InstantStyle's decoder-only injection, Wang et al. 2024); GroupNorms
     get ``_group_norm_hook`` when ``options.share_group_norm``. Restores the previous processors
     and removes the hooks on exit, even on error. Layers whose processor was replaced by someone
     else meanwhile are left as they are (warning).
@@ -311,7 +315,8 @@ def installed_sharing(unet: Any, options: SharingOptions, per_group: int) -> Ite
     state = _SharingState(per_group=per_group, active=True)
     previous = dict(unet.attn_processors)
     self_layers = [name for name in previous if name.endswith("attn1.processor")]
-    unshared = dict(zip(self_layers, _switch_vector(len(self_layers), options.only_self_level), strict=True))
+    unshared = {name: off or unet_part(name) not in options.share_parts
+                for name, off in zip(self_layers, _switch_vector(len(self_layers), options.only_self_level), strict=True)}
     installed: dict[str, Any] = {}
     for name, processor in previous.items():
         if name in unshared and not unshared[name]:

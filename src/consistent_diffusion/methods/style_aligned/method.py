@@ -17,7 +17,7 @@ from typing import Any
 
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
-from consistent_diffusion.methods.common import batch_size, restoring
+from consistent_diffusion.methods.common import UNET_PARTS, batch_size, restoring
 from consistent_diffusion.methods.inversion import Inversion, inversion_reference
 from consistent_diffusion.methods.style_aligned.attention import _SharingState, installed_sharing
 from consistent_diffusion.methods.style_aligned.reference import (
@@ -58,6 +58,7 @@ class StyleAligned(Method):
     only_self_level: float = 0.0  # fraction of self-attention layers left unshared, in [0, 1]
     full_attention_share: bool = False  # every image attends to all images of the batch (quadratic)
     min_shared_tokens: int = 0  # self-attention layers with fewer spatial tokens (h * w) stay unshared (0: all share)
+    share_parts: tuple[str, ...] = UNET_PARTS  # UNet parts whose self-attention shares (paper: all; group norms: all)
     reference_prompt: str | None = None  # internal reference entry generated in the same batch
     reference_seed: int = 0  # seed of the internal reference entry
     reference_image: str | None = None  # path of a real reference image (inverted with DDPM inversion)
@@ -88,6 +89,10 @@ class StyleAligned(Method):
         if not isinstance(self.min_shared_tokens, int) or isinstance(self.min_shared_tokens, bool) \
                 or self.min_shared_tokens < 0:
             raise ConfigError(f"min_shared_tokens must be an integer >= 0, got {self.min_shared_tokens!r}")
+        parts = tuple(self.share_parts) if isinstance(self.share_parts, (list, tuple)) else ()
+        if not parts or any(part not in UNET_PARTS for part in parts):
+            raise ConfigError(f"share_parts must name some of {', '.join(UNET_PARTS)}, got {self.share_parts!r}")
+        object.__setattr__(self, "share_parts", parts)
         if not isinstance(self.reference_seed, int) or isinstance(self.reference_seed, bool):
             raise ConfigError(f"reference_seed must be an integer, got {self.reference_seed!r}")
         if self.reference_prompt is not None and not isinstance(self.reference_prompt, str):
@@ -113,6 +118,7 @@ class StyleAligned(Method):
             for name in self.__dataclass_fields__
             if not name.startswith("_") and name != "reference_inversion"
         }
+        options["share_parts"] = list(self.share_parts)
         if self.reference_image is not None:
             options["reference_image"] = os.path.abspath(self.reference_image)
         if self.reference_inversion is not None:
