@@ -59,3 +59,102 @@ def test_training_free_rows_run_on_the_real_architecture(name):
     assert len(results) == 15 and "| plain | 2 | yes |" in table
     inversion = next(r for r in results if r["row"].startswith("DDPM inversion"))
     assert float(inversion["note"].rsplit(" ", 1)[-1]) < 1e-4  # the reconstruction is exact
+
+
+# -- fast: the rows on a tiny pipeline, the table writer, the options (no big model) -------------
+
+
+def _result(row, batch=2, cpu_s=10.0, peak_mb=100.0, process=0, error=None, **extra):
+    return {"row": row, "batch": batch, "cpu_s": cpu_s, "wall_s": cpu_s / 2, "peak_mb": peak_mb,
+            "peak_total_mb": extra.get("peak_total_mb"), "error": error, "note": "", "process": process}
+
+
+BUILD = {"build_s": 1.0, "rss_mb": 4000.0, "gpu_mb": 3000.0, "params": "unet 860M"}
+
+
+@pytest.mark.parametrize("name", ["tiny_sd", "tiny_sdxl"])
+def test_every_training_free_row_runs_on_a_tiny_pipeline(name, request, tmp_path):
+    _script()
+    from real_arch_rows import make_inputs, measure, training_free_rows
+
+    pipe = request.getfixturevalue(name)
+    rows = training_free_rows(pipe, make_inputs(pipe, 32, tmp_path), 32, (2, 3), steps=2)
+    results = measure(rows)
+    assert [(r["row"], r["error"]) for r in results if r["error"]] == []
+    assert results[0]["row"] == "plain" and any(r["row"].startswith("IP-Adapter") for r in results)
+    assert [r.label for r in rows if r.growth] == ["StyleAligned, batch 2", "consistent subject (subject mode), batch 2",
+                                                   "StyleAligned, batch 3", "consistent subject (subject mode), batch 3"]
+    assert float(next(r for r in results if r["row"].startswith("DDPM"))["note"].rsplit(" ", 1)[-1]) < 1e-4
+
+
+def test_the_growth_process_builds_only_what_its_rows_need(tiny_sd, tmp_path):
+    _script()
+    from real_arch_rows import make_inputs, training_free_rows
+
+    inputs = make_inputs(tiny_sd, 32, tmp_path, full=False)
+    assert set(inputs) == {"image"}
+    rows = training_free_rows(tiny_sd, inputs, 32, (2, 4))
+    assert [r.label for r in rows if not r.growth] == ["plain"] and len(rows) == 5
+
+
+def test_ratios_are_to_the_plain_row_of_the_same_process():
+    from real_arch_table import markdown
+
+    results = [_result("plain", cpu_s=10.0), _result("LoRA", cpu_s=15.0),
+               _result("plain", cpu_s=20.0, process=1), _result("StyleAligned, batch 4", 4, cpu_s=40.0, process=1),
+               _result("ControlNet", error="RuntimeError: boom", peak_mb=None)]
+    table = markdown("SD 1.5", 256, 512, "float32", 2, results, BUILD)
+    assert "| LoRA | 2 | yes | 15.0 | 1.50 | 100 |" in table
+    assert "| plain (second process) | 2 | yes | 20.0 | 1.00 |" in table
+    assert "| StyleAligned, batch 4 | 4 | yes | 40.0 | 2.00 |" in table
+    assert "| ControlNet | 2 | **no**: RuntimeError: boom | 10.0 |  |  |" in table
+    assert "peak extra RSS (MB)" in table and "on CPU" in table
+
+
+def test_the_cuda_table_has_seconds_per_image_peak_vram_and_the_gpu_name():
+    from real_arch_table import markdown
+
+    results = [_result("plain", cpu_s=4.0, peak_total_mb=9000.0),
+               _result("StyleAligned, batch 8", 8, cpu_s=16.0, peak_total_mb=15000.0)]
+    table = markdown("SDXL", 1024, 1024, "float16", 20, results, BUILD, "cuda", "NVIDIA H200")
+    assert "on NVIDIA H200" in table and "allocated 3000 MB" in table
+    assert "| s / image | x plain | peak VRAM (MB) | peak extra VRAM (MB) |" in table
+    assert "| plain | 2 | yes | 1.00 | 1.00 | 9000 | 100 |" in table  # wall 2 s / 2 images
+    assert "| StyleAligned, batch 8 | 8 | yes | 1.00 | 4.00 | 15000 | 100 |" in table
+
+
+def test_memory_growth_per_image_and_its_extrapolation_to_the_native_size():
+    from real_arch_table import extrapolated_per_image_mb, growth_summary, per_image_growth
+
+    results = [_result(f"StyleAligned, batch {n}", n, peak_mb=300.0 + 250.0 * n) for n in (2, 4, 8)]
+    results += [_result("consistent subject (subject mode), batch 2", 2, peak_mb=500.0),
+                _result("consistent subject (subject mode), batch 4", 4, error="OOM", peak_mb=None)]
+    slopes = per_image_growth(results)
+    assert slopes["StyleAligned"][0] == pytest.approx(250.0) and slopes["StyleAligned"][1] == [2, 4, 8]
+    assert "consistent subject (subject mode)" not in slopes  # one measured batch: no slope
+    assert extrapolated_per_image_mb(250.0, 512, 1024) == pytest.approx(1000.0)
+    summary = growth_summary(results, 512, 1024)
+    assert "250 MB per image at 512 px" in summary and "1.0 GB per image at 1024 px" in summary
+    assert "extrapolation" in summary
+
+
+def test_device_and_size_options(monkeypatch):
+    module = _script()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["--arch", "sd15", "--device", "cuda"], ["--arch", "sd15", "--device", "tpu"],
+                 ["--arch", "sd15", "--size", "100"], ["--arch", "sd15", "sdxl", "--row", "plain"]):
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--arch", "sd15", "--device", "cuda", "--jobs", "2"])
+    args = module.parse_args(["--device", "cuda", "--arch", "sd15", "sd21", "sdxl", "--rows", "all", "--steps", "20"])
+    assert args.arch == ["sd15", "sd21", "sdxl"] and args.steps == 20
+    native = [module.Settings.make(name, device="cuda") for name in args.arch]
+    assert [(s.size, s.dtype) for s in native] == [(512, torch.float16), (768, torch.float16), (1024, torch.float16)]
+    reduced = [module.Settings.make(name) for name in args.arch]
+    assert [(s.size, s.dtype) for s in reduced] == [(256, torch.float32), (256, torch.float32), (512, torch.bfloat16)]
+    child = module.Settings.make("sdxl", 512, "cpu", 2, (2, 4), ("batch",))
+    again = module.parse_args(child.argv() + ["--group", "growth"])
+    assert module.Settings.make(again.arch[0], again.size, again.device, again.steps, tuple(again.batches),
+                                tuple(again.only)) == child
