@@ -51,7 +51,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import PeakMemory  # noqa: E402
-from real_arch_rows import TRAINING_LABELS, make_inputs, measure, training_free_rows, training_rows  # noqa: E402
+from real_arch_rows import (  # noqa: E402
+    TRAINING_LABELS,
+    generate,
+    make_inputs,
+    measure,
+    training_free_rows,
+    training_rows,
+)
 from real_arch_table import markdown  # noqa: E402
 
 from consistent_diffusion.testing_architectures import (  # noqa: E402  (published configs, one place)
@@ -217,8 +224,7 @@ def run_rows(settings: Settings, group: str | None = None, report: Any = None) -
         inputs = make_inputs(pipe, settings.size, Path(scratch), full=group != "growth")
         rows = [r for r in training_free_rows(pipe, inputs, settings.size, settings.batches, settings.steps)
                 if settings.keep(r.label) and (group is None or r.label == "plain" or r.growth == (group == "growth"))]
-        if settings.device.startswith("cuda"):  # warm-up: kernels chosen and loaded before timing
-            rows[0].call()
+        generate(pipe, [], 1, settings.size, steps=1)  # warm-up, unmeasured: lazy initialisation, kernels loaded
         results = measure(rows, settings.device, report)
     return results, record
 
@@ -356,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.row:
             one_row(settings, args.row)
         else:
-            torch.set_num_threads(1)
-            run_rows(settings, args.group, lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
+            _, record = run_rows(settings, args.group, lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
+            print(BUILD_PREFIX + json.dumps(record), flush=True)
         return
     tables = []
     for name in args.arch:

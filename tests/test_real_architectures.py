@@ -5,6 +5,7 @@ SD 1.5 and SDXL training-free rows run (slow: full-size models at a small image 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -50,15 +51,18 @@ def test_configs_have_the_published_parameter_counts(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sd15", "sdxl"])
-def test_training_free_rows_run_on_the_real_architecture(name):
+@pytest.mark.parametrize(("name", "jobs"), [("sd15", 2), ("sdxl", 1)])
+def test_training_free_rows_run_on_the_real_architecture(name, jobs):
+    """Every training-free row at 64 px (SD 1.5 through the two-process path the table uses)."""
     module = _script()
-    table, results = module.run_architecture(name, size=64, batches=(2,))
+    table, results = module.run_architecture(name, size=64, batches=(2,), jobs=jobs)
     failed = [(r["row"], r["error"]) for r in results if r["error"]]
     assert not failed, failed
-    assert len(results) == 15 and "| plain | 2 | yes |" in table
+    assert len(results) == 16 + (jobs > 1) and "| plain | 2 | yes |" in table  # + the second process's plain
+    assert any(r["row"].startswith("IP-Adapter") for r in results)
     inversion = next(r for r in results if r["row"].startswith("DDPM inversion"))
-    assert float(inversion["note"].rsplit(" ", 1)[-1]) < 1e-4  # the reconstruction is exact
+    bound = 1e-4 if name != "sdxl" else 1e-2  # exact up to rounding: float32, or bfloat16 (unit roundoff 3.9e-3)
+    assert float(inversion["note"].rsplit(" ", 1)[-1]) < bound
 
 
 # -- fast: the rows on a tiny pipeline, the table writer, the options (no big model) -------------
@@ -158,3 +162,12 @@ def test_device_and_size_options(monkeypatch):
     again = module.parse_args(child.argv() + ["--group", "growth"])
     assert module.Settings.make(again.arch[0], again.size, again.device, again.steps, tuple(again.batches),
                                 tuple(again.only)) == child
+
+
+def test_a_childs_log_gives_its_rows_and_build_record(tmp_path):
+    module = _script()
+    log = tmp_path / "growth.log"
+    row = _result("plain")
+    log.write_text("noise\n" + module.RESULT_PREFIX + json.dumps(row) + "\nTraceback ...\n"
+                   + module.BUILD_PREFIX + json.dumps(BUILD) + "\n", encoding="utf-8")
+    assert module._parse(log) == ([row], BUILD)
