@@ -184,8 +184,9 @@ def inversion_and_edit(pipe: Any, image: str, size: int, steps: int) -> str:
 
 
 def training_rows(pipe: Any, size: int, folder: Path, device: str = "cpu") -> list[Row]:
-    """One optimiser step of each fine-tune, gradient checkpointing on (the project's training code).
-    On CUDA the weights stay float32 with bf16 autocast."""
+    """One optimiser step of each fine-tune, gradient checkpointing on (the project's training code,
+    end to end: its final checkpoint and export are in the row). On CUDA the weights stay float32
+    with bf16 autocast."""
     from consistent_diffusion.training.controlnet import ControlNetTrainConfig, train_controlnet
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
@@ -201,7 +202,8 @@ def training_rows(pipe: Any, size: int, folder: Path, device: str = "cpu") -> li
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{index}.png")
         (images / f"{index}.txt").write_text("a photo of a cat", encoding="utf-8")
     common: dict[str, Any] = {"steps": 1, "checkpoint_every": 1000, "progress": False, "gradient_checkpointing": True,
-                              "resolution": size, "threads": 1, "keep_checkpoints": 1}
+                              "resolution": size, "threads": 1, "keep_checkpoints": 1,
+                              "validation_steps": 1}  # textual inversion always validates: one step, not 25
     if device.startswith("cuda"):
         common.update(device=device, mixed_precision="bf16")
     subject = {"instance_dir": images, "instance_prompt": "a photo of sks cat"}
