@@ -2,8 +2,8 @@
 training-free rows, the training rows, and how one row is measured.
 
 A row is a :class:`Row`: its label, its number of images, a call returning a note, and whether it
-is a batch-growth row (StyleAligned / consistent subject at 2, 4, 8 images), which the script can
-run in a second process beside the method rows.
+is a batch-growth row (StyleAligned / consistent subject at 2, 4, 8 images). ``split_rows`` shares
+the rows between two processes by image count (``--jobs 2``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,25 @@ class Row:
     batch: int
     call: Callable[[], str]
     growth: bool = False
+
+
+INPUT_KEYS = ("image", "control", "controlnet", "lora", "ti", "ip_adapter")  # what make_inputs(full=True) gives
+
+
+def row_plan(batches: tuple[int, ...]) -> list[Row]:
+    """Every training-free row in table order, built lazily on nothing (for labels and batches only)."""
+    return training_free_rows(None, dict.fromkeys(INPUT_KEYS), 0, batches)
+
+
+def split_rows(rows: list[Row], parts: int) -> list[list[str]]:
+    """Labels per process: plain in every one, the other rows spread so each process has about the
+    same number of images (largest batches first, each to the least loaded process; ties to the first)."""
+    loads, shares = [0] * parts, [["plain"] for _ in range(parts)]
+    for row in sorted((r for r in rows if r.label != "plain"), key=lambda r: -r.batch):  # stable: table order
+        part = loads.index(min(loads))
+        loads[part] += row.batch
+        shares[part].append(row.label)
+    return shares
 
 
 def growth_label(method: str, batch: int) -> str:

@@ -16,9 +16,9 @@ thread (one torch thread) and their ratio to the plain row of the same process
 (``real_arch_table.py`` writes the tables). The tokenizer is the project's offline byte-level
 ``CLIPTokenizer`` (77 tokens; the weights are random, so the vocabulary only has to tokenize).
 
-``--jobs 2`` runs the batch-growth rows in a second process (one thread, with its own plain row
-as the denominator of its ratios) beside the method rows: both cores, the same one-thread CPU
-seconds. Allocations over 64 KiB are mapped and handed back to the system when freed (``mallopt``),
+``--jobs 2`` shares the rows between two processes by image count (``split_rows``), run at once at
+one thread each, each with its own plain row as the denominator of its ratios: both cores, the
+same one-thread CPU seconds. Allocations over 64 KiB are mapped and handed back to the system when freed (``mallopt``),
 so the sampled resident memory reads each row's own live memory, not what the allocator kept.
 
 ``--device cuda`` runs at the native resolutions (512 / 768 / 1024 px) in float16 (training rows:
@@ -56,6 +56,8 @@ from real_arch_rows import (  # noqa: E402
     generate,
     make_inputs,
     measure,
+    row_plan,
+    split_rows,
     training_free_rows,
     training_rows,
 )
@@ -161,7 +163,6 @@ def parameter_count(pipe: Any) -> dict[str, float]:
 # -- running ----------------------------------------------------------------------------------
 
 RESULT_PREFIX, BUILD_PREFIX = "ROW-RESULT ", "BUILD-RESULT "
-GROUPS = ("methods", "growth")  # --jobs 2: the method rows in one process, the batch-growth rows in another
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
@@ -215,15 +216,23 @@ def build(settings: Settings, training: bool = False) -> tuple[Any, dict[str, An
     return pipe, record
 
 
-def run_rows(settings: Settings, group: str | None = None, report: Any = None) -> tuple[list, dict[str, Any]]:
-    """Build the pipeline and measure its training-free rows in this process: all of them, or one
-    ``group`` (``methods`` / ``growth``, each with its own plain row)."""
+def kept_rows(settings: Settings) -> list[Any]:
+    """The training-free rows ``settings`` keeps, in table order (built lazily: labels and batches)."""
+    return [r for r in row_plan(settings.batches) if settings.keep(r.label)]
+
+
+def run_rows(settings: Settings, part: int | None = None, parts: int = 2, report: Any = None) -> tuple[list, dict]:
+    """Build the pipeline and measure its training-free rows in this process: all of them, or share
+    ``part`` of ``parts`` (``split_rows``: each share has its own plain row)."""
     torch.set_num_threads(1)
+    labels = set(split_rows(kept_rows(settings), parts)[part]) if part is not None else \
+        {r.label for r in kept_rows(settings)}
     pipe, record = build(settings)
     with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
-        inputs = make_inputs(pipe, settings.size, Path(scratch), full=group != "growth")
+        full = any(r.label in labels and r.label != "plain" and not r.growth for r in row_plan(settings.batches))
+        inputs = make_inputs(pipe, settings.size, Path(scratch), full=full)
         rows = [r for r in training_free_rows(pipe, inputs, settings.size, settings.batches, settings.steps)
-                if settings.keep(r.label) and (group is None or r.label == "plain" or r.growth == (group == "growth"))]
+                if r.label in labels]
         generate(pipe, [], 1, settings.size, steps=1)  # warm-up, unmeasured: lazy initialisation, kernels loaded
         results = measure(rows, settings.device, report)
     return results, record
@@ -267,12 +276,12 @@ def _parse(log: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     return results, record
 
 
-def run_groups_in_parallel(settings: Settings) -> tuple[list, dict[str, Any]]:
-    """The method rows and the growth rows in two child processes at once (one thread each); results
-    in table order, the second process's tagged ``process: 1`` (its ratios use its own plain row)."""
+def run_groups_in_parallel(settings: Settings, parts: int = 2) -> tuple[list, dict[str, Any]]:
+    """The rows shared between ``parts`` child processes run at once (one thread each); results in
+    table order, each tagged with its ``process`` (ratios use that process's own plain row)."""
     with tempfile.TemporaryDirectory(prefix="cd-real-arch-jobs-") as folder:
-        logs = [Path(folder) / f"{group}.log" for group in GROUPS]
-        children = [_child(settings, ["--group", group], log) for group, log in zip(GROUPS, logs, strict=True)]
+        logs = [Path(folder) / f"part{part}.log" for part in range(parts)]
+        children = [_child(settings, ["--group", str(part)], log) for part, log in enumerate(logs)]
         for child in children:
             child.wait()
         results, record = [], None
@@ -282,8 +291,15 @@ def run_groups_in_parallel(settings: Settings) -> tuple[list, dict[str, Any]]:
             results += [{**row, "process": process} for row in rows]
             if child.returncode and not rows:
                 tail = (log.read_text(encoding="utf-8").strip().splitlines() or ["no output"])[-1][:160]
-                results.append(_failed(f"{GROUPS[process]} rows", 0, f"process exited {child.returncode}: {tail}"))
-    return results, record or {"build_s": 0.0, "rss_mb": 0.0, "gpu_mb": 0.0, "params": "not built"}
+                results.append(_failed(f"rows of process {process}", 0, f"process exited {child.returncode}: {tail}"))
+    return in_table_order(results, kept_rows(settings)), \
+        record or {"build_s": 0.0, "rss_mb": 0.0, "gpu_mb": 0.0, "params": "not built"}
+
+
+def in_table_order(results: list[dict[str, Any]], rows: list[Any]) -> list[dict[str, Any]]:
+    """``results`` sorted as ``rows`` (plain rows first, by process); unknown labels last."""
+    order = {row.label: index for index, row in enumerate(rows)}
+    return sorted(results, key=lambda r: (order.get(r["row"], len(order)), r.get("process", 0)))
 
 
 def _failed(label: str, batch: int, error: str) -> dict[str, Any]:
@@ -327,10 +343,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--only", nargs="*", default=[], help="keep rows whose label contains one of these")
     parser.add_argument("--jobs", type=int, choices=[1, 2], default=1,
-                        help="2: the batch-growth rows in a second process beside the method rows (CPU)")
+                        help="2: the rows shared between two processes at once, by image count (CPU)")
     parser.add_argument("--out", type=Path, help="also write the table(s) here")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # child: measure this row, print its result as JSON
-    parser.add_argument("--group", choices=GROUPS, help=argparse.SUPPRESS)  # child of --jobs 2
+    parser.add_argument("--group", type=int, choices=[0, 1], help=argparse.SUPPRESS)  # child of --jobs 2
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.device != "cpu" and not cuda:
@@ -339,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda: torch sees no CUDA device here (the CPU table is the default)")
     if cuda and args.jobs > 1:
         parser.error("--jobs 2 is for the CPU (one GPU runs one process)")
-    if (args.row or args.group) and len(args.arch) > 1:
+    if (args.row or args.group is not None) and len(args.arch) > 1:
         parser.error("--row / --group take one --arch")
     if args.steps < 1 or (args.size is not None and (args.size < 64 or args.size % 64)):
         parser.error("--steps must be >= 1 and --size a multiple of 64 (>= 64)")
@@ -356,13 +372,13 @@ def footer(args: argparse.Namespace, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     map_large_allocations()
-    if args.row or args.group:
+    if args.row or args.group is not None:
         settings = Settings.make(args.arch[0], args.size, args.device, args.steps, tuple(args.batches),
                                  tuple(args.only))
         if args.row:
             one_row(settings, args.row)
         else:
-            _, record = run_rows(settings, args.group, lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
+            _, record = run_rows(settings, args.group, report=lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
             print(BUILD_PREFIX + json.dumps(record), flush=True)
         return
     tables = []

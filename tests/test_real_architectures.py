@@ -101,6 +101,22 @@ def test_the_growth_process_builds_only_what_its_rows_need(tiny_sd, tmp_path):
     assert [r.label for r in rows if not r.growth] == ["plain"] and len(rows) == 5
 
 
+def test_two_processes_share_the_rows_by_image_count():
+    module = _script()
+    from real_arch_rows import row_plan, split_rows
+
+    rows = row_plan((2, 4, 8))
+    first, second = split_rows(rows, 2)
+    assert first[0] == second[0] == "plain"
+    assert sorted(first[1:] + second[1:]) == sorted(r.label for r in rows[1:])  # every row once
+    images = {r.label: r.batch for r in rows}
+    assert abs(sum(images[label] for label in first[1:]) - sum(images[label] for label in second[1:])) <= 1
+    assert split_rows(rows, 2) == [first, second]  # parent and children agree
+    results = [_result(label, process=index) for index, part in enumerate((second, first)) for label in part]
+    ordered = [r["row"] for r in module.in_table_order(results, rows)]
+    assert ordered[:2] == ["plain", "plain"] and ordered[2:] == [r.label for r in rows[1:]]
+
+
 def test_ratios_are_to_the_plain_row_of_the_same_process():
     from real_arch_table import markdown
 
@@ -159,7 +175,7 @@ def test_device_and_size_options(monkeypatch):
     reduced = [module.Settings.make(name) for name in args.arch]
     assert [(s.size, s.dtype) for s in reduced] == [(256, torch.float32), (256, torch.float32), (512, torch.bfloat16)]
     child = module.Settings.make("sdxl", 512, "cpu", 2, (2, 4), ("batch",))
-    again = module.parse_args(child.argv() + ["--group", "growth"])
+    again = module.parse_args(child.argv() + ["--group", "1"])
     assert module.Settings.make(again.arch[0], again.size, again.device, again.steps, tuple(again.batches),
                                 tuple(again.only)) == child
 
@@ -171,3 +187,15 @@ def test_a_childs_log_gives_its_rows_and_build_record(tmp_path):
     log.write_text("noise\n" + module.RESULT_PREFIX + json.dumps(row) + "\nTraceback ...\n"
                    + module.BUILD_PREFIX + json.dumps(BUILD) + "\n", encoding="utf-8")
     assert module._parse(log) == ([row], BUILD)
+
+
+def test_a_child_process_measures_its_share_of_the_rows(tiny_sd, monkeypatch):
+    module = _script()
+    from real_arch_rows import split_rows
+
+    monkeypatch.setattr(module, "build", lambda settings, training=False: (tiny_sd, BUILD))
+    settings = module.Settings.make("sd15", 32, batches=(2,))
+    reported = []
+    results, record = module.run_rows(settings, 1, 2, report=reported.append)
+    assert sorted(r["row"] for r in results) == sorted(split_rows(module.kept_rows(settings), 2)[1])
+    assert reported == results and record == BUILD and not any(r["error"] for r in results)
