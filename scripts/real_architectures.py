@@ -4,42 +4,64 @@
 Each architecture is built from its published configuration, written below (UNet, VAE, text
 encoder(s), scheduler: the values of the published ``config.json`` files; nothing is downloaded),
 with random weights, and every method runs through the public registry (``get_method``) for 2
-steps at a reduced size: plain; img2img; DDPM inversion + edit (with the reconstruction error);
-StyleAligned with a generated and a real reference; consistent subject in both modes (subject
-mode with feature injection); ControlNet (a random ControlNet of the same architecture); LoRA;
-textual inversion; the bench's three combinations; and one optimiser step of DreamBooth, LoRA,
-textual inversion and ControlNet training (gradient checkpointing on) through the project's
-training code. For each row: whether it ran (or its error), the peak resident memory above the
-loaded pipeline during the row (sampled, ``bench_methods.PeakMemory``), CPU seconds of the calling
-thread and their ratio to the plain row of the same run; StyleAligned and consistent subject
-also at 2, 4 and 8 images. The tokenizer is the project's offline byte-level ``CLIPTokenizer``
-(77 tokens; the weights are random, so the vocabulary only has to tokenize).
+steps at a reduced size (``real_arch_rows.py`` has the rows): plain; img2img; DDPM inversion +
+edit (with the reconstruction error); StyleAligned with a generated and a real reference;
+consistent subject in both modes (subject mode with feature injection); ControlNet (a random
+ControlNet of the same architecture); LoRA; textual inversion; the IP-Adapter (random, released
+layout); the bench's three combinations; StyleAligned and consistent subject at 2, 4 and 8 images;
+and one optimiser step of DreamBooth, LoRA, textual inversion and ControlNet training (gradient
+checkpointing on) through the project's training code, each in a fresh process. For each row:
+whether it ran (or its error), the peak memory above the row's start, CPU seconds of the calling
+thread (one torch thread) and their ratio to the plain row of the same process
+(``real_arch_table.py`` writes the tables). The tokenizer is the project's offline byte-level
+``CLIPTokenizer`` (77 tokens; the weights are random, so the vocabulary only has to tokenize).
 
-Usage (SDXL needs about 10 GB in float32; run one architecture at a time):
-    python scripts/real_architectures.py --arch sd15 [--size 256]
-        [--rows training-free|all] [--batches 2 4 8] [--out table.md]
+``--jobs 2`` shares the rows between two processes by image count (``split_rows``), run at once at
+one thread each, each with its own plain row as the denominator of its ratios: both cores, the
+same one-thread CPU seconds. Allocations over 64 KiB are mapped and handed back to the system when freed (``mallopt``),
+so the sampled resident memory reads each row's own live memory, not what the allocator kept.
+
+``--device cuda`` runs at the native resolutions (512 / 768 / 1024 px) in float16 (training rows:
+float32 weights, bf16 autocast), one process, after a warm-up call; its table has seconds per image
+(wall) and ``torch.cuda.max_memory_allocated``, headed with the GPU's name.
+
+Usage (SDXL needs about 10 GB while it is built; run one big architecture at a time):
+    python scripts/real_architectures.py --arch sd15 [--size 256] [--jobs 2]
+        [--rows training-free|all] [--batches 2 4 8] [--only LABEL ...] [--out table.md]
+    python scripts/real_architectures.py --device cuda --arch sd15 sd21 sdxl --rows all --steps 20 \
+        --out docs/real_architectures_gpu.md
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import PeakMemory  # noqa: E402
+from real_arch_rows import (  # noqa: E402
+    TRAINING_LABELS,
+    generate,
+    make_inputs,
+    measure,
+    row_plan,
+    split_rows,
+    training_free_rows,
+    training_rows,
+)
+from real_arch_table import markdown  # noqa: E402
 
 from consistent_diffusion.testing_architectures import (  # noqa: E402  (published configs, one place)
     CLIP_L,
@@ -97,35 +119,39 @@ ARCHITECTURES = {
 }
 
 
-def build_pipeline(arch: Architecture, seed: int = 0) -> Any:
-    """A random-init pipeline of ``arch`` (CPU, ``arch.dtype``), offline; DDIM with the published betas."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def build_pipeline(arch: Architecture, seed: int = 0, dtype: torch.dtype | None = None, device: str = "cpu") -> Any:
+    """A random-init pipeline of ``arch`` on ``device`` in ``dtype`` (default ``arch.dtype``), offline;
+    DDIM with the published betas. The weights are drawn on ``device`` (float32, then cast)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from consistent_diffusion.testing import tiny_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**arch.unet).to(arch.dtype)
-    vae = AutoencoderKL(**arch.vae).to(arch.dtype)
-    texts = [CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, **config) for config in arch.text_encoders]
-    scheduler = DDIMScheduler(**arch.scheduler)
-    common = {"unet": unet, "vae": vae, "scheduler": scheduler, "tokenizer": tiny_clip_tokenizer(77)}
+    with torch.device(device):
+        unet, vae, texts = _random_components(arch)
+    dtype = dtype or arch.dtype
+    unet, vae, texts = unet.to(dtype), vae.to(dtype), [text.to(dtype) for text in texts]
+    common = {"unet": unet, "vae": vae, "scheduler": DDIMScheduler(**arch.scheduler),
+              "tokenizer": tiny_clip_tokenizer(77)}
     if arch.xl:
-        pipe = StableDiffusionXLPipeline(text_encoder=CLIPTextModel(texts[0]).to(arch.dtype),
-                                         text_encoder_2=CLIPTextModelWithProjection(texts[1]).to(arch.dtype),
+        pipe = StableDiffusionXLPipeline(text_encoder=texts[0], text_encoder_2=texts[1],
                                          tokenizer_2=tiny_clip_tokenizer(77), **common)
     else:
-        pipe = StableDiffusionPipeline(text_encoder=CLIPTextModel(texts[0]).to(arch.dtype), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False, **common)
+        pipe = StableDiffusionPipeline(text_encoder=texts[0], safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _random_components(arch: Architecture) -> tuple[Any, Any, list[Any]]:
+    """UNet, VAE and text encoder(s) of ``arch`` with random weights (float32, the current device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = [CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, **config) for config in arch.text_encoders]
+    texts = [(CLIPTextModelWithProjection if index else CLIPTextModel)(config) for index, config in enumerate(configs)]
+    return UNet2DConditionModel(**arch.unet), AutoencoderKL(**arch.vae), texts
 
 
 def parameter_count(pipe: Any) -> dict[str, float]:
@@ -134,264 +160,239 @@ def parameter_count(pipe: Any) -> dict[str, float]:
             if isinstance(module, torch.nn.Module)}
 
 
-# -- inputs every method needs, random and built in code --------------------------------------
+# -- running ----------------------------------------------------------------------------------
+
+RESULT_PREFIX, BUILD_PREFIX = "ROW-RESULT ", "BUILD-RESULT "
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def make_inputs(pipe: Any, size: int, folder: Path) -> dict[str, Any]:
-    """A real-looking image, a control image, a random LoRA file, random embeddings, a ControlNet."""
-    from safetensors.torch import save_file
-
-    from consistent_diffusion.training.controlnet import controlnet_from_unet
-    from consistent_diffusion.training.lora import DEFAULT_TARGETS, add_lora, lora_state_dict
-
-    controlnet = controlnet_from_unet(pipe).to(pipe.unet.dtype)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    image = Image.fromarray((np.stack([xx, yy, 1 - xx * yy], -1) * 200 + rng.integers(0, 55, (size, size, 3)))
-                            .astype(np.uint8))
-    control = Image.new("RGB", (size, size), "white")
-    control.paste((0, 0, 0), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        add_lora(pipe.unet, 4, 4.0, DEFAULT_TARGETS)
-        with torch.no_grad():
-            for name, param in pipe.unet.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.01)
-        state = lora_state_dict(pipe.unet)
-    pipe.unet.unload_lora()  # the UNet as built again (no PEFT wrappers left)
-    (folder / "lora").mkdir(parents=True, exist_ok=True)
-    type(pipe).save_lora_weights(folder / "lora", unet_lora_layers=state, weight_name="pytorch_lora_weights.safetensors")
-    (folder / "ti").mkdir(exist_ok=True)
-    widths = [encoder.config.hidden_size for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-              if encoder is not None]
-    for index, width in enumerate(widths):
-        name = "learned_embeds.safetensors" if index == 0 else "learned_embeds_2.safetensors"
-        save_file({"<tok>": torch.randn(2, width) * 0.01}, str(folder / "ti" / name))
-    image.save(folder / "image.png")
-    return {"image": str(folder / "image.png"), "control": control, "lora": str(folder / "lora"),
-            "ti": str(folder / "ti"), "controlnet": controlnet}
+def map_large_allocations(threshold: int = 64 * 1024) -> bool:
+    """Serve allocations over ``threshold`` bytes by mmap and unmap them when freed (glibc), so resident
+    memory follows live tensors; a fixed threshold also stops glibc raising it after large frees."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc: the sampled peak may then read low
+        return False
 
 
-# -- the rows ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """How one architecture is run: image size, dtype, device, steps, the growth batches, the row filter."""
 
-PROMPTS = ["a photo of a cat in a garden", "a cat reading a book", "a cat on a red sofa", "a cat at the beach",
-           "a cat in the snow", "a cat with a hat", "a cat on a boat", "a cat under a tree"]
+    name: str
+    size: int
+    dtype: torch.dtype
+    device: str = "cpu"
+    steps: int = 2
+    batches: tuple[int, ...] = (2, 4, 8)
+    only: tuple[str, ...] = ()
 
+    @classmethod
+    def make(cls, name: str, size: int | None = None, device: str = "cpu", steps: int = 2,
+             batches: tuple[int, ...] = (2, 4, 8), only: tuple[str, ...] = ()) -> Settings:
+        """CPU: the architecture's reduced size and dtype; CUDA: its native size in float16."""
+        arch = ARCHITECTURES[name]
+        cuda = device.startswith("cuda")
+        return cls(name, size or (arch.native if cuda else arch.size), torch.float16 if cuda else arch.dtype,
+                   device, steps, tuple(batches), tuple(only))
 
-def generate(pipe: Any, methods: list[Any], n: int, size: int, steps: int = 2, prompt_prefix: str = "") -> list:
-    from consistent_diffusion.methods.base import GenerationContext, run
+    def argv(self) -> list[str]:
+        """The command-line options that rebuild these settings in a child process."""
+        return ["--arch", self.name, "--size", str(self.size), "--device", self.device, "--steps", str(self.steps),
+                "--batches", *map(str, self.batches), "--only", *self.only]
 
-    ctx = GenerationContext(pipe=pipe, prompts=[prompt_prefix + p for p in PROMPTS[:n]], negative_prompts=None,
-                            generators=[torch.Generator().manual_seed(s) for s in range(n)],
-                            call_kwargs={"num_inference_steps": steps, "guidance_scale": 5.0, "height": size,
-                                         "width": size})
-    return run(ctx, methods, output_type="np")
-
-
-def training_free_rows(pipe: Any, inputs: dict[str, Any], size: int, batches: tuple[int, ...]) -> list[tuple]:
-    """(label, batch, callable returning a note) for every training-free row, plain first."""
-    from consistent_diffusion.methods.base import get_method
-    from consistent_diffusion.methods.inversion import edit, invert
-
-    def methods(*names_options: tuple[str, dict]) -> Callable[[], list]:
-        return lambda: [get_method(name, **options) for name, options in names_options]
-
-    sa, cn = ("style_aligned", {}), ("controlnet", {"controlnets": inputs["controlnet"], "images": inputs["control"]})
-    lora = ("lora", {"weights": inputs["lora"]})
-    cases: list[tuple[str, Callable[[], list], str]] = [
-        ("plain", methods(), ""),
-        ("img2img (strength 0.6)", methods(("img2img", {"image": inputs["image"], "strength": 0.6})), ""),
-        ("StyleAligned, generated reference", methods(sa), ""),
-        ("StyleAligned, real reference (inverted)", methods(("style_aligned", {
-            "reference_image": inputs["image"], "reference_image_prompt": "a photo"})), ""),
-        ("consistent subject, subject mode + feature injection", methods(("consistent_subject", {
-            "subject": "cat", "feature_injection": True})), ""),
-        ("consistent subject, story mode", methods(("consistent_subject", {"subject": "cat", "mode": "story"})), ""),
-        ("ControlNet (random, same architecture)", methods(cn), ""),
-        ("LoRA (rank 4, attention projections)", methods(lora), ""),
-        ("textual inversion (2 vectors)", methods(("textual_inversion", {"embeddings": inputs["ti"]})), "<tok> "),
-        ("StyleAligned + ControlNet", methods(sa, cn), ""),
-        ("LoRA + ControlNet", methods(lora, cn), ""),
-        ("LoRA + StyleAligned", methods(lora, sa), ""),
-    ]
-    rows = [(label, 2, (lambda build=build, prefix=prefix: (generate(pipe, build(), 2, size, prompt_prefix=prefix),
-                                                              "")[1]))
-            for label, build, prefix in cases]
-
-    def inversion_and_edit() -> str:
-        inverted = invert(pipe, inputs["image"], "a photo", steps=2, cfg=5.0, size=(size, size),
-                          generator=torch.Generator().manual_seed(0))
-        from consistent_diffusion.methods.inversion import reconstruct
-
-        error = (reconstruct(pipe, inverted).float() - inverted.x0.float()).abs().max().item()
-        edit(pipe, inverted, ["a photo of a dog"], cfg_tar=5.0)
-        return f"reconstruction max abs error (latent) {error:.1e}"
-
-    rows.insert(2, ("DDPM inversion + edit (1 image)", 1, inversion_and_edit))
-    for n in batches:
-        rows.append((f"StyleAligned, batch {n}", n, lambda n=n: (generate(pipe, [get_method("style_aligned")], n, size),
-                                                               "")[1]))
-        rows.append((f"consistent subject (subject mode), batch {n}", n,
-                     lambda n=n: (generate(pipe, [get_method("consistent_subject", subject="cat")], n, size), "")[1]))
-    return rows
+    def keep(self, label: str) -> bool:
+        return label == "plain" or not self.only or any(o in label for o in self.only)
 
 
-def training_rows(pipe: Any, size: int, folder: Path) -> list[tuple]:
-    """One optimiser step of each fine-tune, gradient checkpointing on (the project's training code)."""
-    from consistent_diffusion.training.controlnet import ControlNetTrainConfig, train_controlnet
-    from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
-    from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
-    from consistent_diffusion.training.textual_inversion import (
-        TextualInversionConfig,
-        train_textual_inversion,
-    )
-
-    images = folder / "instance"
-    images.mkdir(exist_ok=True)
-    rng = np.random.default_rng(1)
-    for index in range(3):
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{index}.png")
-        (images / f"{index}.txt").write_text("a photo of a cat", encoding="utf-8")
-    common = {"steps": 1, "checkpoint_every": 1000, "progress": False, "gradient_checkpointing": True,
-              "resolution": size, "threads": 1, "keep_checkpoints": 1}
-    subject = {"instance_dir": images, "instance_prompt": "a photo of sks cat"}
-    return [
-        ("train ControlNet, 1 step", 1, lambda: _note(train_controlnet(ControlNetTrainConfig(
-            out=folder / "t-cn", data=images, condition="canny", batch_size=1, validation_count=0, **common), pipe))),
-        ("train textual inversion, 1 step", 1, lambda: _note(train_textual_inversion(TextualInversionConfig(
-            out=folder / "t-ti", instance_dir=images, placeholder_token="<new>", initializer_token="cat",
-            **common), pipe))),
-        ("train LoRA, 1 step", 1, lambda: _note(train_lora(LoraDreamBoothConfig(
-            out=folder / "t-lora", **subject, **common), pipe))),
-        ("train DreamBooth (full UNet), 1 step", 1, lambda: _note(train_dreambooth(DreamBoothConfig(
-            out=folder / "t-db", **subject, **common), pipe))),
-    ]
+def build(settings: Settings, training: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The pipeline (training on CUDA: float32 weights) and its build record."""
+    start = time.perf_counter()
+    dtype = torch.float32 if training and settings.device.startswith("cuda") else settings.dtype
+    pipe = build_pipeline(ARCHITECTURES[settings.name], dtype=dtype, device=settings.device)
+    record = {"build_s": time.perf_counter() - start, "rss_mb": PeakMemory._rss() / 2**20,
+              "gpu_mb": torch.cuda.memory_allocated() / 2**20 if settings.device.startswith("cuda") else 0.0,
+              "params": ", ".join(f"{k} {v:.0f}M" for k, v in parameter_count(pipe).items())}
+    return pipe, record
 
 
-def _note(result: Any) -> str:
-    loss = getattr(result, "losses", None) or [getattr(result, "loss", float("nan"))]
-    return f"loss {float(loss[-1]):.3f}"
+def kept_rows(settings: Settings) -> list[Any]:
+    """The training-free rows ``settings`` keeps, in table order (built lazily: labels and batches)."""
+    return [r for r in row_plan(settings.batches) if settings.keep(r.label)]
 
 
-def measure(rows: list[tuple]) -> list[dict[str, Any]]:
-    """Run each row once: CPU seconds of this thread, peak extra RSS, ran / error."""
-    results = []
-    for label, batch, call in rows:
-        gc.collect()
-        start_cpu, start_wall = time.thread_time(), time.perf_counter()
-        note, error = "", None
-        try:
-            with PeakMemory("cpu") as peak:
-                note = call() or ""
-        except Exception as caught:  # a row that fails is reported, not fatal
-            error = f"{type(caught).__name__}: {str(caught).splitlines()[0][:160]}"
-            traceback.print_exc()
-            peak = None
-        results.append({"row": label, "batch": batch, "cpu_s": time.thread_time() - start_cpu,
-                        "wall_s": time.perf_counter() - start_wall, "peak_mb": peak.peak_mb if peak else None,
-                        "error": error, "note": note})
-        print(f"{label}: {results[-1]['cpu_s']:.1f} s, {results[-1]['peak_mb'] or 0:.0f} MB {error or ''}", flush=True)
-    return results
-
-
-def markdown(arch: Architecture, size: int, results: list[dict[str, Any]], build: dict[str, Any]) -> str:
-    plain = next((r["cpu_s"] for r in results if r["row"] == "plain" and not r["error"]), None)
-    head = (f"**{arch.label}** (random weights, published config; {build['params']}), {size} px "
-            f"(native {arch.native}), {str(arch.dtype).replace('torch.', '')}, 2 steps, guidance 5; built in "
-            f"{build['build_s']:.0f} s, pipeline resident {build['rss_mb']:.0f} MB.\n\n"
-            "| row | images | runs | CPU s | x plain | peak extra RSS (MB) | note |\n|---|---:|---|---:|---:|---:|---|\n")
-    lines = []
-    for r in results:
-        ratio = f"{r['cpu_s'] / plain:.2f}" if plain and not r["error"] else ""
-        runs = "yes" if not r["error"] else f"**no**: {r['error']}"
-        peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else ""
-        lines.append(f"| {r['row']} | {r['batch']} | {runs} | {r['cpu_s']:.1f} | {ratio} | {peak} | {r['note']} |")
-    return head + "\n".join(lines) + "\n"
-
-
-TRAINING_LABELS = ("train ControlNet, 1 step", "train textual inversion, 1 step", "train LoRA, 1 step",
-                   "train DreamBooth (full UNet), 1 step")
+def run_rows(settings: Settings, part: int | None = None, parts: int = 2, report: Any = None) -> tuple[list, dict]:
+    """Build the pipeline and measure its training-free rows in this process: all of them, or share
+    ``part`` of ``parts`` (``split_rows``: each share has its own plain row)."""
+    torch.set_num_threads(1)
+    labels = set(split_rows(kept_rows(settings), parts)[part]) if part is not None else \
+        {r.label for r in kept_rows(settings)}
+    pipe, record = build(settings)
+    with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
+        full = any(r.label in labels and r.label != "plain" and not r.growth for r in row_plan(settings.batches))
+        inputs = make_inputs(pipe, settings.size, Path(scratch), full=full)
+        rows = [r for r in training_free_rows(pipe, inputs, settings.size, settings.batches, settings.steps)
+                if r.label in labels]
+        generate(pipe, [], 1, settings.size, steps=1)  # warm-up, unmeasured: lazy initialisation, kernels loaded
+        results = measure(rows, settings.device, report)
+    return results, record
 
 
 def run_architecture(name: str, size: int | None = None, rows: str = "training-free",
-                     batches: tuple[int, ...] = (2, 4, 8), only: tuple[str, ...] = ()) -> tuple[str, list]:
-    """Build ``name``, run its rows, return (markdown table, results). ``only``: row labels to keep
-    (substring match; plain is always run). Training rows (``rows="all"``) each run in a fresh
-    process (they change the pipeline, and their memory must not hide the next row's)."""
-    arch = ARCHITECTURES[name]
-    size = size or arch.size
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    pipe = build_pipeline(arch)
-    build = {"build_s": time.perf_counter() - start, "rss_mb": PeakMemory._rss() / 2**20,
-             "params": ", ".join(f"{k} {v:.0f}M" for k, v in parameter_count(pipe).items())}
-    with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
-        inputs = make_inputs(pipe, size, Path(scratch))
-        selected = training_free_rows(pipe, inputs, size, batches)
-        if only:
-            selected = [r for r in selected if r[0] == "plain" or any(o in r[0] for o in only)]
-        results = measure(selected)
-    del pipe, inputs, selected
+                     batches: tuple[int, ...] = (2, 4, 8), only: tuple[str, ...] = (), jobs: int = 1,
+                     device: str = "cpu", steps: int = 2) -> tuple[str, list]:
+    """Run ``name``'s rows, return (markdown table, results). ``only``: row labels to keep (substring
+    match; plain is always run). ``jobs=2``: method and growth rows in two processes at once.
+    Training rows (``rows="all"``) each run in a fresh process afterwards (they change the pipeline,
+    and their memory must not hide the next row's)."""
+    settings = Settings.make(name, size, device, steps, batches, only)
+    if jobs > 1:
+        results, record = run_groups_in_parallel(settings)
+    else:
+        results, record = run_rows(settings)
     gc.collect()
     if rows == "all":
-        results += [row_in_subprocess(name, size, label) for label in TRAINING_LABELS]
-    return markdown(arch, size, results, build), results
+        results += [row_in_subprocess(settings, label) for label in TRAINING_LABELS if settings.keep(label)]
+    arch = ARCHITECTURES[name]
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
+    table = markdown(arch.label, settings.size, arch.native, str(settings.dtype).replace("torch.", ""), steps,
+                     results, record, device, device_name)
+    return table, results
 
 
-def row_in_subprocess(name: str, size: int, label: str) -> dict[str, Any]:
+def _child(settings: Settings, extra: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, str(Path(__file__).resolve()), *settings.argv(), *extra]
+    with open(log, "w", encoding="utf-8") as stream:
+        return subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def _parse(log: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    results, record = [], None
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if line.startswith(RESULT_PREFIX):
+            results.append(json.loads(line[len(RESULT_PREFIX):]))
+        elif line.startswith(BUILD_PREFIX):
+            record = json.loads(line[len(BUILD_PREFIX):])
+    return results, record
+
+
+def run_groups_in_parallel(settings: Settings, parts: int = 2) -> tuple[list, dict[str, Any]]:
+    """The rows shared between ``parts`` child processes run at once (one thread each); results in
+    table order, each tagged with its ``process`` (ratios use that process's own plain row)."""
+    with tempfile.TemporaryDirectory(prefix="cd-real-arch-jobs-") as folder:
+        logs = [Path(folder) / f"part{part}.log" for part in range(parts)]
+        children = [_child(settings, ["--group", str(part)], log) for part, log in enumerate(logs)]
+        for child in children:
+            child.wait()
+        results, record = [], None
+        for process, (child, log) in enumerate(zip(children, logs, strict=True)):
+            rows, built = _parse(log)
+            record = record or built
+            results += [{**row, "process": process} for row in rows]
+            if child.returncode and not rows:
+                tail = (log.read_text(encoding="utf-8").strip().splitlines() or ["no output"])[-1][:160]
+                results.append(_failed(f"rows of process {process}", 0, f"process exited {child.returncode}: {tail}"))
+    return in_table_order(results, kept_rows(settings)), \
+        record or {"build_s": 0.0, "rss_mb": 0.0, "gpu_mb": 0.0, "params": "not built"}
+
+
+def in_table_order(results: list[dict[str, Any]], rows: list[Any]) -> list[dict[str, Any]]:
+    """``results`` sorted as ``rows`` (plain rows first, by process); unknown labels last."""
+    order = {row.label: index for index, row in enumerate(rows)}
+    return sorted(results, key=lambda r: (order.get(r["row"], len(order)), r.get("process", 0)))
+
+
+def _failed(label: str, batch: int, error: str) -> dict[str, Any]:
+    return {"row": label, "batch": batch, "cpu_s": 0.0, "wall_s": 0.0, "peak_mb": None, "peak_total_mb": None,
+            "note": "", "error": error}
+
+
+def row_in_subprocess(settings: Settings, label: str) -> dict[str, Any]:
     """One row measured in a fresh process (``--row``); its result or the process's error."""
-    import json
-    import subprocess
-
-    command = [sys.executable, str(Path(__file__).resolve()), "--arch", name, "--size", str(size), "--row", label]
+    command = [sys.executable, str(Path(__file__).resolve()), *settings.argv(), "--row", label]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX):])
     tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:160]
-    return {"row": label, "batch": 1, "cpu_s": 0.0, "wall_s": 0.0, "peak_mb": None, "note": "",
-            "error": f"process exited {done.returncode}: {tail}"}
+    return _failed(label, 1, f"process exited {done.returncode}: {tail}")
 
 
-RESULT_PREFIX = "ROW-RESULT "
-
-
-def one_row(name: str, size: int, label: str) -> dict[str, Any]:
-    """Build ``name`` and measure the row ``label`` (a training row or a training-free one)."""
-    import json
-
+def one_row(settings: Settings, label: str) -> dict[str, Any]:
+    """Build the pipeline and measure the row ``label`` (a training row or a training-free one)."""
     torch.set_num_threads(1)
-    pipe = build_pipeline(ARCHITECTURES[name])
+    training = label in TRAINING_LABELS
+    pipe, _ = build(settings, training=training)
     with tempfile.TemporaryDirectory(prefix="cd-real-arch-") as scratch:
         folder = Path(scratch)
-        rows = training_rows(pipe, size, folder) if label in TRAINING_LABELS else \
-            training_free_rows(pipe, make_inputs(pipe, size, folder), size, (2, 4, 8))
-        [result] = measure([r for r in rows if r[0] == label])
+        rows = training_rows(pipe, settings.size, folder, settings.device) if training else \
+            training_free_rows(pipe, make_inputs(pipe, settings.size, folder), settings.size, settings.batches,
+                               settings.steps)
+        [result] = measure([r for r in rows if r.label == label], settings.device)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), required=True)
-    parser.add_argument("--size", type=int, help="pixels (default: the architecture's reduced size)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), nargs="+", required=True)
+    parser.add_argument("--size", type=int, help="pixels (default: the reduced size on CPU, the native one on CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N] (native size, float16)")
+    parser.add_argument("--steps", type=int, default=2, help="sampling steps per row (default 2)")
     parser.add_argument("--rows", choices=["training-free", "all"], default="training-free")
     parser.add_argument("--batches", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--only", nargs="*", default=[], help="keep rows whose label contains one of these")
-    parser.add_argument("--out", type=Path, help="also write the table here")
-    parser.add_argument("--row", help="measure only this row, in this process, and print its result as JSON")
-    args = parser.parse_args()
-    if args.row:
-        one_row(args.arch, args.size or ARCHITECTURES[args.arch].size, args.row)
+    parser.add_argument("--jobs", type=int, choices=[1, 2], default=1,
+                        help="2: the rows shared between two processes at once, by image count (CPU)")
+    parser.add_argument("--out", type=Path, help="also write the table(s) here")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # child: measure this row, print its result as JSON
+    parser.add_argument("--group", type=int, choices=[0, 1], help=argparse.SUPPRESS)  # child of --jobs 2
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.device != "cpu" and not cuda:
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (the CPU table is the default)")
+    if cuda and args.jobs > 1:
+        parser.error("--jobs 2 is for the CPU (one GPU runs one process)")
+    if (args.row or args.group is not None) and len(args.arch) > 1:
+        parser.error("--row / --group take one --arch")
+    if args.steps < 1 or (args.size is not None and (args.size < 64 or args.size % 64)):
+        parser.error("--steps must be >= 1 and --size a multiple of 64 (>= 64)")
+    return args
+
+
+def footer(args: argparse.Namespace, seconds: float) -> str:
+    threads = "one torch thread per process" + (", two processes at once (--jobs 2)" if args.jobs > 1 else "")
+    where = (f"gpu: {torch.cuda.get_device_name()}" if args.device.startswith("cuda")
+             else f"cpu: {platform.machine()}, {threads}")
+    return f"\n`{where}, torch {torch.__version__}; whole run {seconds:.0f} s wall`\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    map_large_allocations()
+    if args.row or args.group is not None:
+        settings = Settings.make(args.arch[0], args.size, args.device, args.steps, tuple(args.batches),
+                                 tuple(args.only))
+        if args.row:
+            one_row(settings, args.row)
+        else:
+            _, record = run_rows(settings, args.group, report=lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
+            print(BUILD_PREFIX + json.dumps(record), flush=True)
         return
-    start = time.perf_counter()
-    table, _ = run_architecture(args.arch, args.size, args.rows, tuple(args.batches), tuple(args.only))
-    footer = (f"\n`cpu: {platform.machine()}, torch threads 1, torch {torch.__version__}; whole run "
-              f"{time.perf_counter() - start:.0f} s wall`\n")
-    print(table + footer)
-    if args.out:
-        args.out.write_text(table + footer, encoding="utf-8")
+    tables = []
+    for name in args.arch:
+        start = time.perf_counter()
+        table, _ = run_architecture(name, args.size, args.rows, tuple(args.batches), tuple(args.only), args.jobs,
+                                    args.device, args.steps)
+        tables.append(table + footer(args, time.perf_counter() - start))
+        print(tables[-1], flush=True)
+        if args.out:  # after each architecture, so a later failure loses nothing
+            from consistent_diffusion.core.outputs import atomic_path
+
+            with atomic_path(args.out) as temporary:
+                temporary.write_text("\n".join(tables), encoding="utf-8")
 
 
 if __name__ == "__main__":
