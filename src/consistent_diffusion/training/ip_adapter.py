@@ -215,3 +215,37 @@ def train_ip_adapter(config: IPAdapterTrainConfig, pipe: Any, on_step_end: Any =
     check_out_folder(config)
     task = IPAdapterTask(pipe, config, encoder_factory)
     return run_training(task, config, "ip_adapter", on_step_end=on_step_end)
+
+
+# ----------------------------------------------------------------------------- stages and shipping
+
+
+def released_from_trainable(trainable: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``AdapterModules`` parameters (a checkpoint's or hand-off's ``trainable["adapter"]``) -> the
+    released layout: ``image_proj.image_embeds.*`` -> ``proj.*``, ``layers.i.to_k_ip.0.weight`` ->
+    ``{2i + 1}.to_k_ip.weight``."""
+    image_proj, layers = {}, {}
+    for key, value in trainable.items():
+        part, _, rest = key.partition(".")
+        if part == "image_proj":
+            image_proj[rest.replace("image_embeds", "proj")] = value.float()
+        elif part == "layers":
+            index, _, name = rest.partition(".")
+            layers[f"{2 * int(index) + 1}.{name.replace('_ip.0.', '_ip.')}"] = value.float()
+        else:
+            raise ConfigError(f"unexpected IP-Adapter parameter {key!r} in a training state")
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def export_state(path: Path, dest: Path, meta: dict[str, Any], dtype: torch.dtype = torch.float16) -> Path:
+    """An adapter folder (``save_adapter``) from a checkpoint or ``write_handoff`` file of a
+    ``train ip-adapter`` run (its EMA weights when it kept them, else its weights), written atomically."""
+    from consistent_diffusion.core.outputs import atomic_output_dir
+
+    state = torch.load(path, map_location="cpu", weights_only=path.name.endswith(".handoff.pt"))
+    if state.get("kind") != "ip_adapter":
+        raise ConfigError(f"{path} is not from a `train ip-adapter` run (kind {state.get('kind')!r})")
+    weights = (state.get("ema") or state["trainable"])["adapter"]
+    with atomic_output_dir(dest, overwrite=True) as temp:
+        save_adapter(temp, released_from_trainable(weights), {**meta, "steps_done": int(state["step"])}, dtype=dtype)
+    return Path(dest)
