@@ -24,7 +24,6 @@ Writes the numbers to ``--out`` and a sheet (references, plain, adapter) beside 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
