@@ -265,3 +265,24 @@ def test_train_ip_adapter_command(tmp_path, dataset, tiny_sd_folder, one_thread)
     assert main(argv) == 0
     assert (out / "ip_adapter" / embedded_module.ADAPTER_FILE).is_file() and handoff.is_file()
     assert main(argv) == 2  # the same --out again without --resume: a one-line error, nothing overwritten
+
+
+def test_embedded_adapter_per_row_under_style_aligned(tmp_path, trained, tiny_features, one_thread):  # noqa: F811
+    """Per-row prompt images with StyleAligned before the adapter: both act, the pipeline comes back."""
+    from consistent_diffusion.methods.style_aligned import StyleAligned
+
+    pipe = _pipe()
+    for seed in (7, 8, 9):
+        noise_image(seed).save(tmp_path / f"{seed}.png")
+    rows = IPAdapter(adapters=(str(trained["style"]),), images=(str(tmp_path / "7.png"), str(tmp_path / "8.png")),
+                     per_row=True)
+    swapped = IPAdapter(adapters=(str(trained["style"]),), images=(str(tmp_path / "7.png"), str(tmp_path / "9.png")),
+                        per_row=True)
+    plain, types = _generate(pipe), _processor_types(pipe)
+    only_style = _generate(pipe, (StyleAligned(),))
+    first, second = _generate(pipe, (StyleAligned(), rows)), _generate(pipe, (StyleAligned(), swapped))
+    assert np.abs(first - only_style).mean() > 1e-3
+    np.testing.assert_allclose(first[0], second[0], atol=1e-6)  # row 0 keeps its image
+    assert np.abs(first[1] - second[1]).mean() > 1e-4  # row 1 follows its own
+    assert _processor_types(pipe) == types
+    np.testing.assert_array_equal(_generate(pipe), plain)
