@@ -38,7 +38,9 @@ def stage_entry(records: list[dict], after_step: int) -> dict:
         raise SystemExit(f"the log has nothing after step {after_step}: was this stage already recorded?")
     steps = [r for r in mine if "loss" in r]
     vals = [r for r in mine if "val" in r]
-    before = max((r.get("elapsed_s", 0.0) for r in records if r["step"] <= after_step), default=0.0)
+    earlier = [r.get("elapsed_s", 0.0) for r in records if r["step"] <= after_step]
+    # a warm-started run's own log starts past the hand-off's step, its elapsed_s counting on from it
+    before = max(earlier) if earlier else steps[0].get("elapsed_s", 0.0) - steps[0].get("seconds", 0.0) if steps else 0.0
     elapsed = max(r.get("elapsed_s", 0.0) for r in mine)
     return {
         "steps": [after_step, max(r["step"] for r in mine)],
