@@ -115,7 +115,7 @@ def main() -> None:
         ref_images += [image] * args.seeds
     extractors = STYLE_EXTRACTORS if pairing == "style" else SUBJECT_EXTRACTORS
     heldout = set(dataset.heldout_styles)
-    report: dict = {"pairing": pairing, "adapter": str(args.state or args.adapter), "scale": args.scale,
+    report: dict = {"pairing": pairing, "adapter": Path(args.state or args.adapter).name, "scale": args.scale,
                     "references": [{"row": r, "style": dataset.records[r]["style"], "name": dataset.records[r]["name"],
                                     "caption": c} for r, c in refs],
                     "seeds": args.seeds, "steps": args.steps, "scores": {}}
