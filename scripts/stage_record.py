@@ -2,6 +2,8 @@
 
     python scripts/stage_record.py --run RUN --stage unet --record stages/embedded-v2/record.json \
         --command "consistent-diffusion train base ..." [--note TEXT]
+    python scripts/stage_record.py --run RUN --stage ip-adapter-style --log RUN/log.jsonl \
+        --record stages/embedded-ip-adapters/record.json --command "consistent-diffusion train ip-adapter ..."
 
 A long recipe on a 2-core machine is trained in stages that each finish and are committed inside
 one working session (``train base --pause-after-minutes``, ``--handoff``, ``--warm-start``). Each
@@ -22,8 +24,8 @@ from pathlib import Path
 from consistent_diffusion.core.outputs import utc_now, write_json_atomic
 
 
-def log_records(run: Path, stage: str) -> list[dict]:
-    path = run / "state" / stage / "log.jsonl"
+def log_records(run: Path, stage: str, log: Path | None = None) -> list[dict]:
+    path = log or run / "state" / stage / "log.jsonl"
     if not path.is_file():
         raise SystemExit(f"no training log at {path}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -36,7 +38,9 @@ def stage_entry(records: list[dict], after_step: int) -> dict:
         raise SystemExit(f"the log has nothing after step {after_step}: was this stage already recorded?")
     steps = [r for r in mine if "loss" in r]
     vals = [r for r in mine if "val" in r]
-    before = max((r.get("elapsed_s", 0.0) for r in records if r["step"] <= after_step), default=0.0)
+    earlier = [r.get("elapsed_s", 0.0) for r in records if r["step"] <= after_step]
+    # a warm-started run's own log starts past the hand-off's step, its elapsed_s counting on from it
+    before = max(earlier) if earlier else steps[0].get("elapsed_s", 0.0) - steps[0].get("seconds", 0.0) if steps else 0.0
     elapsed = max(r.get("elapsed_s", 0.0) for r in mine)
     return {
         "steps": [after_step, max(r["step"] for r in mine)],
@@ -55,7 +59,10 @@ def without_paths(command: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, type=Path, help="the run folder the stage trained in")
-    parser.add_argument("--stage", required=True, choices=("vae", "unet", "decoder"))
+    parser.add_argument("--stage", required=True,
+                        choices=("vae", "unet", "decoder", "ip-adapter-style", "ip-adapter-subject"))
+    parser.add_argument("--log", type=Path, default=None,
+                        help="the stage's log.jsonl (default RUN/state/STAGE/log.jsonl, where `train base` writes it)")
     parser.add_argument("--record", required=True, type=Path, help="record.json to append to (created if missing)")
     parser.add_argument("--command", required=True, help="the command line the stage ran")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads the stage trained with")
@@ -64,7 +71,7 @@ def main() -> None:
     record = json.loads(args.record.read_text()) if args.record.is_file() else {"stages": []}
     done = max((e["steps"][1] for e in record["stages"] if e["stage"] == args.stage), default=0)
     entry = {"stage": args.stage, "recorded": utc_now(), "machine": f"{platform.machine()}, {args.threads} threads",
-             **stage_entry(log_records(args.run, args.stage), done),
+             **stage_entry(log_records(args.run, args.stage, args.log), done),
              "command": without_paths(args.command), "note": args.note}
     record["stages"].append(entry)
     write_json_atomic(record, args.record)

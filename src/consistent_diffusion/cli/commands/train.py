@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     except ImportError:  # pragma: no cover - fine-tuning commands not installed
         return
     register_train_subcommands(kinds)
+    from consistent_diffusion.cli.commands.train_ip_adapter import register_ip_adapter_command
+
+    register_ip_adapter_command(kinds)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 

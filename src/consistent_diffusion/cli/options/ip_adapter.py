@@ -21,7 +21,8 @@ def add_ip_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("image prompt (IP-Adapter / InstantStyle)")
     group.add_argument("--ip-adapter", action="append", default=[], metavar="PATH",
                        help="an IP-Adapter in the released layout: a folder with models/ (SD 1.x) or sdxl_models/ "
-                       "(SDXL) holding the weights and image_encoder/, or the weight file itself; repeat for "
+                       "(SDXL) holding the weights and image_encoder/, or the weight file itself; for the embedded "
+                       "model embedded-style / embedded-subject or a `train ip-adapter` folder; repeat for "
                        "several adapters (one --ip-image each)")
     group.add_argument("--ip-image", action="append", default=[], metavar="IMG",
                        help="the image prompt (repeat: one per adapter, one per subject with --ip-mask, or one per "

@@ -14,6 +14,12 @@ with the hooks off, so the added image encoder is offloaded like the other compo
 call. Under attention slicing the self-attention layers stay sliced; the cross-attention layers
 run diffusers' IP-Adapter processor (unsliced: its text and image scores are (HW, 77) and
 (HW, tokens), small beside self-attention's (HW, HW)) for the call.
+
+The embedded model's own adapters (``embedded-style``, ``embedded-subject``, or a folder that
+``train ip-adapter`` wrote; ``embedded.py``) have no CLIP encoder: their image embeddings come from
+the frozen EfficientNet-Lite0 (unconditional: zeros) and reach diffusers as the same
+``ip_adapter_image_embeds``; everything else (scales, presets, per-row images, masks, several
+adapters) is the same path.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, Method, register
 from consistent_diffusion.methods.common import generation_size, restoring
+from consistent_diffusion.methods.ip_adapter.embedded import image_encoder, is_shipped_name, resolve_embedded
 from consistent_diffusion.methods.ip_adapter.loading import (
     check_paths_exist,
     installed_adapters,
@@ -81,7 +88,8 @@ def _times(config: Any, scale: float) -> Any:
 class IPAdapter(Method):
     """Image prompts with one or several IP-Adapters.
 
-    adapters: released-layout folders or weight files (one, or one per image with masks).
+    adapters: released-layout folders or weight files (one, or one per image with masks), or the
+        embedded model's own: ``embedded-style`` / ``embedded-subject`` or a ``train ip-adapter`` folder.
     images: image files. One adapter: all go to it (several = several subjects; then give masks),
         or with ``per_row`` image i is the image prompt of series row (prompt) i. Several adapters:
         one image each.
@@ -107,7 +115,9 @@ class IPAdapter(Method):
             raise ConfigError("ip_adapter needs an adapter folder or weight file")
         if not images:
             raise ConfigError("ip_adapter needs at least one image")
-        check_paths_exist(adapters, "IP-Adapter")
+        check_paths_exist(tuple(p for p in adapters if not is_shipped_name(p)), "IP-Adapter")
+        for path in adapters:
+            resolve_embedded(path)  # ConfigError for an unknown shipped name or a folder without weights
         check_paths_exist(images, "IP-Adapter image")
         check_paths_exist(masks, "IP-Adapter mask")
         scales = tuple(self.scales) if isinstance(self.scales, (list, tuple)) else (self.scales,)
@@ -137,7 +147,7 @@ class IPAdapter(Method):
         object.__setattr__(self, "scales", tuple(float(s) for s in scales))
 
     def describe(self) -> dict[str, Any]:
-        options = {"adapters": [os.path.abspath(p) for p in self.adapters],
+        options = {"adapters": [p if is_shipped_name(p) else os.path.abspath(p) for p in self.adapters],
                    "images": [os.path.abspath(p) for p in self.images],
                    "scales": list(self.scales), "preset": self.preset, "block_scale": self.block_scale,
                    "per_row": self.per_row, "masks": [os.path.abspath(p) for p in self.masks]}
@@ -165,16 +175,24 @@ class IPAdapter(Method):
         return list(self.scales)
 
     def _loaded(self, pipe: Any) -> tuple[list[dict], Any]:
-        """State dicts and image encoder (read once per method, kept for its later calls)."""
+        """State dicts and CLIP image encoder (None for the embedded adapters: their features come
+        from ``embedded.image_encoder``), read once per method, kept for its later calls."""
         sdxl = is_sdxl(pipe)
         key = ("sdxl" if sdxl else "sd", str(pipe.dtype), str(weights_device(pipe)))
         if key not in self._cache:
+            embedded = [resolve_embedded(path) for path in self.adapters]
+            if any(embedded) and not all(embedded):
+                raise ConfigError("the embedded model's IP-Adapters (EfficientNet-Lite0 features) cannot be combined "
+                                  "with CLIP-encoder adapters; combine adapters made for one encoder")
+            self._cache.clear()
+            if all(embedded):
+                self._cache[key] = ([read_state_dict(str(weights)) for weights in embedded], None)
+                return self._cache[key]
             files = [resolve_adapter(path, sdxl) for path in self.adapters]
             encoders = {f.image_encoder for f in files}
             if len(encoders) > 1:
                 raise ConfigError(f"these IP-Adapters use different image encoders ({', '.join(sorted(encoders))}); "
                                   "combine adapters made for one encoder")
-            self._cache.clear()
             self._cache[key] = ([read_state_dict(f.weights) for f in files], load_image_encoder(files[0].image_encoder, pipe))
         return self._cache[key]
 
@@ -212,6 +230,10 @@ class IPAdapter(Method):
         or (1, n, 257, C) hidden states for "plus" adapters (the pipeline's ``encode_image``)."""
         from PIL import Image
 
+        if self._loaded(pipe)[1] is None:  # the embedded adapters: EfficientNet-Lite0 features, zeros unconditional
+            features = image_encoder(weights_device(pipe)).encode(list(paths))
+            pos = features.to(device=pipe._execution_device, dtype=pipe.dtype)
+            return pos[None], torch.zeros_like(pos)[None]
         images = [Image.open(p).convert("RGB") for p in paths]
         with torch.no_grad():
             pos, neg = pipe.encode_image(images, pipe._execution_device, 1, hidden)
