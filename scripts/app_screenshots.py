@@ -18,25 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(condition, timeout: float = 300.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.25)
-    raise TimeoutError("the page did not get there in time")
+from consistent_diffusion.app.browser import free_port, open_tab, start_chromium, wait_for
 
 
 def _image_prompt(browser, style: str | None, subject: str | None) -> None:
@@ -46,11 +31,11 @@ def _image_prompt(browser, style: str | None, subject: str | None) -> None:
 
     section = [b for b in browser.find_elements(By.CSS_SELECTOR, "#image-prompt button") if "Image prompt" in b.text][0]
     browser.execute_script("arguments[0].click()", section)
-    _wait(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#ip-note") if "Looking" not in e.text and e.text])
+    wait_for(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#ip-note") if "Looking" not in e.text and e.text])
     for slot, image in (("style", style), ("subject", subject)):
         if image:
             browser.find_element(By.CSS_SELECTOR, f"#ip-{slot}-image input[type=file]").send_keys(str(Path(image).resolve()))
-            _wait(lambda slot=slot: browser.find_elements(By.CSS_SELECTOR, f"#ip-{slot}-image img"))
+            wait_for(lambda slot=slot: browser.find_elements(By.CSS_SELECTOR, f"#ip-{slot}-image img"))
 
 
 def _whole_page(browser, path: Path, least: int = 0) -> None:
@@ -79,8 +64,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     from consistent_diffusion.app.ui import App, launch
@@ -93,39 +76,32 @@ def main() -> None:
     jobs = Path("runs") / f"app-screenshots-{os.getpid()}"
     try:
         app = App(lambda: pipe, jobs, model_label=args.model, ip_adapters=args.ip_adapter)
-        port = _free_port()
+        port = free_port()
         page = launch(app, port=port, block=False)
-        options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
-        for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
-            options.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        browser = start_chromium(height=1500)
         try:
             browser.get(f"http://127.0.0.1:{port}/")
-            _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#generate"))
+            wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#generate"))
             _image_prompt(browser, args.ip_style, args.ip_subject)
             start = time.monotonic()
             browser.find_element(By.CSS_SELECTOR, "#generate").click()
-            _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"))
-            print(f"click to first image ({args.model}, 8 images, 30 steps): {time.monotonic() - start:.1f} s")
+            wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), timeout=300, what="the first image")
+            print(f"click to first image ({args.model}, the page's default series): {time.monotonic() - start:.1f} s")
             time.sleep(1.0)
             _whole_page(browser, args.out / "make.png")
 
-            def tab(title: str) -> None:
-                found = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if title in t.text]
-                browser.execute_script("arguments[0].click()", found[0])
-                time.sleep(1.0)
-
-            tab("Fine-tune a subject")
+            open_tab(browser, "Fine-tune a subject")
+            time.sleep(1.0)
             _whole_page(browser, args.out / "finetune.png", 900)
-            tab("Compare")
+            open_tab(browser, "Compare")
+            time.sleep(1.0)
             box = [b for b in browser.find_elements(By.CSS_SELECTOR, "textarea") if b.is_displayed()][0]
             box.send_keys(str(args.report))
             [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Open"][0].click()
-            _wait(lambda: "opened" in browser.page_source)
+            wait_for(lambda: "opened" in browser.page_source)
             [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Advise"][0].click()
-            _wait(lambda: any("for style, object" in (b.get_attribute("value") or "")
-                              for b in browser.find_elements(By.CSS_SELECTOR, "textarea")))
+            wait_for(lambda: any("for style, object" in (b.get_attribute("value") or "")
+                              for b in browser.find_elements(By.CSS_SELECTOR, "textarea")), timeout=300, what="the advice")
             _whole_page(browser, args.out / "compare.png")  # table, claims, plots, images, advice
         finally:
             browser.quit()

@@ -81,6 +81,27 @@ def test_the_gain_is_judged_over_the_default_not_over_plain():
     assert scale.chosen.value == [1.0], "but not measurably above the default"
 
 
+def test_each_embedded_adapters_scale_is_its_own_option_judged_on_its_own_target():
+    """Style-adapter cells are candidates of the style option only (reference_style, leakage guard);
+    subject-adapter cells of the subject option only (reference_object); neither pools the other."""
+    cells = [_cell("s", reference_style=0.3, reference_object=0.2, diversity=0.7),
+             _cell("o", family="object", kind="object", reference_object=0.2, text=0.3, diversity=0.7)]
+    for scale, gain, noise in ((1.0, 0.2, NOISE), (1.5, 0.4, NOISE[::-1])):
+        use = {"adapters": "embedded-style", "images": "{reference}", "scales": [scale]}
+        cells.append(_cell("s", [("ip_adapter", use)], name=f"ip_style_{int(scale * 100)}",
+                           reference_style=list(0.3 + gain + 0.01 * NOISE), reference_object=0.2, diversity=0.7))
+        use = {"adapters": "embedded-subject", "images": "{reference}", "scales": [scale]}
+        cells.append(_cell("o", [("ip_adapter", use)], name=f"ip_subject_{int(scale * 100)}", family="object",
+                           kind="object", reference_object=list(0.2 + gain / 4 + 0.3 * noise), text=0.3, diversity=0.7))
+    defaults = {**DEFAULTS, "ip_adapter_style_scale": "ip_style_100", "ip_adapter_subject_scale": "ip_subject_100"}
+    choices = {c.option: c for c in choose({"cells": cells, "suite": {"tuning": {"defaults": defaults}}})}
+    style, subject = choices["ip_adapter_style_scale"], choices["ip_adapter_subject_scale"]
+    assert [c.methods for c in style.candidates] == [["ip_style_100"], ["ip_style_150"]]
+    assert [c.methods for c in subject.candidates] == [["ip_subject_100"], ["ip_subject_150"]]
+    assert style.chosen.value == [1.5], "+0.2 with a tight interval: measurably better"
+    assert subject.kept_default, "+0.05 inside a wide interval: the trained scale stays"
+
+
 def _trained(kind, steps, seed, gain):
     values = list(0.3 + gain + 0.01 * np.random.default_rng(steps + seed).standard_normal(8))
     training = {"task": "o", "training": f"{kind}_{steps}_seed{seed}", "kind": kind, "steps": steps,

@@ -24,6 +24,8 @@ StyleAligned variant gained within the others' intervals.
 | img2img strength | ``img2img`` strength | ``reference_style`` | leakage, diversity |
 | DDPM edit skip | ``ddpm_edit`` skip > 0 | ``reference_object`` | text |
 | ControlNet scale | ``controlnet`` scale | ``shape`` | text |
+| style adapter scale | ``ip_adapter`` of ``embedded-style``, scale | ``reference_style`` | leakage, diversity |
+| subject adapter scale | ``ip_adapter`` of ``embedded-subject``, scale | ``reference_object`` | text, diversity |
 | LoRA steps | ``lora`` fine-tuning steps | ``reference_object`` | text |
 | DreamBooth steps | ``dreambooth`` fine-tuning steps | ``reference_object`` | text |
 
@@ -102,6 +104,19 @@ def _scale(cell: CellRecord) -> Any:
     return (list(scales) if isinstance(scales, (list, tuple)) else [scales]) if scales is not None else [1.0]
 
 
+def _ip_adapter_scale(adapter: str) -> Callable[[CellRecord], Any]:
+    """The scale of a cell whose stack is one ``ip_adapter`` use of ``adapter`` (a shipped name)."""
+
+    def value(cell: CellRecord) -> Any:
+        adapters = cell.option("ip_adapter", "adapters")
+        if cell.components != ["ip_adapter"] or adapters not in (adapter, [adapter]):
+            return None
+        scales = cell.option("ip_adapter", "scales")
+        return (list(scales) if isinstance(scales, (list, tuple)) else [scales]) if scales is not None else [1.0]
+
+    return value
+
+
 def _training_steps(kind: str) -> Callable[[CellRecord], Any]:
     def value(cell: CellRecord) -> Any:
         return next((training.steps for training in cell.trainings if training.kind == kind), None)
@@ -115,6 +130,10 @@ OPTIONS = (
     Option("img2img_strength", "img2img", _strength, "reference_style", ("leakage", "diversity")),
     Option("ddpm_edit_skip", "ddpm_edit", _skip, "reference_object", ("text",)),
     Option("controlnet_scale", "controlnet", _scale, "shape", ("text",)),
+    Option("ip_adapter_style_scale", "ip_adapter", _ip_adapter_scale("embedded-style"), "reference_style",
+           ("leakage", "diversity")),
+    Option("ip_adapter_subject_scale", "ip_adapter", _ip_adapter_scale("embedded-subject"), "reference_object",
+           ("text", "diversity")),
     Option("lora_steps", "lora", _training_steps("lora"), "reference_object", ("text",), cheapest=True),
     Option("dreambooth_steps", "dreambooth", _training_steps("dreambooth"), "reference_object", ("text",),
            cheapest=True),
