@@ -129,7 +129,7 @@ def main() -> None:
     from consistent_diffusion.data.emoji import load_emoji_dataset
     from consistent_diffusion.metrics.common import as_batch
     from consistent_diffusion.models.embedded import load_embedded_pipeline
-    from consistent_diffusion.training.loop import load_handoff
+    from consistent_diffusion.training.checkpoints import load_handoff
     from consistent_diffusion.training.recipes.embedded import UNetTask, preset
     from consistent_diffusion.training.recipes.evaluation.sampling import Sampling, generate
 

@@ -84,7 +84,7 @@ def main() -> None:
 
 def _step_of(run: Path) -> int:
     """The newest checkpoint's step of the run's UNet stage."""
-    from consistent_diffusion.training.loop import list_checkpoints
+    from consistent_diffusion.training.checkpoints import list_checkpoints
     from consistent_diffusion.training.recipes.embedded import stage_dir
 
     checkpoints = list_checkpoints(stage_dir(run, "unet"))

@@ -205,7 +205,7 @@ def inversion_and_edit(pipe: Any, image: str, size: int, steps: int) -> str:
 def training_rows(pipe: Any, size: int, folder: Path, device: str = "cpu") -> list[Row]:
     """One optimiser step of each fine-tune, gradient checkpointing on (the project's training code,
     end to end: its final checkpoint and export are in the row). On CUDA the weights stay float32
-    with bf16 autocast."""
+    with bf16 autocast; a bfloat16 pipeline on the CPU (SDXL) trains under bf16 autocast too."""
     from consistent_diffusion.training.controlnet import ControlNetTrainConfig, train_controlnet
     from consistent_diffusion.training.dreambooth import DreamBoothConfig, train_dreambooth
     from consistent_diffusion.training.lora import LoraDreamBoothConfig, train_lora
@@ -225,7 +225,11 @@ def training_rows(pipe: Any, size: int, folder: Path, device: str = "cpu") -> li
                               "validation_steps": 1}  # textual inversion always validates: one step, not 25
     if device.startswith("cuda"):
         common.update(device=device, mixed_precision="bf16")
+    elif pipe.unet.dtype == torch.bfloat16:  # SDXL on the CPU: bf16 frozen weights, the step under bf16 autocast
+        common.update(mixed_precision="bf16")
     subject = {"instance_dir": images, "instance_prompt": "a photo of sks cat"}
+    if common.get("mixed_precision") == "bf16" and not device.startswith("cuda"):
+        _text_encoders_in_float32(pipe)
     calls = {
         "train ControlNet, 1 step": lambda: train_controlnet(ControlNetTrainConfig(
             out=folder / "t-cn", data=images, condition="canny", batch_size=1, validation_count=0, **common), pipe),
@@ -237,6 +241,16 @@ def training_rows(pipe: Any, size: int, folder: Path, device: str = "cpu") -> li
             out=folder / "t-db", **subject, **common), pipe),
     }
     return [Row(label, 1, lambda call=call: _loss_note(call())) for label, call in calls.items()]
+
+
+def _text_encoders_in_float32(pipe: Any) -> None:
+    """Textual inversion trains rows of the text encoders' embeddings: as diffusers' SDXL script
+    does, they stay float32 while the frozen UNet and VAE are bfloat16 (torch's CPU autocast runs
+    LayerNorm in float32, which a bfloat16 LayerNorm weight refuses). Each training row has a
+    process of its own, so the other rows never see the change."""
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(torch.float32)
 
 
 def _loss_note(result: Any) -> str:

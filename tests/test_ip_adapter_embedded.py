@@ -14,9 +14,9 @@ from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import GenerationContext, run
 from consistent_diffusion.methods.ip_adapter import IPAdapter
 from consistent_diffusion.methods.ip_adapter import embedded as embedded_module
+from consistent_diffusion.training.checkpoints import write_handoff
 from consistent_diffusion.training.ip_adapter import IPAdapterTrainConfig, dropout_masks, train_ip_adapter
 from consistent_diffusion.training.ip_adapter_data import pair_pools
-from consistent_diffusion.training.loop import write_handoff
 
 STYLE_WORDS = set(TRAINED + HELDOUT) | {"style"}
 

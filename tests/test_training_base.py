@@ -15,7 +15,8 @@ from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.data.emoji import write_dataset
 from consistent_diffusion.metrics.extractors.probes import load_probe, predict
 from consistent_diffusion.models.embedded import load_embedded_pipeline
-from consistent_diffusion.training.loop import list_checkpoints, load_checkpoint, lr_factor
+from consistent_diffusion.training.checkpoints import list_checkpoints, load_checkpoint
+from consistent_diffusion.training.loop import lr_factor
 from consistent_diffusion.training.recipes.embedded import (
     TrainingStopped,
     UNetConfig,

@@ -11,6 +11,7 @@ import torch
 
 from _finetune_data import instance_folder, one_thread
 from consistent_diffusion.core.errors import ConsistentDiffusionError
+from consistent_diffusion.training.checkpoints import EMA, list_checkpoints, load_checkpoint
 from consistent_diffusion.training.diffusion import (
     encode_text,
     min_snr_mse,
@@ -18,14 +19,8 @@ from consistent_diffusion.training.diffusion import (
     noise_and_target,
     per_example_mse,
 )
-from consistent_diffusion.training.loop import (
-    EMA,
-    LoopConfig,
-    Task,
-    list_checkpoints,
-    load_checkpoint,
-    run_training,
-)
+from consistent_diffusion.training.loop import Task, run_training
+from consistent_diffusion.training.loop_config import LoopConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _ = one_thread  # the fixture, imported
@@ -263,7 +258,7 @@ def test_loop_ema_pause_resume_budget_and_validation(tmp_path):
 
 
 def test_a_handoff_carries_step_weights_and_ema_in_float16_and_restarts_the_warm_up(tmp_path):
-    from consistent_diffusion.training.loop import load_handoff, write_handoff
+    from consistent_diffusion.training.checkpoints import load_handoff, write_handoff
 
     first = run_training(LineTask(), line_config(tmp_path, "first", ema_decay=0.5, stop_after_steps=3), "line")
     assert first.stopped and first.step == 3

@@ -262,7 +262,7 @@ def train_subject(pipe: Any, images: Sequence[str | os.PathLike], out_root: str 
             config = DreamBoothConfig(**common, learning_rate=learning_rate or 1e-4)
             result = train_dreambooth(config, pipe, on_step_end=step_end)
     except Cancelled:
-        from consistent_diffusion.training.loop import list_checkpoints
+        from consistent_diffusion.training.checkpoints import list_checkpoints
 
         done = list_checkpoints(run / "run")
         return SubjectTraining(run=run, result=None, steps=done[-1][0] if done else 0, losses=[], cancelled=True)

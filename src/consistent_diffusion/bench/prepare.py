@@ -127,7 +127,7 @@ def train_for_task(task: Task, training: TrainingSpec, run: Path, class_images: 
     if any(f.name == "class_images_dir" for f in dataclasses.fields(config_class)):
         options["class_images_dir"] = class_images
     # Each training stays in this process, also under torchrun: a shard trains what its cells need, and
-    # the weights are the same however many processes the bench ran in (``loop.LocalAccelerator``).
+    # the weights are the same however many processes the bench ran in (``training.accelerators.LocalAccelerator``).
     config = config_class(out=run, instance_dir=_instance_folder(task, run.parent / "instance"), resume=True,
                           progress=progress, single_process=True, **options)
     with torch_threads(config.threads):  # class images (prior preservation) are made at the same count

@@ -42,7 +42,8 @@ from consistent_diffusion.training.diffusion import (
     per_example_mse,
     training_scheduler,
 )
-from consistent_diffusion.training.loop import LoopConfig, Task, TrainResult, check_out_folder, run_training
+from consistent_diffusion.training.loop import Task, TrainResult, check_out_folder, run_training
+from consistent_diffusion.training.loop_config import LoopConfig
 
 SD_EMBEDDING_CHANNELS = (16, 32, 96, 256)  # ControlNet paper / diffusers default, for VAE factor 8
 CONTROL_META = "control.json"

@@ -50,7 +50,8 @@ from consistent_diffusion.training.ip_adapter_data import (
     load_or_build_cache,
     pair_pools,
 )
-from consistent_diffusion.training.loop import LoopConfig, Task, TrainResult, check_out_folder, run_training
+from consistent_diffusion.training.loop import Task, TrainResult, check_out_folder, run_training
+from consistent_diffusion.training.loop_config import LoopConfig
 
 RESULT = "ip_adapter"
 CACHE_FILE = "cache.pt"

@@ -42,128 +42,31 @@ Run folder (``out``)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from consistent_diffusion.core.errors import ConfigError, ConsistentDiffusionError
 from consistent_diffusion.core.outputs import atomic_torch_save, library_versions, utc_now, write_json_atomic
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-CHECKPOINT_PATTERN = "step_{:06d}.pt"
-# Fields that may change when resuming a run (everything else must match the first run).
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_checkpoints", "progress", "resume", "validation_prompts",
-                     "validation_steps", "validation_count", "log_every", "threads", "max_minutes",
-                     "checkpoint_minutes", "stop_after_steps", "pause_after_minutes", "warm_start",
-                     "mixed_precision", "single_process"}
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(kw_only=True)
-class LoopConfig:
-    """Options every fine-tuning run shares. Subclasses add their own fields (keyword-only)."""
-
-    out: Path  # run folder (created; see the module docstring for its layout)
-    steps: int = 400  # optimisation steps in total (a resumed run continues up to this)
-    batch_size: int = 1  # examples per step and process
-    learning_rate: float = 5e-6  # peak learning rate
-    lr_warmup_steps: int = 0  # linear warm-up over this many steps
-    lr_schedule: str = "constant"  # after warm-up: constant | cosine (to 10% of the peak over the budget)
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0  # gradient clipping (0 disables)
-    checkpoint_every: int = 100  # steps between checkpoints (and validation images)
-    checkpoint_minutes: float | None = None  # also checkpoint once this much wall time passed since the last
-    max_minutes: float | None = None  # wall-time budget of the training steps (None: steps only)
-    stop_after_steps: int | None = None  # pause (checkpoint, return stopped) after this many steps this session
-    pause_after_minutes: float | None = None  # pause likewise once this session's steps took this much wall time
-    warm_start: Path | None = None  # a write_handoff file to continue from when ``out`` has no checkpoint
-    ema_decay: float = 0.0  # EMA of the trainable weights, exported instead of them (0: no EMA)
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    seed: int = 0  # makes the run reproducible on CPU
-    device: str = "cpu"  # "cpu" forces the CPU; anything else lets accelerate choose its GPU
-    mixed_precision: str = "no"  # no | fp16 | bf16 (GPU); weights are stored in float32
-    gradient_checkpointing: bool = False  # trade compute for memory on large models
-    threads: int | None = None  # torch CPU threads during the run (None: torch's default)
-    resolution: int | None = None  # training image side in pixels; None = the model's native size
-    validation_prompts: tuple[str, ...] = ()  # generated at each checkpoint (empty: none)
-    validation_steps: int = 25  # denoising steps for validation images
-    log_every: int = 1  # steps between log.jsonl records
-    resume: bool = False  # continue the run in ``out`` from its newest checkpoint
-    progress: bool = True  # tqdm progress bar with the loss
-    single_process: bool = False  # train in this process only, even under torchrun (``LocalAccelerator``)
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.validation_prompts = tuple(self.validation_prompts)
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "validation_steps", "log_every"):
-            check_int(self, name, minimum=1)
-        check_int(self, "lr_warmup_steps", minimum=0)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.warm_start is not None:
-            self.warm_start = Path(self.warm_start)
-        for name in ("checkpoint_minutes", "max_minutes", "pause_after_minutes"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-                raise ConfigError(f"{name} must be a number > 0 or unset, got {value!r}")
-        if self.stop_after_steps is not None:
-            check_int(self, "stop_after_steps", minimum=1)
-        if isinstance(self.ema_decay, bool) or not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        check_int(self, "seed", minimum=0)
-        for name in ("learning_rate", "adam_weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
-        if self.resolution is not None:
-            check_int(self, "resolution", minimum=8)
-        if self.threads is not None:
-            check_int(self, "threads", minimum=1)
-        if self.single_process and self.mixed_precision == "fp16":
-            raise ConfigError("single_process training supports mixed_precision 'no' or 'bf16' (fp16 needs a loss scaler)")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, Path):
-                data[key] = str(value)
-            elif isinstance(value, tuple):
-                data[key] = list(value)
-        return data
-
-
-def check_int(config: Any, name: str, minimum: int) -> None:
-    """ConfigError unless ``config.name`` is an integer >= ``minimum``."""
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_positive(config: Any, *names: str) -> None:
-    """ConfigError unless each ``config.name`` is a finite number > 0."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not value > 0:
-            raise ConfigError(f"{type(config).__name__}.{name} must be a number > 0, got {value!r}")
-
-
-# ----------------------------------------------------------------------------- randomness
+from consistent_diffusion.training.accelerators import LocalAccelerator, StopFlag
+from consistent_diffusion.training.checkpoints import (
+    CHECKPOINT_PATTERN,
+    EMA,
+    checkpoint_dir,
+    list_checkpoints,
+    load_checkpoint,
+    load_handoff,
+    rng_states,
+    set_rng_states,
+)
+from consistent_diffusion.training.loop_config import RESUMABLE_CHANGES, LoopConfig
 
 
 def step_generator(
@@ -181,21 +84,6 @@ def lr_factor(schedule: str, step: int, progress: float, warmup: int) -> float:
     if schedule == "constant":
         return warm
     return warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ----------------------------------------------------------------------------- the task interface
@@ -258,194 +146,6 @@ class Task:
 
     def identity(self) -> dict[str, Any]:
         return {}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(out: Path) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    folder = checkpoint_dir(out)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.glob("step_*.pt"):
-        with contextlib.suppress(ValueError):
-            found.append((int(path.stem.split("_")[1]), path))
-    return sorted(found)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read one of our checkpoints (a trusted file we wrote: it holds RNG states, hence not weights_only)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001 - report any unreadable checkpoint by name
-        raise ConsistentDiffusionError(f"checkpoint {path} is unreadable ({error}); delete it to resume from an older one") from error
-
-
-HANDOFF_FORMAT = "consistent-diffusion/train-handoff/v1"
-
-
-def write_handoff(out: Path, path: Path) -> Path:
-    """The newest checkpoint of the run in ``out`` -> a compact hand-off file at ``path`` (atomic):
-    {format, kind, step, elapsed_s, trainable, ema} with the weights in float16, no optimizer state."""
-    checkpoints = list_checkpoints(out)
-    if not checkpoints:
-        raise ConsistentDiffusionError(f"{out} has no checkpoint to hand off")
-    state = load_checkpoint(checkpoints[-1][1])
-
-    def half(weights: dict[str, dict[str, torch.Tensor]] | None) -> dict[str, dict[str, torch.Tensor]] | None:
-        if weights is None:
-            return None
-        return {name: {k: v.half() for k, v in part.items()} for name, part in weights.items()}
-
-    handoff = {"format": HANDOFF_FORMAT, "kind": state.get("kind"), "step": int(state["step"]),
-               "elapsed_s": float(state.get("elapsed_s", 0.0)), "trainable": half(state["trainable"]),
-               "ema": half(state.get("ema"))}
-    atomic_torch_save(handoff, Path(path))
-    return Path(path)
-
-
-def load_handoff(path: Path, kind: str) -> dict[str, Any]:
-    """Read a ``write_handoff`` file made by a run of ``kind`` (weights only: loaded with weights_only)."""
-    try:
-        handoff = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - report any unreadable file by name
-        raise ConsistentDiffusionError(f"hand-off {path} is unreadable ({error})") from error
-    if not isinstance(handoff, dict) or handoff.get("format") != HANDOFF_FORMAT:
-        raise ConsistentDiffusionError(f"{path} is not a training hand-off (write_handoff makes them)")
-    if handoff.get("kind") != kind:
-        raise ConsistentDiffusionError(f"hand-off {path} is from a {handoff.get('kind')!r} run, not {kind!r}")
-    return handoff
-
-
-# ----------------------------------------------------------------------------- EMA
-
-
-class EMA:
-    """Exponential moving average of a task's trainable weights, with the usual warm-up: after
-    0-based step t, shadow <- shadow + (1 - d_t) (weights - shadow), d_t = min(decay, (1 + t) / (10 + t))."""
-
-    def __init__(self, task: Task, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {name: {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
-                       for name, module in task.modules.items()}
-
-    def _pairs(self, task: Task) -> Iterator[tuple[torch.Tensor, torch.nn.Parameter]]:
-        for name, module in task.modules.items():
-            shadow = self.shadow[name]
-            for key, param in module.named_parameters():
-                if key in shadow:
-                    yield shadow[key], param
-
-    @torch.no_grad()
-    def update(self, task: Task, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for shadow, param in self._pairs(task):
-            shadow.lerp_(param.detach(), 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, task: Task) -> None:
-        """Overwrite the trainable weights with their averages (before export)."""
-        for shadow, param in self._pairs(task):
-            param.copy_(shadow)
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {k: v.detach().cpu().clone() for k, v in shadow.items()} for name, shadow in self.shadow.items()}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        for name, shadow in self.shadow.items():
-            if set(state.get(name, {})) != set(shadow):
-                raise ConsistentDiffusionError(f"checkpoint EMA does not match module {name!r}")
-            for key, value in shadow.items():
-                value.copy_(state[name][key].to(value.device, value.dtype))
-
-
-# ----------------------------------------------------------------------------- stop signals
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and stops."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[_StopFlag]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self.requested = True
-
-        for sig in previous:
-            signal.signal(sig, handler)
-        try:
-            yield self
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-
-# ----------------------------------------------------------------------------- one process on purpose
-
-
-class LocalAccelerator:
-    """The part of ``accelerate.Accelerator`` the loop uses, for a run that stays in this process even
-    when the program runs under ``torchrun`` / ``accelerate launch`` (where every ``Accelerator``
-    shares the distributed state and would wrap the model for data parallelism across processes).
-
-    The bench's prepare stage trains this way: each shard fine-tunes what its own cells need, and a
-    run gives the same weights whether the bench ran in one process or several. Process index 0,
-    the device is the CPU or this process's own GPU (``LOCAL_RANK``), bf16 autocast if asked."""
-
-    process_index = 0
-    num_processes = 1
-    is_main_process = True
-    sync_gradients = True
-
-    def __init__(self, cpu: bool, mixed_precision: str = "no") -> None:
-        import os
-
-        if cpu or not torch.cuda.is_available():
-            self.device = torch.device("cpu")
-        else:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        self.mixed_precision = mixed_precision
-
-    def prepare(self, *objects: Any) -> tuple[Any, ...]:
-        for item in objects:
-            if isinstance(item, torch.nn.Module):
-                item.to(self.device)
-        return objects
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm_(self, parameters: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def wait_for_everyone(self) -> None:
-        return None
-
-    def print(self, *args: Any) -> None:
-        print(*args)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -570,7 +270,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
             atomic_torch_save(state, checkpoint_dir(config.out) / CHECKPOINT_PATTERN.format(step))
             for _, old in list_checkpoints(config.out)[: -config.keep_checkpoints]:
                 old.unlink(missing_ok=True)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), accelerator.autocast():
                 values = task.validate(step, config.out / "validation" / f"step_{step:06d}")
             if values:
                 log({"step": step, "elapsed_s": round(elapsed, 3), "val": values})
@@ -588,7 +288,7 @@ def _run_training(task: Task, config: LoopConfig, kind: str, on_step_end: Callab
     step = start
     last_save = time.monotonic()
     session_s = 0.0  # wall time of this session's steps (pause_after_minutes)
-    with _StopFlag().installed() as flag, tqdm(
+    with StopFlag().installed() as flag, tqdm(
         total=config.steps, initial=start, desc=f"train {kind}", unit="step",
         disable=not config.progress or not accelerator.is_main_process,
     ) as bar:

@@ -43,13 +43,13 @@ from consistent_diffusion.training.diffusion import (
     training_scheduler,
 )
 from consistent_diffusion.training.loop import (
-    LoopConfig,
     Task,
     TrainResult,
     check_out_folder,
     run_training,
     write_validation_images,
 )
+from consistent_diffusion.training.loop_config import LoopConfig
 
 # diffusers' examples/textual_inversion/textual_inversion.py
 OBJECT_TEMPLATES = (

@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_base(args: argparse.Namespace) -> int:
-    from consistent_diffusion.training.loop import list_checkpoints
+    from consistent_diffusion.training.checkpoints import list_checkpoints
     from consistent_diffusion.training.recipes.embedded import (
         TrainingStopped,
         export_embedded,

@@ -56,8 +56,9 @@ def register_ip_adapter_command(kinds: argparse._SubParsersAction) -> None:
 
 
 def run_ip_adapter(args: argparse.Namespace) -> int:
+    from consistent_diffusion.training.checkpoints import write_handoff
     from consistent_diffusion.training.ip_adapter import IPAdapterTrainConfig, train_ip_adapter
-    from consistent_diffusion.training.loop import check_out_folder, write_handoff
+    from consistent_diffusion.training.loop import check_out_folder
 
     if args.dtype != "float32":
         raise ConfigError("training keeps weights in float32; leave --dtype at float32")

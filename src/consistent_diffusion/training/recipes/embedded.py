@@ -47,15 +47,10 @@ from consistent_diffusion.core.imageops import psnr
 from consistent_diffusion.core.outputs import atomic_output_dir, atomic_torch_save
 from consistent_diffusion.metrics.common import as_batch
 from consistent_diffusion.models.embedded import load_text_encoder
+from consistent_diffusion.training.checkpoints import write_handoff
 from consistent_diffusion.training.diffusion import min_snr_mse, noise_and_target
-from consistent_diffusion.training.loop import (
-    MIXED_PRECISION,
-    LoopConfig,
-    Task,
-    check_positive,
-    run_training,
-    write_handoff,
-)
+from consistent_diffusion.training.loop import Task, run_training
+from consistent_diffusion.training.loop_config import MIXED_PRECISION, LoopConfig, check_positive
 
 STAGES = ("vae", "unet", "decoder", "all")
 SCHEDULER_CONFIG = {
@@ -593,7 +588,7 @@ def publish_paused_unet(config: BaseTrainConfig) -> Path:
     """pipeline/ from a paused UNet stage's newest checkpoint, with its EMA weights (what the stage
     would ship if it ended now), so a run can be looked at, measured or exported between stages.
     The UNet's shape comes from the stage's own recorded options and the caches."""
-    from consistent_diffusion.training.loop import list_checkpoints, load_checkpoint
+    from consistent_diffusion.training.checkpoints import list_checkpoints, load_checkpoint
 
     folder = stage_dir(config.out, "unet")
     checkpoints = list_checkpoints(folder)
@@ -611,7 +606,7 @@ def publish_handoff_unet(config: BaseTrainConfig, handoff: Path) -> Path:
     not necessarily the run's last), the run's VAE and caches (built first when absent, so the
     VAE's scaling factor is the one the UNet was trained with). The UNet's shape is ``config.unet``'s
     (pass the stage's --unet-channels); a mismatch is an error naming the file."""
-    from consistent_diffusion.training.loop import load_handoff
+    from consistent_diffusion.training.checkpoints import load_handoff
 
     state = load_handoff(Path(handoff), stage_kind("unet"))
     build_caches(config)
