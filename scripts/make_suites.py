@@ -52,6 +52,7 @@ INVERSIONS = [("giraffe", "twitter"), ("mango", "google"), ("goblin", "twitter")
 STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "openmoji": "OpenMoji", "fluent-flat": "Fluent flat",
                "fluent-3d": "Fluent 3D", "openmoji-line": "OpenMoji line art", "fluent-contrast": "Fluent high contrast"}
 STYLE_METHODS = ["plain", "img2img", "style_aligned"]
+EMBEDDED_STYLE_METHODS = ["ip_adapter_style"]  # the embedded model's own adapter: quick and standard, not full
 OBJECT_METHODS = ["plain", "img2img_40", "img2img_80", "ddpm_edit", "lora", "dreambooth", "consistent_subject",
                   "consistent_subject_real"]
 EXEMPLAR_METHODS = ["plain", "img2img_40", "lora", "dreambooth", "textual_inversion"]
@@ -77,9 +78,12 @@ def asset(name: str, style: str) -> str:
     return f"../assets/{slug(name).replace('-', '_')}_{style}.png"
 
 
-def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, objects: int | None = None) -> list[dict]:
+def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, objects: int | None = None,
+          embedded: bool = True) -> list[dict]:
     """The task list with ``count`` subjects per family (``concepts`` exemplar concepts, ``styles``
-    per style family and ``objects`` object subjects: default ``count``)."""
+    per style family and ``objects`` object subjects: default ``count``); ``embedded`` adds the
+    cells of the embedded model's own adapters (the full suite, for real models, leaves them out)."""
+    style_methods = STYLE_METHODS + (EMBEDDED_STYLE_METHODS if embedded else [])
     styles = count if styles is None else styles
     objects = count if objects is None else objects
     two = list(range(seeds))
@@ -91,7 +95,7 @@ def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, obje
             out.append({"name": f"{family}-{slug(name)}", "kind": "style", "family": family,
                         "description": f"new subjects in {what.format(style=STYLE_NAMES[style], name=name)}",
                         "prompts": UNNAMED, "seeds": two, "references": [asset(name, style)],
-                        "reference_prompt": f"{name}, {style} style", "methods": STYLE_METHODS})
+                        "reference_prompt": f"{name}, {style} style", "methods": style_methods})
     for index, name in enumerate(OBJECTS[:objects]):
         out.append({"name": f"object-{slug(name)}", "kind": "object", "family": "object",
                     "description": f"keep one new subject (a holdout {name}) across styles and seeds",
@@ -141,7 +145,7 @@ def main() -> None:
     quick_path = SUITES / "quick.toml"
     text = quick_path.read_text(encoding="utf-8")
     header = text[: text.index("\n[[tasks]]")] + "\n"
-    quick, full = tasks(3, 2, 2), tasks(6, 4, 4)
+    quick, full = tasks(3, 2, 2), tasks(6, 4, 4, embedded=False)
     quick_path.write_text(render(header, quick), encoding="utf-8")
     smoke = header[header.index("#\n# A smoke view"):header.index("\n", header.index("the committed evidence.")) + 1]
     full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
