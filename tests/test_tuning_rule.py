@@ -69,6 +69,34 @@ def test_a_variant_measurably_better_than_the_default_is_picked_only_when_its_gu
     assert copying.kept_default, "a guard failing on one family keeps the default"
 
 
+def _leaky_default_report(variant_leakage):
+    """The paper's default copies the reference on unseen styles (leakage +0.15 over plain there);
+    shift 2 carries less style (-0.05, wide) with ``variant_leakage`` on unseen styles."""
+    cells = []
+    for task, family in (("a", "style-unnamed"), ("b", "style-unseen")):
+        unseen = family == "style-unseen"
+        cells += [_cell(task, family=family, reference_style=0.3, reference_object=0.2, diversity=0.7),
+                  _cell(task, [("style_aligned", {"reference_image": "{reference}"})], family=family,
+                        reference_style=list(0.5 + 0.01 * NOISE), reference_object=0.35 if unseen else 0.2,
+                        diversity=0.7),
+                  _cell(task, [("style_aligned", {"reference_image": "{reference}", "shared_score_shift": 2.0})],
+                        name="style_aligned_shift2", family=family,
+                        reference_style=list(0.45 + 0.2 * NOISE[::-1]),
+                        reference_object=variant_leakage if unseen else 0.2, diversity=0.7)]
+    return {"cells": cells, "suite": {"name": "tuning", "tuning": {"defaults": DEFAULTS}}}
+
+
+def test_a_default_that_fails_its_guard_gives_way_to_a_variant_that_passes_them_all():
+    choice = _aligned(_leaky_default_report(variant_leakage=0.2))
+    assert choice.default.failed and choice.default.failed[0].startswith("object leakage +0.150")
+    shift = next(c for c in choice.candidates if c.value == {"shared_score_shift": 2.0})
+    assert not shift.failed and shift.over_default.mean < 0, "weaker style, but it does not copy"
+    assert choice.chosen is shift and "the default fails object leakage" in choice.summary()
+    # when the variant copies too, the default stays and the record says it fails
+    stays = _aligned(_leaky_default_report(variant_leakage=0.35))
+    assert stays.kept_default and "the default itself fails object leakage" in stays.summary()
+
+
 def test_the_gain_is_judged_over_the_default_not_over_plain():
     cells = [_cell("s", kind="shape", family="shape", shape=0.1, text=0.3)]
     for scale, mean, noise in ((1.0, 0.5, NOISE), (1.5, 0.52, NOISE[::-1])):

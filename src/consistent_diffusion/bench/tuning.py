@@ -18,6 +18,12 @@ option moves up one length at a time (the fewest steps measurably better than th
 until no longer one beats it). A larger mean alone never wins: with 8 images per task every
 StyleAligned variant gained within the others' intervals.
 
+**A default that fails its own guards is not kept** (a quality option): a setting that copies the
+reference's subject on one family must not be what the evaluation suites run because no variant
+out-scored it. Then the candidate whose guards all hold with the largest mean gain over the default
+is chosen (a weaker effect that does not copy); when none holds, the default stays and the record
+says it fails.
+
 | option | candidates (stack, option) | target | guards |
 |---|---|---|---|
 | StyleAligned sharing | ``style_aligned`` stacks (their options: data in the suite) | ``reference_style`` | leakage, diversity |
@@ -56,7 +62,8 @@ DIVERSITY_SHARE = 0.5  # a candidate keeps at least this share of plain's divers
 TEXT_SHARE = 0.8  # and of plain's text alignment, where text is guarded
 RULE = ("default stays unless measurably better: a variant replaces the tuning suite's default only when its "
         "paired gain over the default has a 95% interval above zero on the tuning tasks and every guard holds on "
-        "each family (bench.tuning.RULE; fine-tuning lengths pooled over 3 training seeds)")
+        "each family, or when the default itself fails a guard and the variant passes them all "
+        "(bench.tuning.RULE; fine-tuning lengths pooled over 3 training seeds)")
 PREVIOUS_RULE = ("largest mean gain over plain among the values passing the guards (fine-tuning steps: the fewest "
                  "not measurably worse than the best, one training per length)")
 
@@ -191,6 +198,9 @@ class Choice:
             why = "the default, kept: no variant measurably better with its guards holding"
             if self.default.failed:
                 why += f" (the default itself fails {'; '.join(self.default.failed)})"
+        elif self.default is not None and self.default.failed and self.chosen.over_default.low <= 0:
+            why = (f"the default fails {'; '.join(self.default.failed)}, this passes every guard "
+                   f"({self.chosen.over_default.text(signed=True)} over the default)")
         else:
             why = f"measurably better than the default ({self.chosen.over_default.text(signed=True)})"
         return (f"{show(self.chosen.value)}: {why}; {self.target} {plain} vs plain on {tasks}{seeds}"
@@ -325,6 +335,8 @@ def choose_option(report: Report, option: Option, defaults: Mapping[str, str]) -
             chosen = min(winners, key=lambda c: c.value)
     elif default is not None:
         winners = _better(report, option, default, candidates)
+        if not winners and default.failed:  # the default copies (or overrides the text): a passing variant
+            winners = [c for c in candidates if c is not default and not c.failed and c.over_default is not None]
         if winners:
             chosen = max(winners, key=lambda c: c.over_default.mean)
     return Choice(option.name, option.target, chosen, candidates, default=default, cheapest=option.cheapest)
