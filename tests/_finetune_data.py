@@ -90,6 +90,7 @@ def tiny_embedded_like_pipeline(seed: int = 0):
     tokenizer.model_max_length = 16
     text_encoder = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=24, num_hidden_layers=1,
                                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16))
+    text_encoder.eval()  # built, not loaded: without this its dropout would be on, as in training
     vae = AutoencoderKL(block_out_channels=(8, 8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         norm_num_groups=4, sample_size=32)
