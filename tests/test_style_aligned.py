@@ -388,3 +388,18 @@ def test_cli_min_shared_tokens_reaches_the_method():
     assert methods_from_args(parser.parse_args(["--style-aligned"]))[0].min_shared_tokens == StyleAligned().min_shared_tokens
     with pytest.raises(ConfigError, match="only apply with --style-aligned"):
         methods_from_args(parser.parse_args(["--style-min-shared-tokens", "256"]))
+
+
+def test_cli_share_parts_reaches_the_method():
+    import argparse
+
+    from consistent_diffusion.cli.options.methods import add_method_arguments, methods_from_args
+
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    assert methods_from_args(parser.parse_args(["--style-aligned", "--style-share-parts", "up"]))[0].share_parts == ("up",)
+    assert methods_from_args(parser.parse_args(["--style-aligned"]))[0].share_parts == StyleAligned().share_parts
+    with pytest.raises(SystemExit):  # argparse: not a UNet part
+        parser.parse_args(["--style-aligned", "--style-share-parts", "encoder"])
+    with pytest.raises(ConfigError, match="only apply with --style-aligned"):
+        methods_from_args(parser.parse_args(["--style-share-parts", "up"]))

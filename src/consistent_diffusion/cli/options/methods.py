@@ -19,6 +19,7 @@ from consistent_diffusion.cli.options.finetune import add_finetune_arguments, fi
 from consistent_diffusion.cli.options.ip_adapter import add_ip_adapter_arguments, ip_adapter_from_args
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.methods.base import Method
+from consistent_diffusion.methods.common import UNET_PARTS
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +100,9 @@ def _add_training_free_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: the method's)")
     group.add_argument("--style-full-share", action="store_true",
                        help="every image attends to every image (quadratic in the batch)")
+    group.add_argument("--style-share-parts", nargs="+", choices=UNET_PARTS, default=None, metavar="PART",
+                       help="UNet parts whose self-attention shares: down, mid, up (default: all, as the paper; "
+                            "'up' alone is InstantStyle's decoder-only injection)")
 
 
 _STYLE_ONLY = (
@@ -107,6 +111,7 @@ _STYLE_ONLY = (
     "style_reference_inversion",
     "style_reference_seed",
     "style_min_shared_tokens",
+    "style_share_parts",
 )
 
 
@@ -176,6 +181,8 @@ def _style_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.style_min_shared_tokens is not None:
         options["min_shared_tokens"] = args.style_min_shared_tokens
+    if args.style_share_parts:
+        options["share_parts"] = tuple(args.style_share_parts)
     if args.style_reference_image:
         options["reference_image"] = args.style_reference_image
         options["reference_image_prompt"] = args.style_reference_image_prompt
