@@ -52,7 +52,8 @@ INVERSIONS = [("giraffe", "twitter"), ("mango", "google"), ("goblin", "twitter")
 STYLE_NAMES = {"twitter": "Twemoji", "google": "Noto", "openmoji": "OpenMoji", "fluent-flat": "Fluent flat",
                "fluent-3d": "Fluent 3D", "openmoji-line": "OpenMoji line art", "fluent-contrast": "Fluent high contrast"}
 STYLE_METHODS = ["plain", "img2img", "style_aligned"]
-EMBEDDED_STYLE_METHODS = ["ip_adapter_style"]  # the embedded model's own adapter: quick and standard, not full
+EMBEDDED_STYLE_METHODS = ["ip_adapter_style"]  # the embedded model's own adapters: quick and standard, not full
+EMBEDDED_SUBJECT_METHODS = ["ip_adapter_subject"]
 OBJECT_METHODS = ["plain", "img2img_40", "img2img_80", "ddpm_edit", "lora", "dreambooth", "consistent_subject",
                   "consistent_subject_real"]
 EXEMPLAR_METHODS = ["plain", "img2img_40", "lora", "dreambooth", "textual_inversion"]
@@ -84,6 +85,7 @@ def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, obje
     per style family and ``objects`` object subjects: default ``count``); ``embedded`` adds the
     cells of the embedded model's own adapters (the full suite, for real models, leaves them out)."""
     style_methods = STYLE_METHODS + (EMBEDDED_STYLE_METHODS if embedded else [])
+    subject_methods = EMBEDDED_SUBJECT_METHODS if embedded else []
     styles = count if styles is None else styles
     objects = count if objects is None else objects
     two = list(range(seeds))
@@ -102,11 +104,12 @@ def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, obje
                     "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
                     "references": [asset(name, "twitter"), asset(name, "google")], "subject": name.split()[-1],
                     "reference_prompt": f"{name}, twitter style",
-                    "methods": OBJECT_METHODS + (["lora_style_aligned"] if index == 0 else [])})
+                    "methods": OBJECT_METHODS + subject_methods + (["lora_style_aligned"] if index == 0 else [])})
     for name in EXEMPLAR_CONCEPTS[:concepts]:
         out.append({"name": f"concept-{slug(name)}", "kind": "concept", "family": "concept-exemplar",
                     "description": name, "prompts": [f"{name}, {style} style" for style in STYLED], "seeds": two,
-                    "references": [asset(name, "twitter"), asset(name, "google")], "methods": EXEMPLAR_METHODS})
+                    "references": [asset(name, "twitter"), asset(name, "google")],
+                    "methods": EXEMPLAR_METHODS + subject_methods})
     for text, subject in TEXT_CONCEPTS[:count]:
         out.append({"name": f"concept-{slug(text)}", "kind": "concept", "family": "concept-text", "description": text,
                     "prompts": [text] + [f"{text}, {style} style" for style in STYLED[:3]], "seeds": two,
