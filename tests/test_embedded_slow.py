@@ -126,7 +126,7 @@ def test_the_committed_reference_report_reproduces_at_any_thread_count(tmp_path)
     from consistent_diffusion.bench.records import load_report
     from consistent_diffusion.bench.suite import load_suite
 
-    committed = load_report(Path(__file__).resolve().parents[1] / "docs" / "bench" / "report.json")
+    committed = load_report(Path(__file__).resolve().parents[1] / "docs" / "bench-quick" / "report.json")
     quick = load_suite("quick")
     task = next(t for t in quick.tasks if t.name == "object-cricket")
     script = ("import dataclasses, sys\n"
