@@ -104,11 +104,14 @@ def _skip(cell: CellRecord) -> Any:
     return skip if skip else None  # skip 0 is a reconstruction, not an edit
 
 
-def _scale(cell: CellRecord) -> Any:
-    if cell.components != ["controlnet"]:
-        return None
-    scales = cell.option("controlnet", "scales")
+def _scales(cell: CellRecord, method: str) -> list[Any]:
+    """The ``scales`` option of the cell's ``method`` use as a list (absent: the method's 1.0)."""
+    scales = cell.option(method, "scales")
     return (list(scales) if isinstance(scales, (list, tuple)) else [scales]) if scales is not None else [1.0]
+
+
+def _scale(cell: CellRecord) -> Any:
+    return _scales(cell, "controlnet") if cell.components == ["controlnet"] else None
 
 
 def _ip_adapter_scale(adapter: str) -> Callable[[CellRecord], Any]:
@@ -118,8 +121,7 @@ def _ip_adapter_scale(adapter: str) -> Callable[[CellRecord], Any]:
         adapters = cell.option("ip_adapter", "adapters")
         if cell.components != ["ip_adapter"] or adapters not in (adapter, [adapter]):
             return None
-        scales = cell.option("ip_adapter", "scales")
-        return (list(scales) if isinstance(scales, (list, tuple)) else [scales]) if scales is not None else [1.0]
+        return _scales(cell, "ip_adapter")
 
     return value
 
