@@ -197,7 +197,7 @@ def inversion_and_edit(pipe: Any, image: str, size: int, steps: int) -> str:
 
     inverted = invert(pipe, image, "a photo", steps=steps, cfg=5.0, size=(size, size),
                       generator=torch.Generator().manual_seed(0))
-    error = (reconstruct(pipe, inverted).float() - inverted.x0.float()).abs().max().item()
+    error = (reconstruct(pipe, inverted).float().cpu() - inverted.x0.float()).abs().max().item()
     edit(pipe, inverted, ["a photo of a dog"], cfg_tar=5.0)
     return f"reconstruction max abs error (latent) {error:.1e}"
 

@@ -61,43 +61,46 @@ def growth_summary(results: list[dict[str, Any]], size: int, native: int) -> str
             "scaled_dot_product_attention (no score matrix), so per-image memory is linear in the tokens.\n")
 
 
-def _ratios(results: list[dict[str, Any]], key: str) -> dict[int, float]:
-    """The plain row's ``key`` per measuring process (the ratios' denominators)."""
-    return {r.get("process", 0): r[key] for r in results
+def _ratios(results: list[dict[str, Any]], key: str, per_image: bool = False) -> dict[int, float]:
+    """The plain row's ``key`` (``per_image``: divided by its images) per measuring process (the
+    ratios' denominators)."""
+    return {r.get("process", 0): r[key] / (r["batch"] if per_image else 1) for r in results
             if r["row"].startswith("plain") and not r["error"] and r[key] > 0}
 
 
 def markdown(label: str, size: int, native: int, dtype: str, steps: int, results: list[dict[str, Any]],
-             build: dict[str, Any], device: str = "cpu", device_name: str = "") -> str:
+             build: dict[str, Any], device: str = "cpu", device_name: str = "", ratios: bool = True) -> str:
     """The architecture's table. CPU: CPU seconds of the calling thread, their ratio to the plain row
-    of the same process, peak extra resident memory. CUDA: seconds per image (wall), ratio, peak and
-    peak extra allocated memory. Failing rows show their error."""
+    of the same process, peak extra resident memory. CUDA: seconds per image (wall), its ratio to
+    plain's seconds per image, peak and peak extra allocated memory. Failing rows show their error.
+    ``ratios=False`` leaves the ratio column out (a plain row that is no fair denominator)."""
     cuda = device.startswith("cuda")
     where = f"{device_name or device}" if cuda else "CPU"
     head = (f"**{label}** (random weights, published config; {build['params']}), {size} px (native {native}), "
             f"{dtype}, {steps} steps, guidance 5, on {where}; built in {build['build_s']:.0f} s, pipeline "
             + (f"allocated {build['gpu_mb']:.0f} MB" if cuda else f"resident {build['rss_mb']:.0f} MB") + ".\n\n")
-    if cuda:
-        head += ("| row | images | runs | s / image | x plain | peak VRAM (MB) | peak extra VRAM (MB) | note |\n"
-                 "|---|---:|---|---:|---:|---:|---:|---|\n")
-    else:
-        head += ("| row | images | runs | CPU s | x plain | peak extra RSS (MB) | note |\n"
-                 "|---|---:|---|---:|---:|---:|---|\n")
-    plain = _ratios(results, "wall_s" if cuda else "cpu_s")
+    columns = (["row", "images", "runs", "s / image"] + (["x plain (per image)"] if ratios else [])
+               + ["peak VRAM (MB)", "peak extra VRAM (MB)", "note"]) if cuda else \
+        (["row", "images", "runs", "CPU s"] + (["x plain"] if ratios else []) + ["peak extra RSS (MB)", "note"])
+    head += _row(columns) + "\n" + _row(["---" if c in ("row", "runs", "note") else "---:" for c in columns]) + "\n"
+    plain = _ratios(results, "wall_s" if cuda else "cpu_s", per_image=cuda)
     lines = []
     for r in results:
         process = r.get("process", 0)
         name = r["row"] + (SECOND_PROCESS if process and r["row"] == "plain" else "")
         runs = "yes" if not r["error"] else f"**no**: {r['error']}"
         reference = plain.get(process, plain.get(0))
-        value = r["wall_s"] if cuda else r["cpu_s"]
-        ratio = f"{value / reference:.2f}" if reference and not r["error"] else ""
+        value = (r["wall_s"] / r["batch"]) if cuda else r["cpu_s"]
+        ratio = [f"{value / reference:.2f}" if reference and not r["error"] else ""] if ratios else []
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else ""
         if cuda:
             total = f"{r['peak_total_mb']:.0f}" if r.get("peak_total_mb") is not None else ""
-            lines.append(f"| {name} | {r['batch']} | {runs} | {value / r['batch']:.2f} | {ratio} | {total} | {peak} "
-                         f"| {r['note']} |")
+            lines.append(_row([name, str(r["batch"]), runs, f"{value:.2f}", *ratio, total, peak, r["note"]]))
         else:
-            lines.append(f"| {name} | {r['batch']} | {runs} | {value:.1f} | {ratio} | {peak} | {r['note']} |")
+            lines.append(_row([name, str(r["batch"]), runs, f"{value:.1f}", *ratio, peak, r["note"]]))
     summary = growth_summary(results, size, native)
     return head + "\n".join(lines) + "\n" + (f"\n{summary}" if summary else "")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"

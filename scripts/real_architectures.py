@@ -233,26 +233,43 @@ def run_rows(settings: Settings, part: int | None = None, parts: int = 2, report
         inputs = make_inputs(pipe, settings.size, Path(scratch), full=full)
         rows = [r for r in training_free_rows(pipe, inputs, settings.size, settings.batches, settings.steps)
                 if r.label in labels]
-        generate(pipe, [], 1, settings.size, steps=1)  # warm-up, unmeasured: lazy initialisation, kernels loaded
+        warm_up(pipe, settings)
         results = measure(rows, settings.device, report)
     return results, record
 
 
+def warm_up(pipe: Any, settings: Settings) -> None:
+    """One unmeasured call before the first row: lazy initialisation, kernels loaded. On CUDA it has
+    the plain row's shape and steps, so kernel selection and the clocks' ramp-up stay out of the
+    plain row, the ratios' denominator (one 1-step image left plain 2-4x slow per image on an H200)."""
+    cuda = settings.device.startswith("cuda")
+    generate(pipe, [], 2 if cuda else 1, settings.size, steps=settings.steps if cuda else 1)
+
+
 def run_architecture(name: str, size: int | None = None, rows: str = "training-free",
                      batches: tuple[int, ...] = (2, 4, 8), only: tuple[str, ...] = (), jobs: int = 1,
-                     device: str = "cpu", steps: int = 2) -> tuple[str, list]:
-    """Run ``name``'s rows, return (markdown table, results). ``only``: row labels to keep (substring
-    match; plain is always run). ``jobs=2``: method and growth rows in two processes at once.
-    Training rows (``rows="all"``) each run in a fresh process afterwards (they change the pipeline,
-    and their memory must not hide the next row's)."""
+                     device: str = "cpu", steps: int = 2, report: Any = None) -> tuple[str, list]:
+    """Run ``name``'s rows, return (markdown table, results); ``report(result)`` after each row.
+    ``only``: row labels to keep (substring match; plain is always run). ``jobs=2``: method and growth
+    rows in two processes at once. Training rows (``rows="all"``) run afterwards on a pipeline of their
+    own (they change it): on the CPU each in a fresh process, so resident memory cannot hide the next
+    row's; on CUDA in this process (``max_memory_allocated`` is exact, and a process start costs more
+    than the row)."""
     settings = Settings.make(name, size, device, steps, batches, only)
     if jobs > 1:
         results, record = run_groups_in_parallel(settings)
+        for result in results if report else ():
+            report(result)
     else:
-        results, record = run_rows(settings)
+        results, record = run_rows(settings, report=report)
     gc.collect()
     if rows == "all":
-        results += [row_in_subprocess(settings, label) for label in TRAINING_LABELS if settings.keep(label)]
+        for label in (label for label in TRAINING_LABELS if settings.keep(label)):
+            result = row_in_fresh_pipeline(settings, label) if settings.device.startswith("cuda") else \
+                row_in_subprocess(settings, label)
+            results.append(result)
+            if report:
+                report(result)
     arch = ARCHITECTURES[name]
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     table = markdown(arch.label, settings.size, arch.native, str(settings.dtype).replace("torch.", ""), steps,
@@ -318,7 +335,14 @@ def row_in_subprocess(settings: Settings, label: str) -> dict[str, Any]:
     return _failed(label, 1, f"process exited {done.returncode}: {tail}")
 
 
-def one_row(settings: Settings, label: str) -> dict[str, Any]:
+def row_in_fresh_pipeline(settings: Settings, label: str) -> dict[str, Any]:
+    """One row on a pipeline built for it in this process, freed afterwards (CUDA)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return one_row(settings, label, announce=False)
+
+
+def one_row(settings: Settings, label: str, announce: bool = True) -> dict[str, Any]:
     """Build the pipeline and measure the row ``label`` (a training row or a training-free one)."""
     torch.set_num_threads(1)
     training = label in TRAINING_LABELS
@@ -329,7 +353,8 @@ def one_row(settings: Settings, label: str) -> dict[str, Any]:
             training_free_rows(pipe, make_inputs(pipe, settings.size, folder), settings.size, settings.batches,
                                settings.steps)
         [result] = measure([r for r in rows if r.label == label], settings.device)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    if announce:
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
     return result
 
 
@@ -369,23 +394,29 @@ def footer(args: argparse.Namespace, seconds: float) -> str:
     return f"\n`{where}, torch {torch.__version__}; whole run {seconds:.0f} s wall`\n"
 
 
+def print_result(result: dict[str, Any]) -> None:
+    """One row's result as a JSON line, so a run stopped part-way still has every finished row."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    map_large_allocations()
+    if not args.device.startswith("cuda"):  # the sampled resident memory is the CPU's measure
+        map_large_allocations()
     if args.row or args.group is not None:
         settings = Settings.make(args.arch[0], args.size, args.device, args.steps, tuple(args.batches),
                                  tuple(args.only))
         if args.row:
             one_row(settings, args.row)
         else:
-            _, record = run_rows(settings, args.group, report=lambda r: print(RESULT_PREFIX + json.dumps(r), flush=True))
+            _, record = run_rows(settings, args.group, report=print_result)
             print(BUILD_PREFIX + json.dumps(record), flush=True)
         return
     tables = []
     for name in args.arch:
         start = time.perf_counter()
         table, _ = run_architecture(name, args.size, args.rows, tuple(args.batches), tuple(args.only), args.jobs,
-                                    args.device, args.steps)
+                                    args.device, args.steps, report=print_result)
         tables.append(table + footer(args, time.perf_counter() - start))
         print(tables[-1], flush=True)
         if args.out:  # after each architecture, so a later failure loses nothing

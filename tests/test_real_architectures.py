@@ -13,6 +13,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_architectures.py"
+sys.path.insert(0, str(SCRIPT.parent))  # its helper modules (real_arch_rows, real_arch_table), in any test order
 # Parameter counts of the published checkpoints (UNet, VAE, text encoder(s)), as diffusers /
 # transformers count them when loading runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1
 # and stabilityai/stable-diffusion-xl-base-1.0.
@@ -138,9 +139,11 @@ def test_the_cuda_table_has_seconds_per_image_peak_vram_and_the_gpu_name():
                _result("StyleAligned, batch 8", 8, cpu_s=16.0, peak_total_mb=15000.0)]
     table = markdown("SDXL", 1024, 1024, "float16", 20, results, BUILD, "cuda", "NVIDIA H200")
     assert "on NVIDIA H200" in table and "allocated 3000 MB" in table
-    assert "| s / image | x plain | peak VRAM (MB) | peak extra VRAM (MB) |" in table
+    assert "| s / image | x plain (per image) | peak VRAM (MB) | peak extra VRAM (MB) |" in table
     assert "| plain | 2 | yes | 1.00 | 1.00 | 9000 | 100 |" in table  # wall 2 s / 2 images
-    assert "| StyleAligned, batch 8 | 8 | yes | 1.00 | 4.00 | 15000 | 100 |" in table
+    assert "| StyleAligned, batch 8 | 8 | yes | 1.00 | 1.00 | 15000 | 100 |" in table  # 8 s / 8 images, per image
+    without = markdown("SDXL", 1024, 1024, "float16", 20, results, BUILD, "cuda", "NVIDIA H200", ratios=False)
+    assert "x plain" not in without and "| StyleAligned, batch 8 | 8 | yes | 1.00 | 15000 | 100 |" in without
 
 
 def test_memory_growth_per_image_and_its_extrapolation_to_the_native_size():

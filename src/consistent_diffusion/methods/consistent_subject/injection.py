@@ -89,7 +89,7 @@ def correspondences(features: torch.Tensor, masks: torch.Tensor, anchors: Sequen
             pixels.append(where)
         stacked = torch.stack(distances)  # (sources, hw)
         best, which = stacked.min(dim=0)
-        rows = torch.tensor(sources)[which]
+        rows = torch.tensor(sources, device=which.device)[which]
         pixel = torch.stack(pixels).gather(0, which.unsqueeze(0)).squeeze(0)
         found.source_row[i] = rows
         found.source_pixel[i] = pixel

@@ -54,7 +54,7 @@ def subject_map(probs: torch.Tensor, positions: Sequence[Sequence[int]]) -> torc
     mean_heads = probs.float().mean(dim=1)  # (n, hw, L)
     rows = []
     for row, tokens in zip(mean_heads, positions, strict=True):
-        rows.append(row[:, list(tokens)].mean(dim=-1) if tokens else torch.zeros(row.shape[0], dtype=row.dtype))
+        rows.append(row[:, list(tokens)].mean(dim=-1) if tokens else torch.zeros(row.shape[0], dtype=row.dtype, device=row.device))
     return torch.stack(rows)
 
 

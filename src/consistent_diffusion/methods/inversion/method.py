@@ -101,7 +101,7 @@ def invert(
         raise RuntimeError(f"the pipeline ran {len(scheduler.nm_recorded)} steps, expected {steps}")
     zs = torch.cat(scheduler.nm_recorded).float().cpu()
     # The trajectory the sampler really follows (equal to eq. 6's draws up to float rounding).
-    xs = torch.cat([xs[:1], torch.cat(scheduler.nm_landed).float().cpu()])
+    xs = torch.cat([xs[:1].float().cpu(), torch.cat(scheduler.nm_landed).float().cpu()])
     config = {
         "steps": steps,
         "eta": float(eta),
