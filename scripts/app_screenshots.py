@@ -85,7 +85,11 @@ def main() -> None:
             _image_prompt(browser, args.ip_style, args.ip_subject)
             start = time.monotonic()
             browser.find_element(By.CSS_SELECTOR, "#generate").click()
-            wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), timeout=300, what="the first image")
+            try:
+                wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), timeout=300, what="the first image")
+            except TimeoutError:  # the page's own message (a refused form, a failed job) is in the screenshot
+                _whole_page(browser, args.out / "make-failed.png")
+                raise SystemExit(f"no image after 300 s; the page as it stood: {args.out / 'make-failed.png'}") from None
             print(f"click to first image ({args.model}, the page's default series): {time.monotonic() - start:.1f} s")
             time.sleep(1.0)
             _whole_page(browser, args.out / "make.png")

@@ -105,10 +105,25 @@ def test_the_section_offers_what_fits_the_loaded_model_or_says_why_not(files):
     assert adapter_choices(pipe, [files["folder"]])[1] == {"style": files["folder"], "subject": files["folder"]}
     refused = available_adapters(pipe, [files["sdxl"]])
     assert refused.names == () and "no IP-Adapter fits this model" in refused.reason and "width 80" in refused.reason
-    none = available_adapters(pipe)
-    assert none.names == () and all(name in none.reason for name in EMBEDDED_ADAPTERS) and "not installed" in none.reason
+    none = available_adapters(pipe)  # the shipped adapters are installed, for the embedded model's width only
+    assert none.names == () and "the embedded model's own fit only the embedded model" in none.reason
     assert "\n" not in refused.reason + none.reason
     assert adapter_choices(tiny_sdxl_pipeline(), [files["sdxl"]])[0] == [files["sdxl"]]
+
+
+def test_the_embedded_model_is_offered_its_shipped_adapters_by_name(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from consistent_diffusion.methods.ip_adapter import embedded
+
+    width = json.loads((embedded.shipped_folder("embedded-style") / embedded.ADAPTER_META).read_text())["cross_attention_dim"]
+    pipe = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(cross_attention_dim=width)))  # the embedded model's
+    names, defaults, note = adapter_choices(pipe)
+    assert names == list(EMBEDDED_ADAPTERS) and note == ""
+    assert defaults == {"style": "embedded-style", "subject": "embedded-subject"}
+    monkeypatch.setattr(embedded, "SHIPPED_ROOT", tmp_path)  # a package without them
+    missing = available_adapters(pipe)
+    assert missing.names == () and all(n in missing.reason for n in EMBEDDED_ADAPTERS) and "not installed" in missing.reason
 
 
 def _pixels(path) -> np.ndarray:

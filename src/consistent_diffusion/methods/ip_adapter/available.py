@@ -1,8 +1,8 @@
 """Which IP-Adapters a loaded pipeline can take now, for choosers (the web app's image prompt).
 
 ``available_adapters(pipe, folders)`` tries the embedded model's own adapters by name
-(``EMBEDDED_ADAPTERS``: listed once ``resolve_adapter`` resolves the name, i.e. once they are
-installed) and the user's released-layout folders or weight files; it keeps those that resolve for
+(``EMBEDDED_ADAPTERS``, resolved as the method resolves them: ``embedded.resolve_embedded``, also
+for a ``train ip-adapter`` folder) and the user's released-layout folders or weight files; it keeps those that resolve for
 the pipeline's family (``sdxl_models/`` or ``models/``) and whose decoupled key/value projections
 ``W'_k, W'_v`` (inner, C) read the pipeline's cross-attention width C. With none it says why, in
 one line. Nothing is loaded but a safetensors header.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consistent_diffusion.core.errors import ConsistentDiffusionError
+from consistent_diffusion.methods.ip_adapter.embedded import resolve_embedded
 from consistent_diffusion.methods.ip_adapter.loading import is_sdxl, resolve_adapter
 
 # The embedded model's own adapters (issue #28: style only, subject only), by the names
@@ -49,10 +50,11 @@ def cross_attention_width(weights: str) -> int | None:
 def unfit_reason(candidate: str, pipe: Any) -> str | None:
     """Why ``candidate`` cannot be used with ``pipe`` (one line), or None when it can."""
     try:
-        files = resolve_adapter(candidate, is_sdxl(pipe))
+        embedded = resolve_embedded(candidate)  # a shipped name or a `train ip-adapter` folder
+        weights = str(embedded) if embedded is not None else resolve_adapter(candidate, is_sdxl(pipe)).weights
     except ConsistentDiffusionError as error:
         return str(error).splitlines()[0]
-    width, wanted = cross_attention_width(files.weights), int(pipe.unet.config.cross_attention_dim)
+    width, wanted = cross_attention_width(weights), int(pipe.unet.config.cross_attention_dim)
     if width is not None and width != wanted:
         return f"made for cross-attention width {width}, this model's is {wanted}"
     return None
@@ -71,7 +73,7 @@ def available_adapters(pipe: Any, folders: Sequence[str] = ()) -> AvailableAdapt
         return AvailableAdapters(tuple(names))
     if refused:
         return AvailableAdapters((), "no IP-Adapter fits this model (" + "; ".join(refused) + ")")
-    installed = not all("not found" in line for line in own)
+    installed = not all("no shipped IP-Adapter" in line for line in own)
     embedded = ("the embedded model's own fit only the embedded model" if installed else
                 f"the embedded model's own ({', '.join(EMBEDDED_ADAPTERS)}) are not installed")
     return AvailableAdapters((), f"no IP-Adapter for this model: {embedded}; give a folder in the released layout "
