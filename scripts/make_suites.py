@@ -3,8 +3,8 @@
 The methods, trainings and the [tuning] record are hand-written at the top of `quick.toml`
 (everything before its first `[[tasks]]`); this script keeps that header, rewrites the tasks, and
 gives `full.toml` the same header with more subjects per family and four seeds per prompt (for
-GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 16 tasks per
-style family, 12 object tasks, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
+GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 22 unnamed-style
+and 16 unseen-style tasks, 18 object tasks, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
 (identities the UNet never trained on) written by `bench_references.py`; none is one the tuning
 suite chooses options on (`bench.suite_identities`). The tables list quick's subjects first, then
 full's, then the standard suite's (val identities).
@@ -22,12 +22,19 @@ UNNAMED = ["cat face", "rocket", "pizza", "house"]  # prompts without a style wo
 STYLED = ["twitter", "google", "openmoji", "fluent-3d"]  # the trained styles a subject is asked in
 
 # (subject, reference style) per family; quick takes the first three (two exemplar concepts), full
-# six (four), standard all: sixteen per style family, twelve objects, eight per other family
+# six (four), standard all: twenty-two unnamed-style and sixteen unseen-style tasks, eighteen
+# objects, eight per other family. The last six unnamed-style and object entries were added to narrow
+# the intervals (docs/bench.md: power): four drawn with random.Random(29) from the holdout and val
+# identities no suite used yet (symbols for styles, so no prompt's subject is the reference's; people
+# for objects), then two more of each with random.Random(30) from what was left, the counts from the
+# half-widths the first four gave
 STYLE_UNNAMED = [("giraffe", "twitter"), ("mango", "google"), ("hiking boot", "fluent-3d"),
                  ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter"),
                  ("bird", "twitter"), ("bouquet", "google"), ("seedling", "fluent-3d"),
                  ("ticket", "openmoji"), ("video game", "fluent-flat"), ("egg", "twitter"),
-                 ("evergreen tree", "twitter"), ("lime", "google"), ("desert", "fluent-3d"), ("file folder", "openmoji")]
+                 ("evergreen tree", "twitter"), ("lime", "google"), ("desert", "fluent-3d"), ("file folder", "openmoji"),
+                 ("ng button", "twitter"), ("japanese symbol for beginner", "google"), ("scorpio", "fluent-3d"),
+                 ("wheelchair symbol", "openmoji"), ("reverse button", "fluent-flat"), ("fog", "twitter")]
 STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), ("rugby football", "openmoji-line"),
                 ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast"),
                 ("house with garden", "openmoji-line"), ("fire extinguisher", "fluent-contrast"),
@@ -36,7 +43,8 @@ STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), 
                 ("factory", "openmoji-line"), ("locked with key", "fluent-contrast"), ("broken heart", "openmoji-line"),
                 ("broken chain", "fluent-contrast")]
 OBJECTS = ["cricket", "goblin", "billed cap", "prince", "battery", "receipt", "broom", "gloves", "brain", "dress", "briefs",
-           "manual wheelchair"]
+           "manual wheelchair", "people hugging", "man juggling", "man supervillain", "woman genie", "man getting massage",
+           "person running"]
 EXEMPLAR_CONCEPTS = ["fortune cookie", "moon cake", "sari", "fireworks", "cookie", "tropical drink", "white flower",
                      "high-heeled shoe"]
 TEXT_CONCEPTS = [("cat face with sunglasses", "cat"), ("pizza with a face", "pizza"), ("rocket made of flowers", "rocket"),
@@ -61,7 +69,7 @@ SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
 
 
 STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md: power), built like the quick suite:
-# 16 tasks per style family, 12 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
+# 22 unnamed-style and 16 unseen-style tasks, 18 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
 # shape task 16 seeds of its one prompt), the same method stacks and [tuning] record as quick.
 # Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
@@ -80,20 +88,22 @@ def asset(name: str, style: str) -> str:
 
 
 def tasks(count: int, concepts: int, seeds: int, styles: int | None = None, objects: int | None = None,
-          embedded: bool = True) -> list[dict]:
+          embedded: bool = True, unnamed: int | None = None) -> list[dict]:
     """The task list with ``count`` subjects per family (``concepts`` exemplar concepts, ``styles``
-    per style family and ``objects`` object subjects: default ``count``); ``embedded`` adds the
-    cells of the embedded model's own adapters (the full suite, for real models, leaves them out)."""
+    per style family, ``unnamed`` of them for unnamed styles, and ``objects`` object subjects:
+    default ``count``); ``embedded`` adds the cells of the embedded model's own adapters (the full
+    suite, for real models, leaves them out)."""
     style_methods = STYLE_METHODS + (EMBEDDED_STYLE_METHODS if embedded else [])
     subject_methods = EMBEDDED_SUBJECT_METHODS if embedded else []
     styles = count if styles is None else styles
+    sizes = {"style-unnamed": styles if unnamed is None else unnamed, "style-unseen": styles}
     objects = count if objects is None else objects
     two = list(range(seeds))
     out = []
     for family, table, what in (("style-unnamed", STYLE_UNNAMED, "the style of a {style} {name}, prompts without a "
                                                                  "style word"),
                                 ("style-unseen", STYLE_UNSEEN, "{style} (a held-out style) from a {name}")):
-        for name, style in table[:styles]:
+        for name, style in table[:sizes[family]]:
             out.append({"name": f"{family}-{slug(name)}", "kind": "style", "family": family,
                         "description": f"new subjects in {what.format(style=STYLE_NAMES[style], name=name)}",
                         "prompts": UNNAMED, "seeds": two, "references": [asset(name, style)],
@@ -154,7 +164,7 @@ def main() -> None:
     full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
-    standard = tasks(8, 8, 4, styles=16, objects=12)
+    standard = tasks(8, 8, 4, styles=16, objects=18, unnamed=22)
     standard_header = full_header.replace('name = "full"', 'name = "standard"').replace(
         "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:",
         STANDARD_INTRO)
