@@ -3,7 +3,7 @@
 The methods, trainings and the [tuning] record are hand-written at the top of `quick.toml`
 (everything before its first `[[tasks]]`); this script keeps that header, rewrites the tasks, and
 gives `full.toml` the same header with more subjects per family and four seeds per prompt (for
-GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 22 unnamed-style
+GPUs and real models), and `standard.toml` (the committed evidence) the whole tables: 24 unnamed-style
 and 16 unseen-style tasks, 18 object tasks, 8 per other family, 16 images per cell. Every reference is a holdout or val emoji
 (identities the UNet never trained on) written by `bench_references.py`; none is one the tuning
 suite chooses options on (`bench.suite_identities`). The tables list quick's subjects first, then
@@ -22,19 +22,20 @@ UNNAMED = ["cat face", "rocket", "pizza", "house"]  # prompts without a style wo
 STYLED = ["twitter", "google", "openmoji", "fluent-3d"]  # the trained styles a subject is asked in
 
 # (subject, reference style) per family; quick takes the first three (two exemplar concepts), full
-# six (four), standard all: twenty-two unnamed-style and sixteen unseen-style tasks, eighteen
-# objects, eight per other family. The last six unnamed-style and object entries were added to narrow
-# the intervals (docs/bench.md: power): four drawn with random.Random(29) from the holdout and val
-# identities no suite used yet (symbols for styles, so no prompt's subject is the reference's; people
-# for objects), then two more of each with random.Random(30) from what was left, the counts from the
-# half-widths the first four gave
+# six (four), standard all: twenty-four unnamed-style and sixteen unseen-style tasks, eighteen
+# objects, eight per other family. The last eight unnamed-style and six object entries were added to
+# narrow the intervals (docs/bench.md: power): four of each drawn with random.Random(29) from the
+# holdout and val identities no suite used yet (symbols for styles, so no prompt's subject is the
+# reference's; people for objects), then two more of each with random.Random(30) and two more
+# unnamed-style with random.Random(31) from what was left, each count from the half-widths before it
 STYLE_UNNAMED = [("giraffe", "twitter"), ("mango", "google"), ("hiking boot", "fluent-3d"),
                  ("bullseye", "openmoji"), ("gear", "fluent-flat"), ("moon cake", "twitter"),
                  ("bird", "twitter"), ("bouquet", "google"), ("seedling", "fluent-3d"),
                  ("ticket", "openmoji"), ("video game", "fluent-flat"), ("egg", "twitter"),
                  ("evergreen tree", "twitter"), ("lime", "google"), ("desert", "fluent-3d"), ("file folder", "openmoji"),
                  ("ng button", "twitter"), ("japanese symbol for beginner", "google"), ("scorpio", "fluent-3d"),
-                 ("wheelchair symbol", "openmoji"), ("reverse button", "fluent-flat"), ("fog", "twitter")]
+                 ("wheelchair symbol", "openmoji"), ("reverse button", "fluent-flat"), ("fog", "twitter"),
+                 ("prohibited", "google"), ("free button", "fluent-3d")]
 STYLE_UNSEEN = [("ferris wheel", "openmoji-line"), ("gear", "fluent-contrast"), ("rugby football", "openmoji-line"),
                 ("carpentry saw", "fluent-contrast"), ("hindu temple", "openmoji-line"), ("astronaut", "fluent-contrast"),
                 ("house with garden", "openmoji-line"), ("fire extinguisher", "fluent-contrast"),
@@ -69,13 +70,13 @@ SHAPE_METHODS = ["plain", "controlnet", "style_aligned_controlnet"]
 
 
 STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md: power), built like the quick suite:
-# 22 unnamed-style and 16 unseen-style tasks, 18 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
+# 24 unnamed-style and 16 unseen-style tasks, 18 object tasks and 8 per other family, 16 images per cell (4 prompts x 4 seeds; a
 # shape task 16 seeds of its one prompt), the same method stacks and [tuning] record as quick.
 # Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
 # references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
 # 76 minutes on 2 CPU cores for its first 76 tasks (`bench --suite standard --workers 2`, 2026-12-04, while a
-# one-thread training shared the cores for its first half), 10 more for the 12 tasks added since (docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
+# one-thread training shared the cores for its first half), about 12 more for the 14 tasks added since (docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
 #"""
 
 
@@ -164,7 +165,7 @@ def main() -> None:
     full_header = header.replace(smoke, "").replace('name = "quick"', 'name = "full"').replace(
         "# The quick suite:", "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:")
     (SUITES / "full.toml").write_text(render(full_header, full), encoding="utf-8")
-    standard = tasks(8, 8, 4, styles=16, objects=18, unnamed=22)
+    standard = tasks(8, 8, 4, styles=16, objects=18, unnamed=24)
     standard_header = full_header.replace('name = "full"', 'name = "standard"').replace(
         "# The full suite (GPUs and real models; twice the subjects, four seeds), built like the quick suite:",
         STANDARD_INTRO)
