@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consistent_diffusion.core.errors import ConsistentDiffusionError
-from consistent_diffusion.methods.ip_adapter.embedded import resolve_embedded
+from consistent_diffusion.methods.ip_adapter.embedded import read_meta, resolve_embedded, shipped_folder
 from consistent_diffusion.methods.ip_adapter.loading import is_sdxl, resolve_adapter
 
 # The embedded model's own adapters (issue #28: style only, subject only), by the names
@@ -62,18 +62,18 @@ def unfit_reason(candidate: str, pipe: Any) -> str | None:
 
 def available_adapters(pipe: Any, folders: Sequence[str] = ()) -> AvailableAdapters:
     """The adapters ``pipe`` can take among the embedded model's own and ``folders`` (see module doc)."""
-    names, refused, own = [], [], []
+    names, refused = [], []
     for candidate in (*EMBEDDED_ADAPTERS, *(str(f) for f in folders)):
         why = unfit_reason(candidate, pipe)
         if why is None:
             names.append(candidate)
-        else:
-            (own if candidate in EMBEDDED_ADAPTERS else refused).append(f"{candidate}: {why}")
+        elif candidate not in EMBEDDED_ADAPTERS:  # the embedded model's own: the reason below
+            refused.append(f"{candidate}: {why}")
     if names:
         return AvailableAdapters(tuple(names))
     if refused:
         return AvailableAdapters((), "no IP-Adapter fits this model (" + "; ".join(refused) + ")")
-    installed = not all("no shipped IP-Adapter" in line for line in own)
+    installed = any(read_meta(shipped_folder(name)) is not None for name in EMBEDDED_ADAPTERS)
     embedded = ("the embedded model's own fit only the embedded model" if installed else
                 f"the embedded model's own ({', '.join(EMBEDDED_ADAPTERS)}) are not installed")
     return AvailableAdapters((), f"no IP-Adapter for this model: {embedded}; give a folder in the released layout "
