@@ -1,6 +1,6 @@
 """The power arithmetic and time estimate behind the standard suite's size (docs/bench.md: power).
 
-From a bench report (default: the committed quick reference report), per family and method:
+From a bench report (default: the committed quick report, docs/bench-quick), per family and method:
 the task means of the paired gain over plain on the family's own metric, their SD (*between*),
 the per-image SD of the paired difference (*within*, averaged over tasks), the between-task SD of
 the true task means ``tau = sqrt(between^2 - within^2 / n)``, the report's own pooled half-width,
@@ -27,7 +27,7 @@ from consistent_diffusion.bench import stats
 from consistent_diffusion.bench.records import Report, load_report
 from consistent_diffusion.bench.suite import Suite, load_suite
 
-REFERENCE_REPORT = Path(__file__).resolve().parents[1] / "docs" / "bench" / "report.json"
+REFERENCE_REPORT = Path(__file__).resolve().parents[1] / "docs" / "bench-quick" / "report.json"
 TARGET = {"style-unnamed": "reference_style", "style-unseen": "reference_style", "object": "object",
           "concept-exemplar": "concept", "concept-text": "concept", "shape": "shape"}
 Z95 = 1.96
@@ -78,6 +78,13 @@ def estimated_seconds(report: Report, suite: Suite) -> tuple[float, float, int]:
     return generation, training_seconds, len(trainings)
 
 
+def task_means_text(means: list[float]) -> str:
+    """The task means themselves for a small suite; their count and range for a large one."""
+    if len(means) <= 4:
+        return ", ".join(f"{m:+.3f}" for m in means)
+    return f"{len(means)} tasks, {min(means):+.3f} to {max(means):+.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--report", default=str(REFERENCE_REPORT), help="a bench report.json or folder")
@@ -92,12 +99,12 @@ def main() -> None:
           f"{suite.name} (T, {args.images} images) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in power_rows(report, dict(counts), args.images):
-        means = ", ".join(f"{m:+.3f}" for m in row["task_means"])
+        means = task_means_text(row["task_means"])
         print(f"| {row['family']} | {row['method']} | {means} | {row['between']:.3f} | {row['within']:.3f} "
               f"({row['within_se']:.3f}) | {row['tau']:.3f} | {row['half_width']:.3f} | "
               f"{row['new_half_width']:.3f} ({row['tasks']}) |")
-    for name, measured in ((report.suite.name, None), (suite.name, suite)):
-        target = measured or load_suite(name)
+    targets = [suite] if report.suite.name == suite.name else [load_suite(report.suite.name), suite]
+    for target in targets:
         generation, training, count = estimated_seconds(report, target)
         print(f"{target.name}: {len(target.cells)} cells, generation and scoring {generation / 60:.1f} min, "
               f"{count} trainings {training / 60:.1f} min; {(generation + training) / 60:.1f} min on one core, "

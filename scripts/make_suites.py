@@ -75,8 +75,8 @@ STANDARD_INTRO = """# The standard suite: the committed evidence (docs/bench.md:
 # Subjects and references are identities the UNet never trained on: the emoji dataset's holdout
 # identities and its val identities (the metric heads' settings were chosen on val, so the val
 # references are unseen by the UNet but not by the heads' settings); none is a tuning identity.
-# 76 minutes on 2 CPU cores for its first 76 tasks (`bench --suite standard --workers 2`, 2026-12-04, while a
-# one-thread training shared the cores for its first half), about 12 more for the 14 tasks added since (docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
+# 63 minutes on 2 CPU cores (`bench --suite standard --workers 2` into an empty folder, nothing else running,
+# 2026-12-04; docs/bench.md). Quick's header comment follows (its sizes and time are quick's):
 #"""
 
 

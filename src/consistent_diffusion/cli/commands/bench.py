@@ -11,7 +11,7 @@ from consistent_diffusion.cli.options.model import add_model_arguments, load_mod
 
 EXAMPLES = """examples:
   consistent-diffusion bench --out runs/bench                      # quick suite, embedded model
-  consistent-diffusion bench --suite standard --out runs/standard # the committed evidence (about 90 min on 2 cores)
+  consistent-diffusion bench --suite standard --out runs/standard # the committed evidence (63 min on 2 cores)
   consistent-diffusion bench --suite new-subject --out runs/new-subject   # the fine-tuning study
   consistent-diffusion bench --suite my_suite.toml --model path/to/sd15 --device cuda --out runs/bench-sd15
   accelerate launch -m consistent_diffusion bench --device cuda --out runs/bench               # multi-GPU
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--suite", default="quick",
                         help="built-in suite: quick (the claims, a smoke view: 15 min on 2 CPU cores), standard (the "
-                             "committed evidence: 90 tasks, 16 images per cell, about 90 min on 2 "
+                             "committed evidence: 90 tasks, 16 images per cell, 63 min on 2 "
                              "CPU cores), full (more subjects and "
                              "seeds, for GPUs), tuning (where quick's options are chosen), new-subject (the "
                              "fine-tuning study); or a .toml file (default: quick)")
