@@ -12,7 +12,8 @@ import torch
 
 from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.data.emoji import trainable_rows
-from consistent_diffusion.metrics.consistency import concept_scores, summarise_validation
+from consistent_diffusion.metrics.concept import concept_scores
+from consistent_diffusion.metrics.consistency import summarise_validation
 from consistent_diffusion.metrics.validation import BARS, ValidationConfig, auc_interval, validate_metrics
 from consistent_diffusion.metrics.validation_protocols import (
     HeldOut,

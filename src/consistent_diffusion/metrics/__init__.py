@@ -8,9 +8,9 @@ passed its bar on held-out real emoji; see docs/metrics.md).
 """
 
 from consistent_diffusion.metrics.common import MetricResult, as_batch, roc_auc
+from consistent_diffusion.metrics.concept import concept_consistency
 from consistent_diffusion.metrics.consistency import (
     DEFAULT_EXTRACTORS,
-    concept_consistency,
     diversity,
     fidelity,
     object_consistency,

@@ -18,6 +18,7 @@ from PIL import Image
 from consistent_diffusion.core.errors import ConfigError, ModelNotFoundError
 from consistent_diffusion.metrics import consistency as m
 from consistent_diffusion.metrics.common import ImagesLike, MetricResult
+from consistent_diffusion.metrics.concept import concept_consistency
 from consistent_diffusion.metrics.consistency import ExtractorLike
 from consistent_diffusion.metrics.extractor_sets import NOT_CHOSEN_REASON, NotChosen
 
@@ -154,7 +155,7 @@ def score_concept(inp: AxisInputs) -> dict[str, MetricResult]:
             if inp.strict or inp.references is None:
                 raise
             text, missing = None, str(error)
-    result = m.concept_consistency(inp.images, inp.references, text, inp.extractor("concept"),
+    result = concept_consistency(inp.images, inp.references, text, inp.extractor("concept"),
                                    text_extractor if text_extractor is not None else m.DEFAULT_EXTRACTORS["text"],
                                    foreground=inp.foreground, device=inp.device)
     if missing is not None:

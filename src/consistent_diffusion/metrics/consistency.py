@@ -63,7 +63,7 @@ def get_extractor(extractor: ExtractorLike, device: str = "cpu", dtype: torch.dt
     return _EXTRACTORS[key]
 
 
-def _name(extractor: ExtractorLike) -> str:
+def extractor_name(extractor: ExtractorLike) -> str:
     return extractor if isinstance(extractor, str) else extractor.name
 
 
@@ -109,7 +109,7 @@ def validation_status(metric: str, extractor: str | None) -> tuple[bool | None, 
     return bool(record["passed"]), {k: record[k] for k in ("auc", "bar", "protocol", "protocols")}
 
 
-def _finish(res: MetricResult, metric: str, diversity_value: float | None = None) -> MetricResult:
+def finish_result(res: MetricResult, metric: str, diversity_value: float | None = None) -> MetricResult:
     res.validated, res.validation = validation_status(metric, res.extractor)
     if diversity_value is not None:
         res.details["diversity"] = float(diversity_value)
@@ -180,9 +180,9 @@ def diversity(images: ImagesLike, extractor: ExtractorLike | None = None, device
     else:
         extractor = get_extractor(extractor, device)
         distance = 1.0 - cosine_matrix(extractor.embed(batch))
-        name = _name(extractor)
+        name = extractor_name(extractor)
     per_image = mean_off_diagonal(distance.clamp(0.0, 2.0)) if n > 1 else torch.zeros(n)
-    return _finish(result("diversity", name, per_image, higher_is_better=True, range=(0.0, 2.0)), "diversity")
+    return finish_result(result("diversity", name, per_image, higher_is_better=True, range=(0.0, 2.0)), "diversity")
 
 
 def _diversity_value(batch: torch.Tensor, guard: ExtractorLike | None) -> float | None:
@@ -215,8 +215,8 @@ def style_consistency(images: ImagesLike, extractor: ExtractorLike = DEFAULT_EXT
         details["to_reference"] = float(to_reference.mean())
         details["within_set_per_image"] = [float(v) for v in within]
         values = to_reference
-    res = result("style_consistency", _name(ext), values, range=(-1.0, 1.0), details=details)
-    return _finish(res, "style", _diversity_value(batch, diversity_with))
+    res = result("style_consistency", extractor_name(ext), values, range=(-1.0, 1.0), details=details)
+    return finish_result(res, "style", _diversity_value(batch, diversity_with))
 
 
 # ----------------------------------------------------------------------------- object
@@ -245,9 +245,9 @@ def object_consistency(images: ImagesLike, references: ImagesLike | None = None,
         refs = foreground_crop(refs) if foreground else refs
         values = cosine_matrix(embeddings, ext.embed(refs)).mean(dim=1)
         mode = "to_references"
-    res = result("object_consistency", _name(ext), values, range=(-1.0, 1.0),
+    res = result("object_consistency", extractor_name(ext), values, range=(-1.0, 1.0),
                  details={"mode": mode, "foreground": foreground})
-    return _finish(res, "object", _diversity_value(batch, diversity_with))
+    return finish_result(res, "object", _diversity_value(batch, diversity_with))
 
 
 # ----------------------------------------------------------------------------- text
@@ -274,7 +274,7 @@ def text_alignment(images: ImagesLike, prompts: Sequence[str], extractor: Extrac
     details: dict[str, Any] = {}
     if len(distinct) > 1:
         details["retrieval_top1"] = float((sims.argmax(1) == own).float().mean())
-    return _finish(result("text_alignment", _name(ext), values, range=(-1.0, 1.0), details=details), "text")
+    return finish_result(result("text_alignment", extractor_name(ext), values, range=(-1.0, 1.0), details=details), "text")
 
 
 # ----------------------------------------------------------------------------- shape
@@ -337,7 +337,7 @@ def shape_consistency(images: ImagesLike, controls: ImagesLike, mode: str = "edg
     value_range = (-1.0, 1.0) if mode == "edges" else (0.0, 1.0)
     res = result("shape_consistency", mode, values, range=value_range,
                  details={"mode": mode, "tolerance": None if mode == "silhouette" else tolerance})
-    return _finish(res, "shape", _diversity_value(batch, diversity_with))
+    return finish_result(res, "shape", _diversity_value(batch, diversity_with))
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -365,83 +365,8 @@ def fidelity(images: ImagesLike, sources: ImagesLike, extractor: ExtractorLike |
         ext = get_extractor(extractor, device)
         distance = 1.0 - (torch.nn.functional.normalize(ext.embed(batch), dim=1)
                           * torch.nn.functional.normalize(ext.embed(src), dim=1)).sum(1)
-        out["feature_distance"] = result("fidelity_feature_distance", _name(ext), distance.clamp(0, 2),
+        out["feature_distance"] = result("fidelity_feature_distance", extractor_name(ext), distance.clamp(0, 2),
                                          higher_is_better=False, range=(0.0, 2.0))
     for res in out.values():
-        _finish(res, "fidelity")
+        finish_result(res, "fidelity")
     return out
-
-
-# ----------------------------------------------------------------------------- concept
-
-COLLAPSE_DIVERSITY = 0.02  # pixel diversity (1 - SSIM) under this: the series is (near) one image
-COPY_SSIM = 0.95  # an image this close to an exemplar (SSIM) is a copy, not a rendering of the concept
-
-
-def concept_values(definition: torch.Tensor, series: torch.Tensor) -> torch.Tensor:
-    """C_i = sqrt(max(A_i, 0) * max(S_i, 0)) (N,) in [0, 1] from definition agreement A (N,) and
-    series agreement S (N,), both cosine similarities."""
-    return (definition.clamp_min(0) * series.clamp_min(0)).sqrt()
-
-
-def concept_scores(series: torch.Tensor, exemplars: torch.Tensor) -> torch.Tensor:
-    """C_i (N,) of a series given as features (N, D) against exemplar features (K, D): A_i the mean
-    cosine to the exemplars, S_i the mean cosine to the other images of the series."""
-    return concept_values(cosine_matrix(series, exemplars).mean(dim=1), mean_off_diagonal(cosine_matrix(series)))
-
-
-def concept_consistency(images: ImagesLike, exemplars: ImagesLike | None = None, text: str | None = None,
-                        extractor: ExtractorLike = DEFAULT_EXTRACTORS["concept"],
-                        text_extractor: ExtractorLike = DEFAULT_EXTRACTORS["text"], foreground: bool | None = None,
-                        device: str = "cpu") -> MetricResult:
-    """Concept consistency (defined in docs/metrics.md): per image, the geometric mean of
-
-    - definition agreement A_i: mean cosine similarity of the image's subject to the exemplars (object
-      space, foreground-cropped) and/or of the image to the concept's text (image-text space), averaged
-      when both are given;
-    - series agreement S_i: mean cosine similarity of the image's subject to the other images' subjects;
-
-    C_i = sqrt(max(A_i, 0) * max(S_i, 0)) in [0, 1]. A series that agrees with itself but drifts from the
-    definition, or matches the definition only image by image while varying, scores low. Guard: the
-    series' pixel diversity is reported, and ``details["guard"]`` says "collapsed" when it is under
-    COLLAPSE_DIVERSITY (near-identical images) or "copies_exemplars" when some image has SSIM >=
-    COPY_SSIM to an exemplar; a guarded score must not be read as success.
-    """
-    if exemplars is None and not text:
-        raise ConfigError("concept_consistency needs the concept as exemplar images and/or text")
-    batch = as_batch(images)
-    if batch.shape[0] < 2:
-        raise ConfigError("concept_consistency needs a series of at least 2 images")
-    ext = get_extractor(extractor, device)
-    foreground = ext.foreground if foreground is None else foreground
-    prepared = foreground_crop(batch) if foreground else batch
-    embeddings = ext.embed(prepared)
-    series = mean_off_diagonal(cosine_matrix(embeddings))
-    parts = []
-    details: dict[str, Any] = {}
-    guard = None
-    if exemplars is not None:
-        ex = as_batch(exemplars)
-        ex_prepared = foreground_crop(ex) if foreground else ex
-        to_exemplars = cosine_matrix(embeddings, ext.embed(ex_prepared)).mean(dim=1)
-        parts.append(to_exemplars)
-        details["to_exemplars"] = float(to_exemplars.mean())
-        if tuple(ex.shape[-2:]) == tuple(batch.shape[-2:]):
-            closest = torch.stack([pixel.ssim(batch, e[None].expand_as(batch)) for e in ex]).amax(0)
-            details["max_ssim_to_exemplar"] = float(closest.max())
-            if float(closest.max()) >= COPY_SSIM:
-                guard = "copies_exemplars"
-    if text:
-        text_res = text_alignment(batch, [text] * batch.shape[0], text_extractor, device)
-        to_text = torch.tensor(text_res.per_image)
-        parts.append(to_text)
-        details["to_text"] = float(to_text.mean())
-    definition = torch.stack(parts).mean(0)
-    values = concept_values(definition, series)
-    div = diversity(batch).aggregate
-    if div < COLLAPSE_DIVERSITY:
-        guard = "collapsed"
-    details.update({"definition_agreement": float(definition.mean()), "series_agreement": float(series.mean()),
-                    "guard": guard})
-    res = result("concept_consistency", _name(ext), values, range=(0.0, 1.0), details=details)
-    return _finish(res, "concept", div)

@@ -47,8 +47,8 @@ import torch
 from consistent_diffusion.core import imageops as pixel
 from consistent_diffusion.core.errors import ConfigError
 from consistent_diffusion.metrics.common import cosine_matrix, roc_auc
+from consistent_diffusion.metrics.concept import concept_scores
 from consistent_diffusion.metrics.consistency import (
-    concept_scores,
     control_maps,
     foreground_crop,
     shape_scores,
