@@ -258,7 +258,7 @@ def one_row(settings: Settings, label: str, announce: bool = True) -> dict[str, 
                                settings.steps)
         [result] = measure([r for r in rows if r.label == label], settings.device)
     if announce:
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        print_result(result)
     return result
 
 

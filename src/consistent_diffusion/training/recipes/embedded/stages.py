@@ -4,7 +4,9 @@ log summary."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,17 @@ def atomic_save_pretrained(model, folder: Path, **kwargs) -> None:
     """``save_pretrained`` into a temp sibling, then swap it into place."""
     with atomic_output_dir(folder, overwrite=True) as temp:
         model.save_pretrained(temp, **kwargs)
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode for the block, then back in the mode it was in (validation mid-training)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def stage_kind(stage: str) -> str:

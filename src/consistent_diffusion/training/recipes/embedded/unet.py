@@ -23,6 +23,7 @@ from consistent_diffusion.training.recipes.embedded.stages import (
     atomic_save_pretrained,
     build_scheduler,
     build_unet,
+    evaluating,
     stage_dir,
     stage_kind,
     summarise_log,
@@ -80,12 +81,9 @@ class UNetTask(Task):
     def validate(self, step: int, folder: Path) -> dict[str, float] | None:
         if len(self.val_rows) == 0:
             return None
-        unet = self.modules["unet"]
-        was_training = unet.training
-        unet.eval()
-        device = next(unet.parameters()).device
-        loss = self._loss(unet, self.val_rows, torch.Generator().manual_seed(1234), 0.0, device).item()
-        unet.train(was_training)
+        with evaluating(self.modules["unet"]) as unet:
+            device = next(unet.parameters()).device
+            loss = self._loss(unet, self.val_rows, torch.Generator().manual_seed(1234), 0.0, device).item()
         return {"loss": round(loss, 5)}
 
     def export(self, folder: Path) -> None:

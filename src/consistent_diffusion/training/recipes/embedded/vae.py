@@ -22,6 +22,7 @@ from consistent_diffusion.training.recipes.embedded.stages import (
     atomic_save_pretrained,
     build_vae,
     encode_texts,
+    evaluating,
     load_train_val,
     stage_dir,
     train_stage,
@@ -41,13 +42,11 @@ def random_crop(pixels: torch.Tensor, size: int, generator: torch.Generator) -> 
 @torch.no_grad()
 def vae_psnr(vae, pixels: torch.Tensor, batch: int = 64) -> float:
     """Mean PSNR (dB) of decode(posterior mean) against pixels (B, 3, 64, 64) in [-1, 1]."""
-    was_training = vae.training
-    vae.eval()
     values = []
-    for start in range(0, len(pixels), batch):
-        x = pixels[start:start + batch]
-        values.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample.cpu(), x.cpu()))
-    vae.train(was_training)
+    with evaluating(vae):
+        for start in range(0, len(pixels), batch):
+            x = pixels[start:start + batch]
+            values.append(psnr(vae.decode(vae.encode(x).latent_dist.mode()).sample.cpu(), x.cpu()))
     return float(torch.cat(values).mean())
 
 
@@ -235,12 +234,9 @@ class DecoderTask(Task):
     def validate(self, step: int, folder: Path) -> dict[str, float] | None:
         if len(self.val_rows) == 0:
             return None
-        vae = self.modules["vae"]
-        was_training = vae.training
-        vae.eval()
-        device = next(vae.parameters()).device
-        value = psnr(vae.decode(self.val_latents.to(device)).sample.cpu(), as_batch(self.images[self.val_rows]))
-        vae.train(was_training)
+        with evaluating(self.modules["vae"]) as vae:
+            device = next(vae.parameters()).device
+            value = psnr(vae.decode(self.val_latents.to(device)).sample.cpu(), as_batch(self.images[self.val_rows]))
         return {"psnr_db": round(float(value.mean()), 3)}
 
     def export(self, folder: Path) -> None:
